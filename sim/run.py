@@ -1,0 +1,129 @@
+"""The run directory: the contract's output tree inside Hydra's run dir.
+
+    <run_dir>/config_resolved.yaml   checkpoints/   metrics/   logs/stdout.log   export/
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sim import labels as L
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "torchmetrics", "numpy", "hydra-optuna-sweeper", "sim")
+
+
+class RunDir:
+    """Paths of one run's output tree (created on construction)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics = self.root / "metrics"
+        self.logs = self.root / "logs"
+        self.export = self.root / "export"
+        for d in (self.root, self.checkpoints, self.metrics, self.logs, self.export):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def metrics_file(self, split: str) -> Path:
+        return self.metrics / f"{split}_metrics.jsonl"
+
+
+def attach_log_file(path: str | Path) -> logging.Handler:
+    """Send everything logged (and warnings) to `path` too. Returns the handler, to detach later."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def git_info(cwd: str | Path | None = None) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_info() -> dict[str, Any]:
+    """Provenance written next to the resolved config."""
+    src = Path(__file__).resolve().parent.parent
+    return {
+        "git": git_info(src),
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_config(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """config_resolved.yaml: the fully resolved config plus `_run` (git hash, package versions, command)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    info = run_info()
+    doc = OmegaConf.create({**resolved, "_run": info})
+    (run.root / "config_resolved.yaml").write_text(OmegaConf.to_yaml(doc))
+    return info
+
+
+def write_exports(run: RunDir) -> None:
+    """export/labels.json and export/sim_v0_infer.py (the standalone inference wrapper)."""
+    (run.export / "labels.json").write_text(json.dumps(L.labels_json(), indent=2) + "\n")
+    template = Path(__file__).with_name("infer_template.py")
+    shutil.copyfile(template, run.export / "sim_v0_infer.py")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, allow_nan=False) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

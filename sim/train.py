@@ -1,0 +1,69 @@
+"""`train(cfg)`: one training run from a composed config (what train.py's Hydra main calls)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sim.config import validate_config
+from sim.run import RunDir, attach_log_file, detach_log_file, write_config, write_exports
+
+log = logging.getLogger(__name__)
+
+
+def hydra_run_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return None
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train, writing the contract's run tree into `run_dir` (default: Hydra's run directory).
+
+    Returns:
+        {"best": best-epoch val metrics, "last": last-epoch val metrics, "best_epoch", "run_dir"}.
+
+    Raises:
+        ConfigError, DataError, LLMLoadError, CheckpointError: bad input, with a message naming it.
+    """
+    root = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    if root is None:
+        raise ValueError("train(cfg) outside Hydra needs run_dir")
+    validate_config(cfg)
+    run = RunDir(root)
+    handler = attach_log_file(run.logs / "stdout.log")
+    try:
+        info = write_config(run, cfg)
+        log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
+        log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        write_exports(run)
+        from sim.trainer import Trainer
+
+        trainer = Trainer(cfg, run)
+        trainer.setup()
+        result = trainer.fit()
+        log.info("best epoch %d: %s", result["best_epoch"], result["best"])
+        return result
+    except Exception:
+        log.exception("training failed")
+        raise
+    finally:
+        detach_log_file(handler)
+
+
+def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[float, ...]:
+    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined)."""
+    best = result.get("best") or {}
+    single = isinstance(names, str)
+    values = []
+    for name in [names] if single else list(names):
+        v = best.get(name)
+        values.append(math.nan if v is None else float(v))
+    return values[0] if single else tuple(values)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real config composed once, tiny models, generated data, a tmp dir per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# No network here: fail fast on hub look-ups instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+TINY = ["llm=tiny", "training.progress_bar=false"]
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    """The real train config composed with overrides (as `python train.py ...` would)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a project command (e.g. train.py ...) with this interpreter, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="package")
+def tiny_run(tmp_path_factory):
+    """One tiny-LLM training run on the synthetic data with the default epochs, shared by tests."""
+    from sim.train import train
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cfg = make_cfg(*TINY, "checkpoint.save_every_epoch=true")
+    result = train(cfg, run_dir=run_dir)
+    return run_dir, result, cfg
+
+
+@pytest.fixture(scope="package")
+def synthetic_split(tmp_path_factory) -> Path:
+    """A small synthetic dataset written in the cached on-disk format (train/ and val/)."""
+    from sim.synthetic import main
+
+    out = tmp_path_factory.mktemp("synthetic_split")
+    main([f"out={out}", "num_train=256", "num_val=128", "dv=32"])
+    return out
