@@ -50,12 +50,25 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         trainer.setup()
         result = trainer.fit()
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
+        _plot_curves(run.root)
         return result
     except Exception:
         log.exception("training failed")
         raise
     finally:
         detach_log_file(handler)
+
+
+def _plot_curves(root: Path) -> None:
+    # The checkpoints and metrics are already on disk: a figure that fails to draw must not fail the run.
+    try:
+        from sim.plots import plot_training_curves
+
+        path = plot_training_curves(root)
+        if path is not None:
+            log.info("training curves: %s", path)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not draw the training curves (%s: %s); the run itself is complete", type(exc).__name__, exc)
 
 
 def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[float, ...]:
