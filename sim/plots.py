@@ -141,7 +141,7 @@ def plot_reliability(bins: list[dict[str, Any]], ece: float | None, out: str | P
     ax.set_xlabel("confidence")
     ax.set_ylabel("action accuracy")
     ax.set_title(f"{title}\nECE {'null' if ece is None else f'{ece:.4f}'}")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
