@@ -67,6 +67,7 @@ class SimV0Model(nn.Module):
         llm: a built LLM module, or a spec dict for `sim.llm.build_llm` (as stored in checkpoints).
         vision_encoder: a frozen encoder with attribute `dv` (raw frames only).
         telemetry_hidden: width of the telemetry MLP's hidden layer.
+        head_hidden: width of each head's hidden layer (0: the heads are single linear layers).
         telemetry_mean, telemetry_std: normalization of raw telemetry, applied inside the model.
 
     Raises:
@@ -88,6 +89,7 @@ class SimV0Model(nn.Module):
         vision_encoder: nn.Module | None = None,
         vision_spec: Mapping[str, Any] | None = None,
         telemetry_hidden: int = 256,
+        head_hidden: int = 256,
         telemetry_mean: Any = None,
         telemetry_std: Any = None,
     ) -> None:
@@ -118,6 +120,7 @@ class SimV0Model(nn.Module):
         self.F, self.K, self.dv, self.d = int(F), int(K), int(dv), d_llm
         self.use_cached_vis_feats = bool(use_cached_vis_feats)
         self.telemetry_hidden = int(telemetry_hidden)
+        self.head_hidden = int(head_hidden)
         self.llm = llm
         self.vision = vision_encoder
         self.vision_spec = dict(vision_spec) if vision_spec else None
@@ -133,11 +136,18 @@ class SimV0Model(nn.Module):
         )
         self.query = nn.Parameter(torch.randn(self.d) * 0.02)
         self.heads = nn.ModuleDict(
-            {name: nn.Linear(self.d, n) for name, n in L.NUM_CLASSES.items()} | {"confidence": nn.Linear(self.d, 1)}
+            {name: self._head(n) for name, n in L.NUM_CLASSES.items()} | {"confidence": self._head(1)}
         )
         freeze(self.llm)
         freeze(self.vision)
         self.check_frozen()
+
+    def _head(self, n_out: int) -> nn.Module:
+        # A hidden layer lets the heads combine what the frozen LLM mixed into h (e.g. proximity
+        # and speed into risk) without asking the frozen layers to do it.
+        if self.head_hidden <= 0:
+            return nn.Linear(self.d, n_out)
+        return nn.Sequential(nn.Linear(self.d, self.head_hidden), nn.GELU(), nn.Linear(self.head_hidden, n_out))
 
     # ---- freezing -------------------------------------------------------------------------------
     def param_report(self) -> dict[str, dict[str, int]]:
@@ -219,7 +229,7 @@ class SimV0Model(nn.Module):
         confidence_logits [B] (the confidence head predicts whether the action is right)."""
         x = self.prefix(batch)
         out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
-        h = out.last_hidden_state[:, -1].to(self.heads["risk"].weight.dtype)
+        h = out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype)
         logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
         # The confidence head reads a detached state: learning to judge the action must not change it.
         logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
@@ -310,6 +320,7 @@ class SimV0Model(nn.Module):
             "K": self.K,
             "use_cached_vis_feats": self.use_cached_vis_feats,
             "telemetry_hidden": self.telemetry_hidden,
+            "head_hidden": self.head_hidden,
             "llm": llm_spec,
             "llm_name": describe(llm_spec) if llm_spec else None,
             "vision": self.vision_spec,
@@ -346,6 +357,7 @@ class SimV0Model(nn.Module):
             vision_encoder=vision_encoder,
             vision_spec=meta.get("vision"),
             telemetry_hidden=meta.get("telemetry_hidden", 256),
+            head_hidden=meta.get("head_hidden", 256),
             telemetry_mean=meta.get("telemetry_mean"),
             telemetry_std=meta.get("telemetry_std"),
         )

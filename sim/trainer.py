@@ -109,6 +109,7 @@ class Trainer:
             vision_encoder=encoder,
             vision_spec=vision_spec,
             telemetry_hidden=int(cfg.model.telemetry_hidden),
+            head_hidden=int(cfg.model.head_hidden),
         ).to(self.device)
         tel = self.data.train.telemetry_array()
         self.model.set_telemetry_stats(torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float())
@@ -167,7 +168,15 @@ class Trainer:
             shapes[split] = shape
         if shapes["train"][1:] != shapes["val"][1:]:
             raise ConfigError(f"train and val samples differ in shape: {shapes['train']} vs {shapes['val']}")
-        return int(shapes["train"][-1])
+        shape = shapes["train"]
+        if self.use_cached and len(shape) != 2:
+            raise ConfigError(f"vision=cached reads features [F, dv] but the data yields {list(shape)} per sample; "
+                              "for raw frames [F, 3, H, W] pick an encoder (vision=tiny, vision=resnet18, ...)")
+        if not self.use_cached and (len(shape) != 4 or shape[1] != 3):
+            raise ConfigError(f"vision={self.cfg.vision.kind} encodes raw frames [F, 3, H, W] but the data yields "
+                              f"{list(shape)} per sample; for cached features use vision=cached")
+        # dv of cached features; for raw frames the encoder gives dv and this value is unused.
+        return int(shape[-1])
 
     def _class_weights(self) -> dict[str, torch.Tensor] | None:
         spec = self.cfg.model.class_weights

@@ -41,12 +41,13 @@ def test_llm_option_builds_its_architecture_offline(option):
 
 @pytest.mark.parametrize("option", options("vision"))
 def test_vision_option_instantiates(option):
-    cfg = make_cfg(f"vision={option}")
+    cfg = make_cfg(f"vision={option}", "vision.pretrained=false")
     encoder = instantiate(cfg.vision, _convert_="all")
     assert encoder is None if cfg.vision.kind == "cached" else hasattr(encoder, "dv")
 
 
-@pytest.mark.parametrize("option", [o for o in options("data") if o not in ("cached", "custom")])
+# Raw-frame options (frames, synthetic_frames) are instantiated in tests/test_frames.py.
+@pytest.mark.parametrize("option", [o for o in options("data") if o not in ("cached", "custom", "frames", "synthetic_frames")])
 def test_data_option_instantiates(option):
     cfg = make_cfg(f"data={option}")
     data = instantiate(cfg.data, use_cached_vis_feats=True, _convert_="all")
