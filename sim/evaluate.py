@@ -214,6 +214,37 @@ def check_data_matches(dataset: SimDataset, meta: dict[str, Any], split: str, pa
         raise DataError(f"{what} has frames of shape {list(shape)}, expected [F={meta['F']}, 3, H, W]")
 
 
+def split_for_checkpoint(cfg: DictConfig, meta: dict[str, Any], split: str, path: str | Path) -> SimDataset:
+    """The split of `cfg.data` the checkpoint is evaluated on, checked against its F and dv.
+
+    The data options read model.F (`${model.F}`): it is set to the checkpoint's F unless typed.
+
+    Raises:
+        ConfigError: a typed model.F that differs. DataError: samples of another shape.
+    """
+    F_cfg = OmegaConf.select(cfg, "model.F")
+    if F_cfg is not None and int(F_cfg) != int(meta["F"]):
+        raise ConfigError(f"model.F={F_cfg} but checkpoint {path} was trained with F={meta['F']}; leave model.F unset")
+    OmegaConf.update(cfg, "model.F", int(meta["F"]), force_add=True)
+    dataset = build_split(cfg.data, split, bool(meta.get("use_cached_vis_feats", True)))
+    check_data_matches(dataset, meta, split, Path(path))
+    return dataset
+
+
+def compose_config(overrides: list[str], config_name: str = "evaluate") -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides`, for commands that are not Hydra mains."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    conf_dir = Path(__file__).resolve().parent.parent / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"bad arguments {' '.join(overrides)!r}: {exc}") from None
+
+
 def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """Loss and class weights the run trained with (from the config stored beside the weights), so the
     losses reported here are the ones its val log shows. Classification metrics do not depend on them."""
@@ -368,14 +399,7 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     log.info("checkpoint %s: epoch %s, LLM %s, F=%s K=%s dv=%s d=%s", path, ckpt.get("epoch"), describe(meta["llm"]),
              meta["F"], meta["K"], meta["dv"], meta["d"])
 
-    # The data options read model.F (${model.F}): the checkpoint's F, unless the user typed one.
-    F_cfg = OmegaConf.select(cfg, "model.F")
-    if F_cfg is not None and int(F_cfg) != int(meta["F"]):
-        raise ConfigError(f"model.F={F_cfg} but checkpoint {path} was trained with F={meta['F']}; leave model.F unset")
-    OmegaConf.update(cfg, "model.F", int(meta["F"]), force_add=True)
-    use_cached = bool(meta.get("use_cached_vis_feats", True))
-    dataset = build_split(cfg.data, split, use_cached)
-    check_data_matches(dataset, meta, split, path)
+    dataset = split_for_checkpoint(cfg, meta, split, path)
     log.info("data: %s", dataset.describe())
 
     llm = None

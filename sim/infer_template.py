@@ -116,13 +116,14 @@ class SimInference:
             raise DataError(f"telemetry has shape {list(tel.shape)} dtype {tel.dtype}, expected [8] (or [B, 8]) numbers "
                             "[ax, ay, az, gx, gy, gz, v, w]")
         single = tel.ndim == 1
+        shape_given = list(video.shape)
         if single:
             tel, video = tel[None], video[None]
         per_sample = (m.F, m.dv) if self.video_key == "vis_feats" else (m.F, 3)
         if video.ndim != (3 if self.video_key == "vis_feats" else 5) or video.shape[1:3] != per_sample or video.shape[0] != tel.shape[0]:
             want = f"[F={m.F}, dv={m.dv}]" if self.video_key == "vis_feats" else f"[F={m.F}, 3, H, W]"
-            raise DataError(f"{self.video_key} has shape {list(video.shape)}, expected {want} per window "
-                            f"({tel.shape[0]} window(s), as many as telemetry rows)")
+            raise DataError(f"{self.video_key} has shape {shape_given}, expected {want} for one window "
+                            f"(or [B, ...] with B = {tel.shape[0]}, the telemetry rows)")
         if video.dtype.kind not in "fiu":
             raise DataError(f"{self.video_key} has dtype {video.dtype}, expected numbers")
         tel_t = torch.from_numpy(np.ascontiguousarray(tel, dtype=np.float32))

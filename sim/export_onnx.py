@@ -1,0 +1,317 @@
+"""Export the whole SIM model (frozen LLM and encoder included) to ONNX, and check it against PyTorch.
+
+    python -m sim.export_onnx checkpoint=PATH out=FILE.onnx [quantize=true] [parity_samples=512]
+                              [data=... data.val_split_path=...] [split=val]
+
+The graph takes `vis_feats [B, F, dv]` float32 (or `frames [B, F, 3, H, W]` for a raw-frames model)
+and `telemetry [B, 8]` float32 (raw: the normalization is inside), with a dynamic batch, and returns
+risk_logits [B, 4], reason_logits [B, 4], action_logits [B, 6], confidence_logits [B].
+
+After the export the command runs ONNX Runtime and PyTorch fp32 on the split (the data option's val
+split unless told otherwise) and prints the parity report: max abs logit difference per head and
+the agreement of predicted labels. `quantize=true` also writes FILE.int8.onnx (ONNX Runtime dynamic
+int8 quantization of the weights) and reports what its decisions lose.
+
+Needs the optional extra: pip install -e ".[onnx]" (onnx, onnxruntime, onnxscript).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from sim import labels as L
+from sim.errors import ConfigError, SimError
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("risk_logits", "reason_logits", "action_logits", "confidence_logits")
+# A single .onnx file holds at most 2 GB; bigger models keep their weights in FILE.data beside it.
+SINGLE_FILE_LIMIT = 1_800_000_000
+
+
+class OnnxRuntimeMissing(SimError, ImportError):
+    """The optional `onnx` extra is not installed."""
+
+
+def require_onnx() -> Any:
+    """Import onnxruntime, or say how to install the extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        raise OnnxRuntimeMissing(
+            f"ONNX export needs the optional extra: pip install -e \".[onnx]\" (onnx, onnxruntime, onnxscript); {exc}"
+        ) from None
+    return onnxruntime
+
+
+def model_key(model: nn.Module) -> str:
+    """The video input a model reads: cached features or raw frames."""
+    return "vis_feats" if model.use_cached_vis_feats else "frames"
+
+
+class ExportWrapper(nn.Module):
+    """Positional tensors in, a tuple of logits out: the signature an ONNX graph has."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.video_key = model_key(model)
+
+    def forward(self, video: torch.Tensor, telemetry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model({self.video_key: video, "telemetry": telemetry})
+        return tuple(out[name].float() for name in OUTPUTS)
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The exporter warns about optional operator libraries SIM does not use; keep the console readable."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "onnxruntime", "")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def example_inputs(model: nn.Module, batch: dict[str, Any] | None = None, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs to trace with: `size` windows of a real batch, or random ones of the model's shapes.
+
+    The batch is at least 2: an example of batch 1 would let the tracer fix the batch size to 1.
+    """
+    key = model_key(model)
+    if batch is not None and batch[key].shape[0] >= size:
+        return batch[key][:size].contiguous(), batch["telemetry"][:size].float().contiguous()
+    g = torch.Generator().manual_seed(0)
+    if key == "vis_feats":
+        video = torch.randn(size, model.F, model.dv, generator=g)
+    else:
+        raise ConfigError("exporting a raw-frames model needs a batch of real frames to trace with (data=...)")
+    return video, torch.randn(size, 8, generator=g)
+
+
+def export_model(model: nn.Module, out: str | Path, example: tuple[torch.Tensor, torch.Tensor], opset: int | None = None) -> Path:
+    """Export `model` (eval mode, fp32) to `out` with a dynamic batch dimension.
+
+    Returns:
+        The path of the .onnx file (its weights sit in `out`.data beside it when over 2 GB).
+    """
+    require_onnx()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportWrapper(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    video_name = wrapper.video_key
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(out),
+            input_names=[video_name, "telemetry"],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={"video": {0: batch}, "telemetry": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=n_bytes > SINGLE_FILE_LIMIT,
+            verbose=False,
+        )
+    log.info("exported %s (%.0f MB of weights) in %.1f s", out, n_bytes / 1e6, time.perf_counter() - t0)
+    return out
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic quantization: int8 weights, activations quantized on the fly per batch."""
+    require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    external = src.with_name(src.name + ".data").is_file()
+    t0 = time.perf_counter()
+    # The exporter records intermediate shapes that onnx's own shape inference (which the quantizer
+    # runs first) disagrees with; ONNX Runtime infers them again at load, so they are dropped.
+    proto = onnx.load(str(src))
+    del proto.graph.value_info[:]
+    plain = dst.with_name(dst.stem + ".prequant.onnx")
+    try:
+        onnx.save(proto, str(plain), save_as_external_data=external, location=plain.name + ".data" if external else None)
+        del proto
+        for stale in (dst, dst.with_name(dst.name + ".data")):
+            stale.unlink(missing_ok=True)
+        with quiet_exporter():
+            quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external)
+    finally:
+        plain.unlink(missing_ok=True)
+        plain.with_name(plain.name + ".data").unlink(missing_ok=True)
+    log.info("quantized %s -> %s in %.1f s", src, dst, time.perf_counter() - t0)
+    return dst
+
+
+def session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with every graph optimization on."""
+    ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess: Any, video: torch.Tensor | np.ndarray, telemetry: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Logits of an ONNX session for one batch, keyed like the model's forward."""
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {names[0]: np.ascontiguousarray(np.asarray(video)), names[1]: np.ascontiguousarray(np.asarray(telemetry, dtype=np.float32))}
+    if feeds[names[0]].dtype == np.float64:
+        feeds[names[0]] = feeds[names[0]].astype(np.float32)
+    return dict(zip(OUTPUTS, sess.run(list(OUTPUTS), feeds)))
+
+
+def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Max abs logit difference and predicted-label agreement per head (plus the confidence logit)."""
+    out: dict[str, Any] = {"max_abs_logit_diff": {}, "label_agreement": {}}
+    for name in OUTPUTS:
+        a, b = np.asarray(reference[name], dtype=np.float64), np.asarray(other[name], dtype=np.float64)
+        out["max_abs_logit_diff"][name.removesuffix("_logits")] = float(np.abs(a - b).max()) if a.size else None
+    for head in L.HEADS:
+        a, b = reference[f"{head}_logits"].argmax(-1), other[f"{head}_logits"].argmax(-1)
+        out["label_agreement"][head] = float((a == b).mean()) if a.size else None
+    a = np.asarray(reference["confidence_logits"]) > 0
+    b = np.asarray(other["confidence_logits"]) > 0
+    out["label_agreement"]["confidence"] = float((a == b).mean()) if a.size else None
+    out["max_abs_logit_diff_all"] = max(v for v in out["max_abs_logit_diff"].values() if v is not None)
+    out["num_samples"] = int(reference["risk_logits"].shape[0])
+    return out
+
+
+@torch.inference_mode()
+def torch_logits(model: nn.Module, loader: Any, limit: int) -> tuple[dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """PyTorch fp32 logits over the first `limit` samples of a loader, and the inputs they came from."""
+    key = model_key(model)
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUTS}
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen = 0
+    for batch in loader:
+        take = min(limit - seen, batch["telemetry"].shape[0])
+        video, tel = batch[key][:take], batch["telemetry"][:take].float()
+        logits = model({key: video, "telemetry": tel})
+        for n in OUTPUTS:
+            outs[n].append(logits[n].float().numpy())
+        inputs.append((video, tel))
+        seen += take
+        if seen >= limit:
+            break
+    return {n: np.concatenate(v) for n, v in outs.items()}, inputs
+
+
+def onnx_logits(sess: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+    parts = [run_session(sess, v.numpy(), t.numpy()) for v, t in inputs]
+    return {n: np.concatenate([p[n] for p in parts]) for n in OUTPUTS}
+
+
+def parse_args(argv: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split `key=value` arguments into this command's own keys (typed by their defaults) and the
+    Hydra overrides of conf/evaluate.yaml (checkpoint=, data=..., split=, llm=...)."""
+    opts, rest = dict(own), []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            raise SystemExit(None)
+        if not sep:
+            raise ConfigError(f"argument {arg!r}: expected key=value")
+        if key in opts:
+            kind = type(opts[key]) if opts[key] is not None else str
+            try:
+                opts[key] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a {kind.__name__}") from None
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
+def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any, Any, Path]:
+    """(cfg, model, loader over the parity split, checkpoint path) from the command's overrides."""
+    from torch.utils.data import DataLoader
+
+    from sim.checkpoint import load_checkpoint
+    from sim.dataset import collate_fn
+    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint
+    from sim.model import SimV0Model
+
+    cfg = compose_config(overrides)
+    if OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False) is None:
+        raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
+    path = Path(str(cfg.checkpoint))
+    ckpt = load_checkpoint(path)
+    check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
+    dataset = split_for_checkpoint(cfg, ckpt["metadata"], str(cfg.split), path)
+    model = SimV0Model.from_checkpoint(path).float().eval()
+    loader = DataLoader(dataset, batch_size=min(64, max(2, parity_samples)), shuffle=False, collate_fn=collate_fn)
+    return cfg, model, loader, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sim.export_onnx checkpoint=PATH out=FILE ...`; prints the parity report as JSON."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        opts, overrides = parse_args(argv, {"out": "", "quantize": False, "parity_samples": 512, "opset": 0,
+                                            "threads": 0, "max_abs_diff": 1e-3, "report": ""})
+        if not opts["out"]:
+            raise ConfigError("out must be set: out=path/to/model.onnx")
+        require_onnx()
+        cfg, model, loader, path = load_for_export(overrides, int(opts["parity_samples"]))
+        ref, inputs = torch_logits(model, loader, int(opts["parity_samples"]))
+        out = export_model(model, opts["out"], example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
+                           opset=int(opts["opset"]) or None)
+        report: dict[str, Any] = {"checkpoint": str(path), "onnx": str(out), "split": str(cfg.split),
+                                  "fp32": compare(ref, onnx_logits(session(out, opts["threads"]), inputs))}
+        if opts["quantize"]:
+            q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
+            report["int8_onnx"] = str(q)
+            report["int8"] = compare(ref, onnx_logits(session(q, opts["threads"]), inputs))
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    if opts["report"]:
+        Path(opts["report"]).write_text(json.dumps(report, indent=2) + "\n")
+    diff = report["fp32"]["max_abs_logit_diff_all"]
+    if diff is not None and diff > float(opts["max_abs_diff"]):
+        print(f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={opts['max_abs_diff']})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
