@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from sim import labels as L
 from sim.checkpoint import load_checkpoint
-from sim.dataset import SimDataset, collate_fn, import_class
+from sim.dataset import SimData, SimDataset, import_class
 from sim.errors import CheckpointError, ConfigError, DataError, SimError
 from sim.llm import describe, llm_spec
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses, per_class_table
@@ -231,6 +231,16 @@ def split_for_checkpoint(cfg: DictConfig, meta: dict[str, Any], split: str, path
     return dataset
 
 
+def split_loader(data_cfg: DictConfig, dataset: SimDataset, batch_size: int | None = None) -> DataLoader:
+    """An in-order loader over one split, batched (and its samples checked) as the trainer's are."""
+    # SimData batches a split; the evaluated split stands in for both of its splits.
+    data = SimData(train=dataset, val=dataset, batch_size=int(batch_size or data_cfg.get("batch_size", 64)),
+                   num_workers=int(data_cfg.get("num_workers", 0)), pin_memory=bool(data_cfg.get("pin_memory", False)))
+    if "on_bad_sample" in data_cfg:
+        data.on_bad_sample = str(data_cfg.on_bad_sample)
+    return data.loader("val", shuffle=False)
+
+
 def compose_config(overrides: list[str], config_name: str = "evaluate") -> DictConfig:
     """conf/<config_name>.yaml composed with `overrides`, for commands that are not Hydra mains."""
     from hydra import compose, initialize_config_dir
@@ -409,8 +419,7 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         llm = build_llm(**llm_override, device=device)
     model = SimV0Model.from_checkpoint(path, device=device, llm=llm)
     loss_weights, class_weights = loss_settings(ckpt, device)
-    loader = DataLoader(dataset, batch_size=int(cfg.data.get("batch_size", 64)), shuffle=False,
-                        num_workers=int(cfg.data.get("num_workers", 0)), collate_fn=collate_fn)
+    loader = split_loader(cfg.data, dataset)
     metrics, cms, arrays = run_model(model, loader, device, loss_weights, class_weights, split, amp,
                                      bool(cfg.get("progress_bar", True)))
 

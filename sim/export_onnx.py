@@ -257,11 +257,8 @@ def parse_args(argv: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], li
 
 def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any, Any, Path]:
     """(cfg, model, loader over the parity split, checkpoint path) from the command's overrides."""
-    from torch.utils.data import DataLoader
-
     from sim.checkpoint import load_checkpoint
-    from sim.dataset import collate_fn
-    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint
+    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint, split_loader
     from sim.model import SimV0Model
 
     cfg = compose_config(overrides)
@@ -272,7 +269,7 @@ def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any
     check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
     dataset = split_for_checkpoint(cfg, ckpt["metadata"], str(cfg.split), path)
     model = SimV0Model.from_checkpoint(path).float().eval()
-    loader = DataLoader(dataset, batch_size=min(64, max(2, parity_samples)), shuffle=False, collate_fn=collate_fn)
+    loader = split_loader(cfg.data, dataset, batch_size=min(64, max(2, parity_samples)))
     return cfg, model, loader, path
 
 

@@ -1,0 +1,217 @@
+"""Batch-1 CPU latency of the whole SIM model, per backend, and what each one's decisions lose.
+
+    python -m sim.bench_latency checkpoint=PATH [data=...]                  # a trained model
+    python -m sim.bench_latency llm=gpt2 llm.pretrained=false [F=8 K=4]     # an architecture, random heads
+    options: backends=eager_fp32,eager_bf16,onnx_fp32,onnx_int8  windows=100  warmup=10  threads=0 (all)
+             onnx_dir=DIR (keep the exported files)  report=FILE.json
+
+Each backend decides on the same `windows` windows of the split (the data option's val split), one at
+a time; the table gives milliseconds per window (median, p90), the bytes of weights it reads, and the
+agreement of its predicted labels (risk, reason, action) with PyTorch eager fp32, plus the largest
+logit difference. The ONNX backends need the optional extra: pip install -e ".[onnx]".
+
+At batch 1 every weight is read once per window, so latency follows the bytes of weights more than
+the arithmetic: int8 weights read a quarter of fp32's. bf16 halves them too, but is only fast on
+hardware that computes it natively (AMX, AVX512-BF16, recent GPUs); elsewhere it is emulated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from sim.errors import ConfigError, SimError
+from sim.export_onnx import (OUTPUTS, compare, example_inputs, export_model, model_key, parse_args, quantize_int8,
+                             require_onnx, run_session, session)
+from sim.precision import cpu_has_fast_bf16
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager_fp32", "eager_bf16", "onnx_fp32", "onnx_int8")
+Runner = Callable[[torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
+
+
+def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
+    """(model, dataset, description): from a checkpoint, or an `llm=` architecture with random heads."""
+    from hydra.utils import instantiate
+
+    from sim.checkpoint import load_checkpoint
+    from sim.evaluate import build_split, check_llm_override, compose_config, split_for_checkpoint
+    from sim.llm import describe
+    from sim.model import SimV0Model
+
+    cfg = compose_config(overrides)
+    checkpoint = OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False)
+    split = str(cfg.split)
+    if checkpoint is not None:
+        path = Path(str(checkpoint))
+        ckpt = load_checkpoint(path)
+        check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
+        dataset = split_for_checkpoint(cfg, ckpt["metadata"], split, path)
+        model = SimV0Model.from_checkpoint(path)
+        return model, dataset, f"checkpoint {path} ({describe(ckpt['metadata']['llm'])})"
+    if cfg.get("llm") is None:
+        raise ConfigError("give checkpoint=PATH, or llm=NAME to time an architecture with random heads")
+    OmegaConf.update(cfg, "model.F", int(F), force_add=True)
+    dataset = build_split(cfg.data, split, True)
+    dv = int(dataset.video_shape()[-1])
+    llm = instantiate(cfg.llm, _convert_="all")
+    torch.manual_seed(0)
+    model = SimV0Model(dv=dv, F=F, K=K, llm=llm)
+    tel = dataset.telemetry_array()
+    model.set_telemetry_stats(torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float())
+    return model.eval(), dataset, f"{describe(llm.sim_spec)} with random heads (F={F}, K={K}, dv={dv})"
+
+
+def windows_of(dataset: Any, n: int, key: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `n` windows of a split, each as a batch of one (read and checked as training reads them)."""
+    from sim.evaluate import split_loader
+
+    out = []
+    for batch in split_loader(OmegaConf.create({}), dataset, batch_size=1):
+        out.append((batch[key], batch["telemetry"].float()))
+        if len(out) >= n:
+            break
+    return out
+
+
+def torch_runner(model: Any) -> Runner:
+    key = model_key(model)
+
+    @torch.inference_mode()
+    def run(video: torch.Tensor, tel: torch.Tensor) -> dict[str, np.ndarray]:
+        out = model({key: video, "telemetry": tel})
+        return {n: out[n].float().numpy() for n in OUTPUTS}
+
+    return run
+
+
+def onnx_runner(path: Path, threads: int) -> Runner:
+    sess = session(path, threads)
+    return lambda video, tel: run_session(sess, video.numpy(), tel.numpy())
+
+
+def time_backend(run: Runner, windows: list[tuple[torch.Tensor, torch.Tensor]], warmup: int) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Per-window wall times (ms) and the logits of every window."""
+    for i in range(warmup):
+        run(*windows[i % len(windows)])
+    times, outs = [], []
+    for video, tel in windows:
+        t0 = time.perf_counter()
+        outs.append(run(video, tel))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, {n: np.concatenate([o[n] for o in outs]) for n in OUTPUTS}
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the weights a forward reads: the LLM's token-embedding table is never read (SIM feeds
+    inputs_embeds), and the ONNX graph drops it, so it is not counted."""
+    unused = {id(p) for p in model.llm.get_input_embeddings().parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in unused)
+
+
+def file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmup: int = 10, threads: int = 0,
+          F: int = 8, K: int = 4, onnx_dir: str | Path | None = None) -> dict[str, Any]:
+    """Time every backend on the same windows; returns the report (see the module docstring)."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"backends: unknown {unknown}; expected some of {', '.join(BACKENDS)}")
+    if any(b.startswith("onnx") for b in backends):
+        require_onnx()
+    if threads:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    model, dataset, what = build_model(overrides, F, K)
+    model = model.float().eval()
+    key = model_key(model)
+    windows = windows_of(dataset, n_windows, key)
+    log.info("timing %s on %d windows of %s, %d threads", what, len(windows), dataset.describe(), threads)
+    ref_times, ref = time_backend(torch_runner(model), windows, warmup)
+    results: dict[str, Any] = {}
+    tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
+    out_dir = Path(onnx_dir or tmp.name)
+    try:
+        for backend in backends:
+            if backend == "eager_fp32":
+                times, logits, nbytes = ref_times, ref, weight_bytes(model)
+            elif backend == "eager_bf16":
+                bf16 = copy.deepcopy(model).to(torch.bfloat16)
+                times, logits = time_backend(torch_runner(bf16), windows, warmup)
+                nbytes = weight_bytes(bf16)
+                del bf16
+            else:
+                fp32_path = out_dir / "sim_v0.onnx"
+                if not fp32_path.is_file():
+                    batch = {key: torch.cat([w[0] for w in windows[:2]]), "telemetry": torch.cat([w[1] for w in windows[:2]])}
+                    export_model(model, fp32_path, example_inputs(model, batch))
+                path = fp32_path if backend == "onnx_fp32" else quantize_int8(fp32_path, out_dir / "sim_v0.int8.onnx")
+                times, logits = time_backend(onnx_runner(path, threads), windows, warmup)
+                nbytes = file_bytes(path)
+            agreement = compare(ref, logits)
+            results[backend] = {
+                "ms_median": float(np.median(times)),
+                "ms_p90": float(np.percentile(times, 90)),
+                "ms_mean": float(np.mean(times)),
+                "weights_mb": nbytes / 1e6,
+                "label_agreement": agreement["label_agreement"],
+                "max_abs_logit_diff": agreement["max_abs_logit_diff_all"],
+            }
+            log.info("%s: %.2f ms/window (median)", backend, results[backend]["ms_median"])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"model": what, "windows": len(windows), "threads": threads, "fast_bf16": cpu_has_fast_bf16(),
+            "torch": torch.__version__, "backends": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']}: batch 1, {report['windows']} windows, {report['threads']} threads"
+             + ("" if report["fast_bf16"] else " (this CPU has no native bf16: bf16 is emulated)"),
+             f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager fp32 (risk/reason/action)  max |dlogit|"]
+    for name, r in report["backends"].items():
+        a = r["label_agreement"]
+        lines.append(f"{name:<12} {r['ms_median']:>10.2f} {r['ms_p90']:>8.2f} {r['weights_mb']:>11.1f}  "
+                     f"{a['risk']:.4f} / {a['reason']:.4f} / {a['action']:.4f}{'':>18}{r['max_abs_logit_diff']:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        opts, overrides = parse_args(argv, {"backends": ",".join(BACKENDS), "windows": 100, "warmup": 10, "threads": 0,
+                                            "F": 8, "K": 4, "onnx_dir": "", "report": ""})
+        if not any(o.startswith("checkpoint=") for o in overrides):
+            overrides.append("checkpoint=null")
+        report = bench(overrides, [b.strip() for b in opts["backends"].split(",") if b.strip()], opts["windows"],
+                       opts["warmup"], opts["threads"], opts["F"], opts["K"], opts["onnx_dir"] or None)
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    if opts["report"]:
+        Path(opts["report"]).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
