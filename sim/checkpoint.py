@@ -80,13 +80,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        # torch's own advice (rerun with weights_only=False) heads every refusal; the line that says
+        # what was refused is the useful one.
+        detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), msg.splitlines()[0] if msg else "")
+        # Only a class reference (GLOBAL) means Python objects; anything else (an unknown opcode) is damage.
+        if "global" in msg.lower():
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that only load with weights_only=False "
                 "(which can run arbitrary code); SIM checkpoints hold plain tensors and containers only. "
-                f"Refusing it. Detail: {msg.splitlines()[0]}"
+                f"Refusing it. Detail: {detail}"
             ) from exc
-        raise CheckpointError(f"checkpoint {path} is corrupt: {msg.splitlines()[0]}") from exc
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: it does not unpickle ({detail})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
