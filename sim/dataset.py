@@ -60,8 +60,19 @@ class SimDataset(Dataset):
         return f"{type(self).__name__}({self.data_path or ''})"
 
     def video_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's video entry ([F, dv] or [F, 3, H, W])."""
-        return tuple(self[0][self.video_key].shape)
+        """Shape of one sample's video entry ([F, dv] or [F, 3, H, W]).
+
+        Raises:
+            DataError: the sample has no entry under the key the vision option asks for.
+        """
+        sample = self[0]
+        if self.video_key not in sample:
+            raise DataError(
+                f"{self.describe()}: sample 0 has no {self.video_key!r} (its keys: {', '.join(sample)}); "
+                + ("vision=cached reads features vis_feats [F, dv]" if self.use_cached_vis_feats
+                   else "a vision encoder reads raw frames [F, 3, H, W]; for features use vision=cached")
+            )
+        return tuple(torch.as_tensor(sample[self.video_key]).shape)
 
     def label_arrays(self) -> dict[str, np.ndarray]:
         """{"risk": [N], "reason": [N], "action": [N]} integer labels of the whole split."""
@@ -124,6 +135,11 @@ class DummySimDataset(SimDataset):
 def read_meta(split_dir: Path) -> dict[str, Any]:
     meta_path = split_dir / "meta.json"
     if not meta_path.is_file():
+        if (split_dir / "cache_progress.json").is_file():
+            raise DataError(
+                f"{split_dir} is an unfinished feature cache (meta.json is written last); "
+                "run the same `python -m sim.cache_features ...` command again to finish it"
+            )
         raise DataError(f"{meta_path} is missing: a cached split needs meta.json (format_version, dv, F, labels)")
     try:
         meta = json.loads(meta_path.read_text())
@@ -168,6 +184,9 @@ class CachedSplitDataset(SimDataset):
             self._expect(video_file, self.video, ndim=5, kinds="u", dtypes=(np.uint8,))
             if self.video.shape[2] != 3:
                 raise DataError(f"{root / video_file}: shape {self.video.shape}, expected [N, F, 3, H, W]")
+            for key, axis in (("H", 3), ("W", 4)):
+                if key in self.meta and self.video.shape[axis] != self.meta[key]:
+                    raise DataError(f"{root / video_file}: {key} is {self.video.shape[axis]}, meta.json says {self.meta[key]}")
         if "F" in self.meta and self.video.shape[1] != self.meta["F"]:
             raise DataError(f"{root / video_file}: F is {self.video.shape[1]}, meta.json says {self.meta['F']}")
         self.telemetry = self._open("telemetry.npy")
