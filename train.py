@@ -4,14 +4,18 @@
     python train.py llm=opt125m data=cached data.train_split_path=... data.val_split_path=...
     python train.py training.epochs=3 model.K=2      # any key
     python train.py -m optim.lr=1e-3,3e-4            # a multirun sweep
+    torchrun --nproc_per_node=2 train.py ...         # DDP over 2 processes, one run directory
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from sim.cli import fail_cleanly
+from sim.distributed import launch_overrides
 from sim.train import objective, train
 
 
@@ -23,4 +27,6 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
 
 
 if __name__ == "__main__":
+    # Under torchrun: join the process group before Hydra resolves the run dir (one for all ranks).
+    sys.argv.extend(launch_overrides())
     main()

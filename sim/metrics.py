@@ -138,6 +138,26 @@ class EpochMetrics(torch.nn.Module):
             preds = logits[f"{head}_logits"].detach().argmax(-1).cpu()
             self.cms[head].update(preds, batch[f"{head}_id"].cpu())
 
+    def state(self) -> dict[str, Any]:
+        """What this process has accumulated, as plain floats and tensors: it can be checkpointed
+        (a partial epoch), summed over processes, and added back with `merge`."""
+        loss_keys = [k for k in METRIC_NAMES if k.startswith("loss")]
+        return {
+            "loss_sums": {k: float(self.loss_sums.get(k, 0.0)) for k in sorted(set(loss_keys) | set(self.loss_sums))},
+            "weight_sum": float(self.weight_sum),
+            "samples": int(self.samples),
+            "confusion": {h: cm.confmat.detach().cpu().clone() for h, cm in self.cms.items()},
+        }
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        """Add a `state()` to what is accumulated (resuming a partial epoch from its checkpoint)."""
+        for k, v in state["loss_sums"].items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v)
+        self.weight_sum += float(state["weight_sum"])
+        self.samples += int(state["samples"])
+        for h, cm in self.cms.items():
+            cm.merge_state({"confmat": state["confusion"][h].to(cm.confmat.device, cm.confmat.dtype)})
+
     def confusion(self) -> dict[str, torch.Tensor]:
         return {h: cm.compute().cpu() for h, cm in self.cms.items()}
 

@@ -25,15 +25,16 @@ PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "torchmetrics", 
 
 
 class RunDir:
-    """Paths of one run's output tree (created on construction)."""
+    """Paths of one run's output tree (created on construction unless `create=False`: ranks other
+    than 0 of a distributed run only read it)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, create: bool = True) -> None:
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
         self.metrics = self.root / "metrics"
         self.logs = self.root / "logs"
         self.export = self.root / "export"
-        for d in (self.root, self.checkpoints, self.metrics, self.logs, self.export):
+        for d in (self.root, self.checkpoints, self.metrics, self.logs, self.export) if create else ():
             d.mkdir(parents=True, exist_ok=True)
 
     @property

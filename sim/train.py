@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sim import distributed
 from sim.config import validate_config
 from sim.run import RunDir, attach_log_file, detach_log_file, write_config, write_exports
 
@@ -37,26 +38,34 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if root is None:
         raise ValueError("train(cfg) outside Hydra needs run_dir")
     validate_config(cfg)
-    run = RunDir(root)
-    handler = attach_log_file(run.logs / "stdout.log")
+    # Under torchrun: one run directory, rank 0's; only rank 0 writes files and logs below warnings.
+    env = distributed.init_from_env()
+    root = Path(distributed.broadcast_object(str(root)))
+    run = RunDir(root, create=env.is_main)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    handler = attach_log_file(run.logs / "stdout.log") if env.is_main else None
     try:
-        info = write_config(run, cfg)
-        log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
-        log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-        write_exports(run)
+        if env.is_main:
+            info = write_config(run, cfg)
+            log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
+            log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+            write_exports(run)
         from sim.trainer import Trainer
 
         trainer = Trainer(cfg, run)
         trainer.setup()
         result = trainer.fit()
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
-        _plot_curves(run.root)
+        if env.is_main:
+            _plot_curves(run.root)
         return result
     except Exception:
         log.exception("training failed")
         raise
     finally:
-        detach_log_file(handler)
+        if handler is not None:
+            detach_log_file(handler)
 
 
 def _plot_curves(root: Path) -> None:

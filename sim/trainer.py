@@ -3,10 +3,20 @@
 One step, in nanoGPT's order: autocast forward -> scaled backward -> unscale -> clip -> step ->
 scaler update -> zero_grad(set_to_none=True) -> LR schedule step. The optimizer sees only the
 parameters that require grad.
+
+Under torchrun (see sim/distributed.py) every rank runs this same code: the trainable modules are
+wrapped in DDP, each rank trains on its shard of the epoch, metrics are summed over ranks, and only
+rank 0 writes. `training.grad_accum` micro-batches make one optimizer step.
+
+Resume is exact: last.pt (written each epoch and every `checkpoint.every_n_steps` optimizer steps)
+holds the model, optimizer, scaler and LR schedule, every RNG state, the position inside the epoch
+and the partial epoch's metric sums. The epoch's order is a pure function of (seed, epoch), so a
+resumed run skips exactly the samples it had consumed and continues bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -22,14 +32,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from sim import distributed as D
 from sim import labels as L
-from sim.checkpoint import load_checkpoint, save_checkpoint
+from sim.checkpoint import atomic_write_bytes, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from sim.dataset import SimData
 from sim.errors import CheckpointError, ConfigError
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.model import SimV0Model
 from sim.precision import dtype_name, fast_bf16, resolve_dtype
-from sim.run import RunDir, append_jsonl, read_jsonl
+from sim.run import RunDir, append_jsonl
+from sim.validate import telemetry_stats
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +52,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as plain lists and tensors (loads with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (CUDA states only where this machine has as many GPUs)."""
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"].numpy(), dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("the checkpoint holds the RNG states of %d GPUs, this machine has %d: CUDA RNGs not restored",
+                        len(cuda), torch.cuda.device_count())
+
+
 def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name}: CUDA is not available on this machine")
-    return device
+    """`training.device` for this process (cuda:LOCAL_RANK under torchrun)."""
+    return D.DistEnv.current().device(name)
 
 
 def monitor_mode(monitor: str, mode: str) -> str:
@@ -79,13 +116,18 @@ class Trainer:
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(int(cfg.training.seed))
-        self.device = resolve_device(cfg.training.device)
+        self.dist = D.init_from_env()
+        if self.dist.enabled:
+            log.info("process group: rank %d of %d, backend %s", self.dist.rank, self.dist.world_size, D.backend())
+        self.seed = int(cfg.training.seed)
+        seed_everything(self.seed)
+        self.device = self.dist.device(cfg.training.device)
         self._setup_precision()
         self.use_cached = cfg.vision.get("kind", "cached") == "cached"
 
         self.data: SimData = instantiate(cfg.data, use_cached_vis_feats=self.use_cached, _convert_="all")
         log.info("data: train %s; val %s", self.data.train.describe(), self.data.val.describe())
+        self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
         llm = instantiate(cfg.llm, device=self.device, _convert_="all")
@@ -111,19 +153,24 @@ class Trainer:
             telemetry_hidden=int(cfg.model.telemetry_hidden),
             head_hidden=int(cfg.model.head_hidden),
         ).to(self.device)
-        tel = self.data.train.telemetry_array()
-        self.model.set_telemetry_stats(torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float())
+        self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
 
-        self.train_loader = self.data.loader("train", shuffle=True, seed=int(cfg.training.seed))
-        self.val_loader = self.data.loader("val", shuffle=False)
+        self._setup_loaders()
         self.epochs = int(cfg.training.epochs)
-        total_steps = self.epochs * len(self.train_loader)
+        total_steps = self.epochs * self.steps_per_epoch
         make_optim = instantiate(cfg.optim)
         self.optimizer, self.scheduler = make_optim(self.model.trainable_parameters(), total_steps=total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.forward = torch.compile(self.model) if cfg.training.compile else self.model
+        # DDP over the trainable modules only: the frozen LLM has no gradients to reduce.
+        self.ddp = D.wrap_ddp(self.model, self.device) if self.dist.world_size > 1 else None
+        train_module = self.model if self.ddp is None else self.ddp
+        self.forward = torch.compile(train_module) if cfg.training.compile else train_module
+        # Evaluation bypasses DDP: there are no gradients to reduce, and ranks may hold one batch more
+        # or less of the split (a collective inside the loop would then wait forever).
+        self.eval_forward = self.forward if self.ddp is None else (
+            torch.compile(self.model) if cfg.training.compile else self.model)
         self.train_metrics = EpochMetrics()
         self.val_metrics = EpochMetrics()
         self.monitor = str(cfg.checkpoint.monitor)
@@ -133,8 +180,41 @@ class Trainer:
         self.best_key: tuple[float, float] = (-math.inf, -math.inf)
         self.best_epoch = 0
         self.global_step = 0
+        self.every_n_steps = int(cfg.checkpoint.get("every_n_steps") or 0)
+        if self.every_n_steps < 0:
+            raise ConfigError(f"checkpoint.every_n_steps={self.every_n_steps} must be >= 0 (0 or null: only at epoch ends)")
+        self._progress: dict[str, Any] | None = None  # where a resumed run re-enters its epoch
+        if self.dist.is_main:
+            for directory in (self.run.checkpoints, self.run.metrics):
+                remove_stale_temporaries(directory)  # left by a run killed mid-write
         if cfg.training.resume:
             self._resume(str(cfg.training.resume))
+        else:
+            self._restart_metric_files()
+
+    def _setup_loaders(self) -> None:
+        """Shard the splits over the ranks and size the epoch in optimizer steps."""
+        rank, world = self.dist.rank, self.dist.world_size
+        n_train, n_val = len(self.data.train), len(self.data.val)
+        if n_train < world:
+            raise ConfigError(f"the train split has {n_train} samples, fewer than the {world} processes")
+        self.grad_accum = int(self.cfg.training.get("grad_accum") or 1)
+        if self.grad_accum < 1:
+            raise ConfigError(f"training.grad_accum={self.grad_accum} must be >= 1")
+        # The train order is a permutation seeded by (seed, epoch), dealt to the ranks; validation
+        # deals every sample exactly once (no padding with duplicates).
+        self.train_sampler = D.ShardSampler(n_train, rank, world, shuffle=True, seed=self.seed, even=True)
+        self.train_loader = self.data.loader("train", sampler=self.train_sampler, seed=self.seed)
+        self.val_loader = self.data.loader("val", sampler=D.ShardSampler(n_val, rank, world))
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.grad_accum)
+        bs = int(self.data.batch_size)
+        self.effective_batch_size = bs * self.grad_accum * world
+        log.info("batch size %d per process x %d accumulation step(s) x %d process(es) = %d samples per optimizer step "
+                 "(effective batch size); %d optimizer steps per epoch", bs, self.grad_accum, world,
+                 self.effective_batch_size, self.steps_per_epoch)
+        if n_train % world:
+            log.info("each epoch leaves out %d of %d train samples (a different few each epoch) so every process "
+                     "takes as many steps", n_train % world, n_train)
 
     def _setup_precision(self) -> None:
         amp = self.cfg.training.amp
@@ -205,56 +285,109 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch (the rest of it, when resuming inside it); its train metrics over all ranks."""
         self.model.train()
         self.train_metrics.reset()
-        clip = self.cfg.training.grad_clip
+        start, micro, elapsed_before = 0, 0, 0.0
+        progress, self._progress = self._progress, None
+        if progress is not None and int(progress["epoch"]) == epoch:
+            start, micro, elapsed_before = int(progress["position"]), int(progress["micro"]), float(progress["elapsed"])
+            if self.dist.is_main:  # the checkpoint holds the sums over all ranks: add them once
+                self.train_metrics.merge(progress["train_metrics"])
+        self.train_sampler.set_epoch(epoch, start)
+        # Worker seeds come from the loader's generator: per epoch, so they do not depend on a resume.
+        self.train_loader.generator.manual_seed(D.epoch_seed(self.seed, epoch))
+        total_micro = micro + len(self.train_loader)
+        consumed = 0  # samples this rank trained on since `start`
         t0 = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs} train", leave=False,
-                   disable=None if self.cfg.training.progress_bar else True, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs} train", leave=False, disable=self._no_bar(),
+                   file=sys.stderr, dynamic_ncols=True)
         for batch in bar:
             batch = self._to_device(batch)
-            with self.autocast():
-                logits = self.forward(batch)
-            losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
-            self.scaler.scale(losses["objective"]).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.global_step += 1
+            group_start = micro // self.grad_accum * self.grad_accum
+            group_end = min(group_start + self.grad_accum, total_micro)
+            step_now = micro + 1 == group_end
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            sync = nullcontext() if self.ddp is None or step_now else self.ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = self.forward(batch)
+                losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
+                self.scaler.scale(losses["objective"] / (group_end - group_start)).backward()
             self.train_metrics.update(logits, batch, losses)
+            micro += 1
+            consumed += int(batch["weight"].shape[0])
+            if step_now:
+                self._optimizer_step()
+                if self.every_n_steps and self.global_step % self.every_n_steps == 0 and micro < total_micro:
+                    position = start + consumed * self.dist.world_size
+                    self.save_progress(epoch, position, micro, elapsed_before + time.perf_counter() - t0)
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
-        elapsed = time.perf_counter() - t0
-        metrics = self.train_metrics.compute("train")
+        elapsed = D.max_over_ranks(elapsed_before + time.perf_counter() - t0)
+        metrics = self._compute(self.train_metrics, "train")
         return {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                 "samples_per_s": self.train_metrics.samples / max(elapsed, 1e-9), **metrics}
 
-    @torch.inference_mode()
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.training.grad_clip
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+
+    def _no_bar(self) -> bool | None:
+        return None if self.cfg.training.progress_bar and self.dist.is_main else True
+
+    def _compute(self, metrics: EpochMetrics, split: str) -> dict[str, Any]:
+        """The split's metrics over all ranks. Every rank must call this (it holds collectives)."""
+        if self.dist.enabled:
+            state = metrics.state()
+            state.pop("confusion")  # torchmetrics gathers the confusion matrices itself in compute()
+            total = D.sum_over_ranks(state)
+            metrics.loss_sums, metrics.weight_sum, metrics.samples = dict(total["loss_sums"]), total["weight_sum"], total["samples"]
+        return metrics.compute(split)
+
     def evaluate(self, loader, split: str = "val", epoch: int | None = None) -> dict[str, Any]:
-        """Metrics of the current model on a loader (no gradients, eval mode)."""
-        self.model.eval()
-        self.val_metrics.reset()
+        """Metrics of the current model on a loader (no gradients, eval mode).
+
+        Under several processes every rank must call this, each with its own share of the split
+        (`self.val_loader` deals every sample to exactly one rank); the metrics are summed over ranks.
+        """
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch} {split}" if epoch else split, leave=False,
-                   disable=None if self.cfg.training.progress_bar else True, file=sys.stderr, dynamic_ncols=True)
-        for batch in bar:
-            batch = self._to_device(batch)
-            with self.autocast():
-                logits = self.forward(batch)
-            losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
-            self.val_metrics.update(logits, batch, losses)
-        elapsed = time.perf_counter() - t0
-        metrics = self.val_metrics.compute(split)
+        self._evaluate_shard(loader, split, epoch)
+        elapsed = D.max_over_ranks(time.perf_counter() - t0)
+        metrics = self._compute(self.val_metrics, split)
         out: dict[str, Any] = {"epoch": epoch} if epoch is not None else {}
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": self.val_metrics.samples / max(elapsed, 1e-9), **metrics})
         return out
 
+    @torch.inference_mode()
+    def _evaluate_shard(self, loader, split: str, epoch: int | None) -> None:
+        self.model.eval()
+        self.val_metrics.reset()
+        bar = tqdm(loader, desc=f"epoch {epoch} {split}" if epoch else split, leave=False, disable=self._no_bar(),
+                   file=sys.stderr, dynamic_ncols=True)
+        for batch in bar:
+            batch = self._to_device(batch)
+            with self.autocast():
+                logits = self.eval_forward(batch)
+            losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
+            self.val_metrics.update(logits, batch, losses)
+
     # ---- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_payload(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint_payload(self, epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a checkpoint holds. Every rank must call this (it gathers the ranks' RNG states).
+
+        Args:
+            epoch: the last completed epoch.
+            metrics: its val metrics.
+            progress: where training stands inside the next epoch (None at an epoch's end).
+        """
         return {
             "model_state_dict": self.model.trainable_state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(),
@@ -268,12 +401,17 @@ class Trainer:
                 "global_step": self.global_step,
                 "best_key": list(self.best_key),
                 "best_epoch": self.best_epoch,
-                "torch_rng": torch.get_rng_state(),
+                "world_size": self.dist.world_size,
+                "rng": D.gather_objects(rng_state()),  # one entry per rank
+                "progress": progress,
             },
         }
 
     def save(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+        """End-of-epoch checkpoints (every rank calls this; rank 0 writes)."""
         payload = self.checkpoint_payload(epoch, metrics)
+        if not self.dist.is_main:
+            return
         if self.cfg.checkpoint.save_every_epoch:
             save_checkpoint(self.run.checkpoints / f"epoch_{epoch:03d}.pt", payload)
         if is_best:
@@ -281,34 +419,144 @@ class Trainer:
         # last.pt is written after best.pt: a resumed run never finds a last newer than its best.
         save_checkpoint(self.run.last, payload)
 
+    def save_progress(self, epoch: int, position: int, micro: int, elapsed: float) -> None:
+        """last.pt inside an epoch, after `micro` micro-batches on each rank (every rank calls this).
+
+        Args:
+            position: samples of the epoch's order consumed by all ranks together.
+            elapsed: training seconds spent in the epoch so far (for its samples_per_s).
+        """
+        progress = {
+            "epoch": int(epoch),
+            "position": int(position),
+            "micro": int(micro),
+            "elapsed": float(elapsed),
+            "batch_size": int(self.data.batch_size),
+            "grad_accum": self.grad_accum,
+            # The partial epoch's sums over all ranks, so its train metrics come out as if uninterrupted.
+            "train_metrics": D.sum_over_ranks(self.train_metrics.state()),
+        }
+        last_val = self.history["val"][-1] if self.history["val"] else {}
+        payload = self.checkpoint_payload(epoch - 1, last_val, progress)
+        if self.dist.is_main:
+            save_checkpoint(self.run.last, payload)
+            log.info("checkpoint at step %d (epoch %d, %d of its samples done): %s", self.global_step, epoch, position, self.run.last)
+
+    def _resume_path(self, resume: str) -> Path:
+        if resume == "auto":
+            return self.run.last
+        path = Path(resume)
+        if path.is_dir():  # a run directory
+            return path / "checkpoints" / "last.pt"
+        return path
+
     def _resume(self, resume: str) -> None:
-        path = self.run.last if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
-            log.info("training.resume=auto: no %s yet, starting fresh", path)
-            return
-        ckpt = load_checkpoint(path, map_location=self.device)
-        meta, mine = ckpt["metadata"], self.model.metadata()
-        for key in ("dv", "d", "F", "K", "llm"):
-            if meta.get(key) != mine.get(key):
-                raise CheckpointError(f"cannot resume from {path}: {key} is {meta.get(key)!r} there, {mine.get(key)!r} in this config")
+        """Continue from last.pt: training state, RNGs, the position in the epoch, the metric files.
+
+        Raises:
+            CheckpointError: no such checkpoint (an explicit path), or one this config cannot continue.
+        """
+        path = self._resume_path(resume)
+        found = D.broadcast_object(path.is_file() if self.dist.is_main else None)
+        if not found:
+            if resume == "auto":
+                log.info("training.resume=auto: no %s yet, starting fresh", path)
+                self._restart_metric_files()
+                return
+            raise CheckpointError(f"training.resume={resume}: checkpoint not found: {path}")
+        ckpt, error = D.broadcast_object(_load_or_error(path) if self.dist.is_main else None)
+        if error is not None:
+            raise CheckpointError(error)
+        self._check_resume_config(ckpt, path)
         self.model.load_state_dict(ckpt["model_state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if self.scheduler is not None and ckpt.get("scheduler_state_dict"):
             self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         if ckpt.get("scaler_state_dict"):
             self.scaler.load_state_dict(ckpt["scaler_state_dict"])
-        state = ckpt.get("state", {})
+        state = ckpt.get("state") or {}
+        done = int(ckpt["epoch"])
         self.global_step = int(state.get("global_step", 0))
         self.best_key = tuple(state.get("best_key", self.best_key))
         self.best_epoch = int(state.get("best_epoch", 0))
-        self.start_epoch = int(ckpt["epoch"]) + 1
-        # Keep the metric files consistent with the checkpoint: drop lines of epochs it does not hold.
+        self._progress = state.get("progress")
+        self.start_epoch = int(self._progress["epoch"]) if self._progress else done + 1
+        self._restore_rng(state)
+        history = self._rewrite_metric_files(done, path) if self.dist.is_main else None
+        self.history = D.broadcast_object(history)
+        where = f"epoch {self.start_epoch}, sample {self._progress['position']} of its order" if self._progress else f"epoch {self.start_epoch}"
+        log.info("resumed from %s (step %d): continuing at %s", path, self.global_step, where)
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        states = state.get("rng")
+        if not states:  # a checkpoint from before per-rank RNG states: the torch one only
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"])
+            return
+        if len(states) != self.dist.world_size:
+            log.warning("the checkpoint was written by %d processes, this run has %d: every rank takes rank 0's RNG states",
+                        len(states), self.dist.world_size)
+        set_rng_state(states[self.dist.rank] if len(states) == self.dist.world_size else states[0])
+
+    def _check_resume_config(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse what cannot continue (another LLM, other dims); warn where the run differs harmlessly."""
+        meta, mine = ckpt["metadata"], self.model.metadata()
+        for key in ("dv", "d", "F", "K", "use_cached_vis_feats", "telemetry_hidden", "head_hidden"):
+            if key in meta and meta.get(key) != mine.get(key):
+                raise CheckpointError(f"cannot resume from {path}: {key} is {meta.get(key)!r} there, {mine.get(key)!r} in this config")
+        theirs = {k: v for k, v in (meta.get("llm") or {}).items() if k != "dtype"}
+        ours = {k: v for k, v in (mine.get("llm") or {}).items() if k != "dtype"}
+        if theirs != ours:
+            raise CheckpointError(f"cannot resume from {path}: it was trained on another LLM ({meta.get('llm_name') or theirs}); "
+                                  f"this config loads {mine.get('llm_name') or ours}")
+        if (meta.get("llm") or {}).get("dtype") != (mine.get("llm") or {}).get("dtype"):
+            log.warning("resuming %s: llm.dtype was %s, now %s", path, meta["llm"].get("dtype"), mine["llm"].get("dtype"))
+        if meta.get("vision") != mine.get("vision"):
+            log.warning("resuming %s with another vision encoder (%s, now %s): the heads were trained on other features",
+                        path, meta.get("vision"), mine.get("vision"))
+        old = ckpt.get("config")
+        if not old:
+            return
+        old = OmegaConf.create(old)
+        for key, consequence in RESUME_WARNINGS.items():
+            then, now = _plain(OmegaConf.select(old, key)), _plain(OmegaConf.select(self.cfg, key))
+            if then != now:
+                log.warning("resuming %s: %s was %s, now %s; %s", path, key, then, now, consequence)
+        then = (ckpt.get("state") or {}).get("world_size", 1)
+        if then != self.dist.world_size:
+            log.warning("resuming %s: it was written by %d processes, this run has %d; the effective batch size is now %d "
+                        "(set training.grad_accum to keep it)", path, then, self.dist.world_size, self.effective_batch_size)
+
+    def _restart_metric_files(self) -> None:
+        """A run starting from scratch owns its metric files: lines of an earlier attempt are dropped."""
+        if not self.dist.is_main:
+            return
+        stale = sum(len(_read_metric_lines(self.run.metrics_file(s))) for s in ("train", "val"))
+        if stale:
+            log.warning("%s holds %d metric lines of an earlier run that did not leave a checkpoint to resume from "
+                        "(or training.resume is unset); they are replaced by this run's", self.run.metrics, stale)
+            for split in ("train", "val"):
+                atomic_write_bytes(self.run.metrics_file(split), b"")
+
+    def _rewrite_metric_files(self, done: int, ckpt_path: Path) -> dict[str, list[dict[str, Any]]]:
+        """Make the metric files hold exactly the epochs the checkpoint has completed, and return them.
+
+        Lines of later epochs (written after the checkpoint, before the crash) are dropped; they
+        will be written again. A checkpoint from another run directory brings that run's lines.
+        """
+        source = self.run
+        other = ckpt_path.resolve().parent.parent
+        if ckpt_path.parent.name == "checkpoints" and other != self.run.root.resolve() and (other / "metrics").is_dir():
+            source = RunDir(other, create=False)
+        history: dict[str, list[dict[str, Any]]] = {}
         for split in ("train", "val"):
-            f = self.run.metrics_file(split)
-            kept = [r for r in read_jsonl(f) if int(r.get("epoch", 0)) <= int(ckpt["epoch"])]
-            f.write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
-            self.history[split] = kept
-        log.info("resumed from %s at epoch %d", path, ckpt["epoch"])
+            records = _read_metric_lines(source.metrics_file(split))
+            kept = [r for r in records if int(r.get("epoch", 0)) <= done]
+            if len({r.get("epoch") for r in kept}) < done:
+                log.warning("%s holds %d of the %d epochs the checkpoint completed", source.metrics_file(split), len(kept), done)
+            atomic_write_bytes(self.run.metrics_file(split), "".join(json.dumps(r) + "\n" for r in kept).encode())
+            history[split] = kept
+        return history
 
     # ---- fit ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -316,8 +564,9 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs + 1):
             train_m = self.train_epoch(epoch)
             val_m = self.evaluate(self.val_loader, "val", epoch)
-            append_jsonl(self.run.metrics_file("train"), train_m)
-            append_jsonl(self.run.metrics_file("val"), val_m)
+            if self.dist.is_main:
+                append_jsonl(self.run.metrics_file("train"), train_m)
+                append_jsonl(self.run.metrics_file("val"), val_m)
             self.history["train"].append(train_m)
             self.history["val"].append(val_m)
             key = rank_key(val_m, self.monitor, self.tie_breaker, self.mode)
@@ -335,6 +584,50 @@ class Trainer:
         best = next((m for m in self.history["val"] if m.get("epoch") == self.best_epoch), None)
         return {"best": best, "last": self.history["val"][-1] if self.history["val"] else None,
                 "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
+
+
+# Config keys a resumed run may change, and what changing them does.
+RESUME_WARNINGS = {
+    "training.epochs": "the run ends at the new count (a cosine LR schedule is stretched or shrunk to it)",
+    "training.seed": "the rest of the run shuffles by the new seed (inside an interrupted epoch, a sample may then "
+                     "be seen twice or not at all)",
+    "data.batch_size": "the position inside the epoch is kept in samples; batches are now of the new size",
+    "training.grad_accum": "optimizer steps now take the new number of micro-batches",
+    "optim.lr": "the restored optimizer and LR schedule keep the checkpoint's value",
+    "optim.weight_decay": "the restored optimizer keeps the checkpoint's value",
+    "optim.schedule": "the LR schedule of this config continues from the checkpoint's step",
+    "training.grad_clip": "the new value applies from here on",
+    "training.amp": "the new value applies from here on",
+    "model.loss_weights": "the new weights apply from here on",
+    "model.class_weights": "the new weights apply from here on",
+}
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _load_or_error(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    # Rank 0 loads; an error travels to the other ranks instead of leaving them waiting.
+    try:
+        return load_checkpoint(path, map_location="cpu"), None
+    except CheckpointError as exc:
+        return None, str(exc)
+
+
+def _read_metric_lines(path: Path) -> list[dict[str, Any]]:
+    """A metrics .jsonl file; a line torn by a crash mid-append is dropped with a warning."""
+    if not path.is_file():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not JSON (torn by a crash?): dropped", path, i)
+    return records
 
 
 def _fmt(v: float | None) -> str:

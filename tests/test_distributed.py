@@ -1,0 +1,126 @@
+"""torchrun: one run tree for all ranks, every val sample exactly once, metrics summed over ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, make_cfg
+from sim.distributed import ShardSampler, sum_over_ranks
+from sim.metrics import METRIC_NAMES
+from sim.run import RunDir, read_jsonl
+from sim.train import train
+from sim.trainer import Trainer
+
+# Small and odd on purpose: 65 val samples over 2 ranks is 33 + 32, batches of 16 give 3 + 2 batches.
+DATA = ["data.train_kwargs.num_samples=160", "data.val_kwargs.num_samples=65", "training.epochs=2"]
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+LOSSES = [m for m in METRIC_NAMES if m.startswith("loss")]
+COUNTED = [m for m in METRIC_NAMES if not m.startswith("loss")]  # from confusion matrices: exact
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 65])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_val_shards_deal_every_sample_exactly_once(n, world):
+    shards = [list(ShardSampler(n, r, world)) for r in range(world)]
+    dealt = sorted(i for s in shards for i in s)
+    assert dealt == list(range(n)), "a sample is missing or counted twice"
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert [len(ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_train_shards_are_even_and_resume_where_they_stopped(world):
+    n, seed = 50, 7
+    samplers = [ShardSampler(n, r, world, shuffle=True, seed=seed, even=True) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(3)
+    full = [list(s) for s in samplers]
+    assert len({len(f) for f in full}) == 1, "ranks would take different numbers of steps"
+    assert len({i for f in full for i in f}) == n // world * world, "a sample is dealt twice in one epoch"
+    # Another epoch, another order; the same epoch, the same order (what a resumed run relies on).
+    other = ShardSampler(n, 0, world, shuffle=True, seed=seed, even=True)
+    other.set_epoch(4)
+    assert list(other) != full[0]
+    # After k samples per rank, the rest of the epoch starts at global position k * world.
+    k = 5
+    for r, s in enumerate(samplers):
+        s.set_epoch(3, start=k * world)
+        assert list(s) == full[r][k:]
+
+
+def test_resuming_on_another_world_size_skips_exactly_what_was_consumed():
+    n, seed = 48, 1
+    order = ShardSampler(n, 0, 1, shuffle=True, seed=seed)
+    order.set_epoch(2)
+    order = list(order)
+    two = [ShardSampler(n, r, 2, shuffle=True, seed=seed, even=True) for r in range(2)]
+    for s in two:
+        s.set_epoch(2)
+    consumed = [i for s in two for i in list(s)[:6]]  # 6 samples on each of 2 ranks
+    three = [ShardSampler(n, r, 3, shuffle=True, seed=seed, even=True) for r in range(3)]
+    for s in three:
+        s.set_epoch(2, start=12)
+    rest = [i for s in three for i in s]
+    assert sorted(consumed + rest) == sorted(order) and not set(consumed) & set(rest)
+
+
+def test_sums_are_the_identity_in_one_process():
+    tree = {"b": [1.5, 2], "a": torch.ones(2, 2, dtype=torch.long)}
+    assert sum_over_ranks(tree) is tree
+
+
+def _run_tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts
+                  and p.name != "training_curves.png")
+
+
+def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_path):
+    """The real command: 2 gloo processes, no hydra.run.dir given (each rank resolves the default)."""
+    common = [*TINY, *DATA]
+    # Same samples per optimizer step: 2 ranks x 8 against 1 process x 16.
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *common, "data.batch_size=8"],
+                           cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        single_run = tmp_path / "single"
+        train(make_cfg(*common, "data.batch_size=16"), run_dir=single_run)
+        out, _ = ddp.communicate(timeout=300)
+    finally:
+        ddp.kill()
+    assert ddp.returncode == 0, out[-3000:]
+
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, f"one run scattered over {runs}"
+    run = runs[0]
+    assert len(list(run.glob(".hydra/*.yaml"))) == 3
+    assert _run_tree(run) == _run_tree(single_run)
+    log_text = (run / "logs/stdout.log").read_text()
+    assert "8 per process x 1 accumulation step(s) x 2 process(es) = 16 samples per optimizer step" in log_text
+    assert "process group: rank 0 of 2" in log_text
+
+    # DDP averages the two ranks' gradients: the same steps as one process with the whole batch.
+    for split in ("train", "val"):
+        a, b = read_jsonl(run / f"metrics/{split}_metrics.jsonl"), read_jsonl(single_run / f"metrics/{split}_metrics.jsonl")
+        assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
+        for ra, rb in zip(a, b):
+            for k in LOSSES:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4), (split, k)
+
+    # Val metrics of the torchrun run = one process evaluating its last checkpoint on the whole split.
+    cfg = make_cfg(*common, "data.batch_size=16")
+    trainer = Trainer(cfg, RunDir(tmp_path / "eval"))
+    trainer.setup()
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    trainer.model.load_state_dict(ckpt["model_state_dict"])
+    mine = trainer.evaluate(trainer.val_loader, "val", epoch=2)
+    assert trainer.val_metrics.samples == 65
+    theirs = read_jsonl(run / "metrics/val_metrics.jsonl")[-1]
+    for k in COUNTED:
+        assert theirs[k] == mine[k], k
+    for k in LOSSES:
+        assert theirs[k] == pytest.approx(mine[k], rel=1e-6), k
