@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "threads": 0, "max_abs_diff": 1e-3, "report": ""})
         if not opts["out"]:
             raise ConfigError("out must be set: out=path/to/model.onnx")
+        if not any(o.startswith("checkpoint=") for o in overrides):
+            raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
         require_onnx()
         cfg, model, loader, path = load_for_export(overrides, int(opts["parity_samples"]))
         ref, inputs = torch_logits(model, loader, int(opts["parity_samples"]))
