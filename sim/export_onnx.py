@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("risk_logits", "reason_logits", "action_logits", "confidence_logits")
 # A single .onnx file holds at most 2 GB; bigger models keep their weights in FILE.data beside it.
 SINGLE_FILE_LIMIT = 1_800_000_000
+MAX_BATCH = 4096  # the largest batch an exported graph accepts
 
 
 class OnnxRuntimeMissing(SimError, ImportError):
@@ -119,13 +120,13 @@ def export_model(model: nn.Module, out: str | Path, example: tuple[torch.Tensor,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model).eval()
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     video_name = wrapper.video_key
     for stale in (out, out.with_name(out.name + ".data")):
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    with quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+    with quiet_exporter(), one_encoder_pass(model), torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
             wrapper,
             example,
@@ -139,7 +140,41 @@ def export_model(model: nn.Module, out: str | Path, example: tuple[torch.Tensor,
             verbose=False,
         )
     log.info("exported %s (%.0f MB of weights) in %.1f s", out, n_bytes / 1e6, time.perf_counter() - t0)
+    fixed = static_batch(out)
+    if fixed is not None:
+        log.warning("the exported graph has a fixed batch of %d (something in the model fixed it); feed it exactly "
+                    "that many windows", fixed)
     return out
+
+
+@contextlib.contextmanager
+def one_encoder_pass(model: nn.Module) -> Iterator[None]:
+    """A raw-frames encoder feeds its frames through in chunks, a Python loop over B*F that the tracer
+    can only unroll for the example's batch size. While exporting, all frames go through in one pass
+    (the same preprocessing and backbone; the parity check compares against the chunked forward)."""
+    encoder = getattr(model, "vision", None)
+    if encoder is None or not (hasattr(encoder, "preprocess") and hasattr(encoder, "embed")):
+        yield
+        return
+
+    def whole(frames: torch.Tensor) -> torch.Tensor:
+        B, F = frames.shape[:2]
+        flat = frames.reshape(B * F, *frames.shape[2:])
+        return encoder.embed(encoder.preprocess(flat)).float().reshape(B, F, -1)
+
+    encoder.forward = whole  # an instance attribute shadows the method for this export only
+    try:
+        yield
+    finally:
+        del encoder.forward
+
+
+def static_batch(path: str | Path) -> int | None:
+    """The batch size an exported graph is fixed to, or None when its batch dimension is free."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return int(dim.dim_value) if dim.HasField("dim_value") else None
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
