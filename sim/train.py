@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim import distributed
 from sim.config import validate_config
+from sim.errors import ConfigError
 from sim.run import RunDir, attach_log_file, detach_log_file, write_config, write_exports
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     validate_config(cfg)
     # Under torchrun: one run directory, rank 0's; only rank 0 writes files and logs below warnings.
     env = distributed.init_from_env()
-    root = Path(distributed.broadcast_object(str(root)))
+    if env.enabled:
+        _check_ranks_agree(cfg)
+        first = Path(distributed.broadcast_object(str(root)))
+        if first != root:
+            log.warning("this rank resolved the run directory %s; using rank 0's, %s", root, first)
+        root = first
     run = RunDir(root, create=env.is_main)
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -66,6 +72,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     finally:
         if handler is not None:
             detach_log_file(handler)
+
+
+def _check_ranks_agree(cfg: DictConfig) -> None:
+    """Every rank must train the same config.
+
+    Raises:
+        ConfigError: the ranks composed different configs (e.g. a sweeper that samples per process).
+    """
+    mine = OmegaConf.to_yaml(cfg, resolve=True)
+    if not distributed.all_ranks_agree(mine == distributed.broadcast_object(mine)):
+        raise ConfigError("the torchrun processes composed different configs (a sweeper that samples per process, such "
+                          "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
+                          "one torchrun per trial")
 
 
 def _plot_curves(root: Path) -> None:

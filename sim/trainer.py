@@ -41,7 +41,6 @@ from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.model import SimV0Model
 from sim.precision import dtype_name, fast_bf16, resolve_dtype
 from sim.run import RunDir, append_jsonl
-from sim.validate import telemetry_stats
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,6 @@ class Trainer:
 
         self.data: SimData = instantiate(cfg.data, use_cached_vis_feats=self.use_cached, _convert_="all")
         log.info("data: train %s; val %s", self.data.train.describe(), self.data.val.describe())
-        self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
         llm = instantiate(cfg.llm, device=self.device, _convert_="all")
@@ -153,7 +151,8 @@ class Trainer:
             telemetry_hidden=int(cfg.model.telemetry_hidden),
             head_hidden=int(cfg.model.head_hidden),
         ).to(self.device)
-        self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
+        tel = self.data.train.telemetry_array()
+        self.model.set_telemetry_stats(torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float())
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
 
@@ -298,7 +297,7 @@ class Trainer:
         # Worker seeds come from the loader's generator: per epoch, so they do not depend on a resume.
         self.train_loader.generator.manual_seed(D.epoch_seed(self.seed, epoch))
         total_micro = micro + len(self.train_loader)
-        consumed = 0  # samples this rank trained on since `start`
+        first_micro, batch_size = micro, int(self.data.batch_size)
         t0 = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs} train", leave=False, disable=self._no_bar(),
                    file=sys.stderr, dynamic_ncols=True)
@@ -316,11 +315,12 @@ class Trainer:
                 self.scaler.scale(losses["objective"] / (group_end - group_start)).backward()
             self.train_metrics.update(logits, batch, losses)
             micro += 1
-            consumed += int(batch["weight"].shape[0])
             if step_now:
                 self._optimizer_step()
                 if self.every_n_steps and self.global_step % self.every_n_steps == 0 and micro < total_micro:
-                    position = start + consumed * self.dist.world_size
+                    # Counted in what the sampler dealt (full batches until the epoch's last), not in the
+                    # samples that reached the model: a batch may have lost bad samples on the way.
+                    position = start + (micro - first_micro) * batch_size * self.dist.world_size
                     self.save_progress(epoch, position, micro, elapsed_before + time.perf_counter() - t0)
             bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
         elapsed = D.max_over_ranks(elapsed_before + time.perf_counter() - t0)

@@ -124,3 +124,32 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
         assert theirs[k] == mine[k], k
     for k in LOSSES:
         assert theirs[k] == pytest.approx(mine[k], rel=1e-6), k
+
+
+def test_slurm_launcher_config_composes_and_builds():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                          "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.tasks_per_node, launcher.max_num_timeout) == ("gpu", 4, 3)
+    built = instantiate(launcher)  # what Hydra does before submitting (nothing is submitted here)
+    assert built.params["partition"] == "gpu" and built.params["timeout_min"] == 1440
+
+
+def test_a_slurm_task_becomes_a_torchrun_rank(monkeypatch):
+    pytest.importorskip("submitit")
+    from sim import distributed
+
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS and not k.startswith("SLURM_")}
+    env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="8", SLURM_JOB_NUM_NODES="2",
+               SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_PROCID="5", SLURM_LOCALID="1")
+    monkeypatch.setattr(os, "environ", env)
+    distributed._export_slurm_env()
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "8", "1", "gpu07")
+    assert distributed.launched()
