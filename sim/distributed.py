@@ -128,7 +128,7 @@ def _export_slurm_env() -> None:
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError:
         return
-    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     log.info("Slurm task %d of %d (master %s:%d)", env.rank, env.world_size, env.master_addr, env.master_port)
 
 
@@ -150,7 +150,8 @@ def init_from_env() -> DistEnv:
             # Object collectives and NCCL need the device bound before the first call.
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-        tdist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=int(os.environ.get("SIM_DIST_TIMEOUT_MIN", 30))))
+        # Long enough for rank 0 to write a large checkpoint while the others wait at the next collective.
+        tdist.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
         atexit.register(shutdown)
         _share_launch_time()
         env = DistEnv.current()

@@ -79,6 +79,7 @@ def _run_tree(root):
                   and p.name != "training_curves.png")
 
 
+@pytest.mark.slow  # several processes, each importing torch and transformers
 def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_path):
     """The real command: 2 gloo processes, no hydra.run.dir given (each rank resolves the default)."""
     common = [*TINY, *DATA]

@@ -54,6 +54,7 @@ def _without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
 
 
+@pytest.mark.slow  # several processes, each importing torch and transformers
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     reference = _train(ref_dir)
@@ -128,6 +129,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # several processes, each importing torch and transformers
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_last_pt(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "stalled"
     overrides = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=16",
@@ -216,3 +218,13 @@ def test_resume_of_a_missing_checkpoint(tmp_path):
     run.metrics_file("val").write_text('{"epoch": 1, "loss": 1.0}\n')
     trainer = _resume(run.root)
     assert trainer.start_epoch == 1 and read_jsonl(run.metrics_file("val")) == []
+
+
+def test_resume_from_another_run_directory_brings_its_history(one_epoch_run, tmp_path):
+    trainer = _resume(tmp_path / "continued", f"training.resume={one_epoch_run}", "training.epochs=2")
+    assert trainer.start_epoch == 2
+    for split in ("train", "val"):
+        assert read_jsonl(tmp_path / "continued" / "metrics" / f"{split}_metrics.jsonl") == \
+            read_jsonl(one_epoch_run / "metrics" / f"{split}_metrics.jsonl")
+    assert trainer.fit()["best_epoch"] in (1, 2)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "continued" / "metrics" / "val_metrics.jsonl")] == [1, 2]
