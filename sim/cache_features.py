@@ -155,18 +155,21 @@ def cache_split(
             raise DataError(f"{out} holds an unfinished cache of other frames or settings ({'; '.join(diffs[:4])}); "
                             "refusing to mix rows; run the original command again, or overwrite=true")
         done = int(progress["rows_done"])
+    elif any((out / name).exists() for name in ("vis_feats.npy", "frames.npy")):
+        _check_same_encoder(out, None, ident, "the directory")
+    if done == 0:
+        # A fresh start, or a run stopped before its first batch: (re)create the arrays. The progress
+        # record goes first, so a directory holding our arrays always says whose they are.
+        _write_json(progress_path, {"encoder": ident, "job": job, "rows_done": 0})
+        maps = {name: np.lib.format.open_memmap(out / name, mode="w+", dtype=dt, shape=shp) for name, (dt, shp) in arrays.items()}
+        (out / PARTIAL_IDS).write_text("")
+    else:
         maps = {name: np.load(out / name, mmap_mode="r+") for name in arrays}
         ids = (out / PARTIAL_IDS).read_text().splitlines()[:done] if (out / PARTIAL_IDS).is_file() else []
         if len(ids) != done:
             raise DataError(f"{out / PARTIAL_IDS} has {len(ids)} sample ids but {PROGRESS} records {done} rows; overwrite=true to start again")
         (out / PARTIAL_IDS).write_text("".join(i + "\n" for i in ids))
         log.info("resuming %s at row %d of %d", out, done, N)
-    else:
-        if any((out / name).exists() for name in ("vis_feats.npy", "frames.npy")):
-            _check_same_encoder(out, None, ident, "the directory")
-        maps = {name: np.lib.format.open_memmap(out / name, mode="w+", dtype=dt, shape=shp) for name, (dt, shp) in arrays.items()}
-        (out / PARTIAL_IDS).write_text("")
-        _write_json(progress_path, {"encoder": ident, "job": job, "rows_done": 0})
 
     encoder = encoder.to(device).eval()
     rows = list(range(done, N))

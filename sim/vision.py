@@ -141,7 +141,16 @@ class FrozenVisionEncoder(nn.Module):
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """`[N,3,H,W]` uint8 (0..255) or float ([0, 1]) -> normalized `[N,3,h,w]` at the backbone's size."""
-        x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
+        if frames.dtype == torch.uint8:
+            x = frames.float() / 255.0
+        else:
+            x = frames.float()
+            # Float frames in 0..255 would pass silently as very bright images: refuse them.
+            if x.numel() and float(x.abs().max()) > 1.5:
+                raise ValueError(
+                    f"float frames are read as [0, 1] but these reach {float(x.abs().max()):.1f}; "
+                    "pass uint8 frames (0..255) or divide by 255"
+                )
         h, w = self.image_size
         if x.shape[-2:] != (h, w):
             if self.resize == "center_crop":

@@ -24,6 +24,13 @@ def sim_error(excinfo) -> BaseException:
     return exc if isinstance(exc, (ConfigError, DataError)) else exc.__cause__
 
 
+def no_plots(monkeypatch) -> None:
+    """Skip drawing training curves (tested with the run tree; here they would only cost time)."""
+    import sim.train
+
+    monkeypatch.setattr(sim.train, "_plot_curves", lambda root: None, raising=False)
+
+
 TINY_VISION = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
                    arch={"channels": 16, "grid": [2, 2]}, preprocessing={"image_size": 32})
 
@@ -209,6 +216,13 @@ def test_cache_resumes_after_an_interruption_without_recomputing(frames_split, t
     with pytest.raises(DataError, match="another encoder"):
         cache_split(frames, build_encoder(**{**TINY_VISION, "init_seed": 1}), tmp_path / "part", batch_size=16, progress_bar=False)
 
+    # Stopped before its first batch: starts over cleanly.
+    with pytest.raises(KeyboardInterrupt):
+        cache_split(frames, Interrupting(encoder, stop_after=0), tmp_path / "early", batch_size=16, progress_bar=False)
+    assert json.loads((tmp_path / "early" / PROGRESS).read_text())["rows_done"] == 0
+    assert cache_split(frames, encoder, tmp_path / "early", batch_size=16, progress_bar=False)["computed"] == 96
+    assert (tmp_path / "early" / "vis_feats.npy").read_bytes() == (tmp_path / "whole" / "vis_feats.npy").read_bytes()
+
     second = Interrupting(encoder)
     result = cache_split(frames, second, tmp_path / "part", batch_size=16, progress_bar=False)
     assert second.samples == 96 - 48 and result["computed"] == 48
@@ -297,7 +311,9 @@ def pixel_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(cfg, run_dir=run_dir), run_dir, cfg
+        with pytest.MonkeyPatch.context() as mp:
+            no_plots(mp)
+            return train(cfg, run_dir=run_dir), run_dir, cfg
     finally:
         torch.set_num_threads(threads)
 
@@ -331,3 +347,14 @@ def test_raw_frame_checkpoint_rebuilds_its_encoder(pixel_run):
     assert accuracy == pytest.approx(result["best"]["action_accuracy"], abs=1e-6)
     out = model.predict_json({k: v[:2] if torch.is_tensor(v) else v[:2] for k, v in batch.items()})
     assert out[0]["action"]["label"] in L.ACTION and out[0]["sample_id"] == batch["sample_id"][0]
+
+
+def test_bench_frames_reports_both_rates(tmp_path, monkeypatch):
+    from sim.bench_frames import bench
+
+    no_plots(monkeypatch)
+    r = bench({"num_samples": 8, "num_val": 4, "H": 16, "W": 16, "out": str(tmp_path), "threads": 0},
+              [*TINY, "vision=tiny", "model.F=4", "model.K=2", "training.epochs=1", "data.batch_size=8"])
+    assert r["cache_frames_per_s"] > 0 and r["train_from_frames_samples_per_s"] > 0 and r["train_from_cache_samples_per_s"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["frames"] == [4, 3, 16, 16]
+    assert CachedSplitDataset(tmp_path / "cache" / "train").meta["encoder"]["spec"]["kind"] == "tiny"

@@ -140,6 +140,8 @@ def test_bad_frames_and_specs_are_refused():
     enc = build_encoder(**TINY_SPEC)
     with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\]"):
         enc(torch.zeros(2, 3, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="divide by 255"):
+        enc(frames().float())
     with pytest.raises(ConfigError, match="unknown keys"):
         from_spec({**TINY_SPEC, "colour": "red"})
 
