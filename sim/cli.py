@@ -22,6 +22,22 @@ def _multirun() -> bool:
         return False
 
 
+def sim_error_in(exc: BaseException) -> SimError | None:
+    """SIM's own error behind `exc`, if any.
+
+    Hydra's `instantiate` wraps whatever a `_target_` raises in an InstantiationException; the
+    message users need is the SimError it was raised from.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, SimError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 @contextlib.contextmanager
 def fail_cleanly() -> Iterator[None]:
     """Turn SIM's own errors into a one-paragraph message and exit status 1 instead of a traceback.
@@ -30,8 +46,9 @@ def fail_cleanly() -> Iterator[None]:
     """
     try:
         yield
-    except SimError as exc:
-        if _multirun():
+    except Exception as exc:
+        error = sim_error_in(exc)
+        if error is None or _multirun():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -31,6 +31,7 @@ import torch
 
 from sim import labels as L
 from sim.dataset import SimDataset
+from sim.errors import ConfigError
 
 # Proximity bins with gaps between them, so every rule has a margin.
 PROXIMITY_BINS = ((0.0, 0.15), (0.3, 0.45), (0.6, 0.75), (0.9, 1.05))
@@ -149,7 +150,10 @@ class SyntheticSimDataset(SimDataset):
     ) -> None:
         super().__init__(data_path, use_cached_vis_feats)
         if not use_cached_vis_feats:
-            raise ValueError("SyntheticSimDataset yields features; for raw frames use the frames generator")
+            raise ConfigError(
+                "data=synthetic yields features (vis_feats), but the vision option reads raw frames; "
+                "use data=synthetic_frames with a vision encoder, or vision=cached with data=synthetic"
+            )
         arrays = generate(num_samples, F, dv, seed, split, noise)
         self.vis_feats = torch.from_numpy(arrays["vis_feats"])
         self.telemetry = torch.from_numpy(arrays["telemetry"])

@@ -68,6 +68,7 @@ def test_missing_split_directory_is_named(tmp_path):
                   f"data.val_split_path={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run")
     assert res.returncode == 1
     assert f"split directory not found: {tmp_path}/nope" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error:") or "\nerror:" in res.stderr
 
 
 def test_meta_json_that_disagrees_is_refused(tmp_path, synthetic_split):
@@ -99,3 +100,9 @@ def test_raw_frames_without_an_encoder_is_refused():
     with pytest.raises(ConfigError, match="need a vision encoder"):
         SimV0Model(llm={"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 8},
                         "pretrained": False, "dtype": "float32"}, dv=16, use_cached_vis_feats=False)
+
+
+def test_feature_data_with_a_frames_encoder_is_refused_cleanly(tmp_path):
+    res = run_cmd("train.py", *TINY, "vision=tiny", "data=synthetic", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 1 and "error: vision=tiny encodes raw frames" in res.stderr
+    assert "Traceback" not in res.stderr
