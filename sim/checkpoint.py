@@ -93,6 +93,26 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous file is intact") from exc
 
 
+def _check_archive_crc(path: Path) -> None:
+    """torch.load does not check the CRC of tensor data, so a bit flip there loads silently as
+    wrong weights; the zip's own checksums catch it (one read of a file of trainable modules only)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+        return  # not a readable zip at all: torch.load below says how
+    with archive:
+        for info in archive.infolist():
+            if info.CRC == 0:  # written without checksums (torch.serialization.set_crc32_options(False))
+                continue
+            try:
+                with archive.open(info) as fh:
+                    while fh.read(1 << 22):  # reading to the end checks the CRC
+                        pass
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {info.filename} does not match its checksum "
+                                      f"(the file was damaged after it was written; {exc})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a SIM checkpoint.
 
@@ -103,6 +123,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_archive_crc(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -80,12 +80,28 @@ class SimDataset(Dataset):
         for i in range(len(self)):
             s = self[i]
             for h in L.HEADS:
-                out[h].append(int(s[f"{h}_id"]))
+                value = s.get(f"{h}_id") if isinstance(s, dict) else None
+                label = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else (
+                    int(value.item()) if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point() else -1)
+                if not 0 <= label < L.NUM_CLASSES[h]:
+                    raise DataError(
+                        f"{self.describe()}: sample {i} (sample_id {s.get('sample_id') if isinstance(s, dict) else None!r}) "
+                        f"has {h}_id={value!r}; expected an integer in 0..{L.NUM_CLASSES[h] - 1} ({', '.join(L.LABELS[h])})")
+                out[h].append(label)
         return {h: np.asarray(v, dtype=np.int64) for h, v in out.items()}
 
     def telemetry_array(self) -> np.ndarray:
-        """[N, 8] raw telemetry of the whole split (for normalization statistics)."""
-        return np.stack([np.asarray(self[i]["telemetry"], dtype=np.float64) for i in range(len(self))])
+        """[N, 8] raw telemetry of the whole split (for normalization statistics). A sample whose
+        telemetry cannot be read gives a row of NaN: the statistics leave it out, and the sample
+        itself is refused (or skipped) when its batch is read."""
+        rows = []
+        for i in range(len(self)):
+            try:
+                row = np.asarray(self[i]["telemetry"], dtype=np.float64).reshape(8)
+            except (KeyError, TypeError, ValueError, IndexError):
+                row = np.full(8, np.nan)
+            rows.append(row)
+        return np.stack(rows)
 
 
 class DummySimDataset(SimDataset):
@@ -348,6 +364,18 @@ class SimData:
     num_workers: int = 0
     pin_memory: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    on_bad_sample: str = "error"  # error | skip: what the loader does with a sample that fails validation
+    # The per-sample video shape batches are checked against; None: the train split's.
+    expected_video_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from sim.validate import SkipLog
+
+        self.skip_log = SkipLog()
+
+    def log_skipped_to(self, path: str | Path) -> None:
+        """Where `on_bad_sample=skip` lists the samples it drops (the run's logs/skipped_samples.txt)."""
+        self.skip_log.path = Path(path)
 
     def split(self, name: str) -> SimDataset:
         if name not in ("train", "val"):
@@ -355,10 +383,16 @@ class SimData:
         return getattr(self, name)
 
     def loader(self, split: str, shuffle: bool = False, seed: int = 0, sampler: Any = None) -> DataLoader:
+        from sim.validate import SampleValidator, SimDataLoader, ValidatedDataset
+
         dataset = self.split(split)
         g = torch.Generator().manual_seed(int(seed))
-        return DataLoader(
-            dataset,
+        # Every batch is checked (keys, shapes, dtypes, finite values, label ranges) as it is read.
+        shape = self.expected_video_shape or self.train.video_shape()
+        validator = SampleValidator(getattr(dataset, "video_key", "vis_feats"), shape, on_bad_sample=self.on_bad_sample)
+        return SimDataLoader(
+            ValidatedDataset(dataset, validator, split),
+            skip_log=self.skip_log,
             batch_size=int(self.batch_size),
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
@@ -382,9 +416,12 @@ def build_data(
     dataset_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     val_kwargs: dict[str, Any] | None = None,
+    on_bad_sample: str = "error",
     **extra: Any,
 ) -> SimData:
     """Builder behind every `data` option: `cls(split_path, use_cached_vis_feats, **kwargs)` per split."""
+    if on_bad_sample not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_sample={on_bad_sample!r}: expected error or skip")
     if int(batch_size) < 1:
         raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
     if int(num_workers) < 0:
@@ -405,4 +442,5 @@ def build_data(
         num_workers=int(num_workers),
         pin_memory=bool(pin_memory),
         extra=dict(extra),
+        on_bad_sample=on_bad_sample,
     )

@@ -37,10 +37,12 @@ from sim import labels as L
 from sim.checkpoint import atomic_write_bytes, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from sim.dataset import SimData
 from sim.errors import CheckpointError, ConfigError
+from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.model import SimV0Model
 from sim.precision import dtype_name, fast_bf16, resolve_dtype
 from sim.run import RunDir, append_jsonl
+from sim.validate import telemetry_stats
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Trainer:
 
         self.data: SimData = instantiate(cfg.data, use_cached_vis_feats=self.use_cached, _convert_="all")
         log.info("data: train %s; val %s", self.data.train.describe(), self.data.val.describe())
+        self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
         llm = instantiate(cfg.llm, device=self.device, _convert_="all")
@@ -151,8 +154,7 @@ class Trainer:
             telemetry_hidden=int(cfg.model.telemetry_hidden),
             head_hidden=int(cfg.model.head_hidden),
         ).to(self.device)
-        tel = self.data.train.telemetry_array()
-        self.model.set_telemetry_stats(torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float())
+        self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
 
@@ -162,6 +164,7 @@ class Trainer:
         make_optim = instantiate(cfg.optim)
         self.optimizer, self.scheduler = make_optim(self.model.trainable_parameters(), total_steps=total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.nonfinite = NonFiniteGuard(int(cfg.training.get("max_nonfinite_steps", 10)))
         # DDP over the trainable modules only: the frozen LLM has no gradients to reduce.
         self.ddp = D.wrap_ddp(self.model, self.device) if self.dist.world_size > 1 else None
         train_module = self.model if self.ddp is None else self.ddp
@@ -313,7 +316,8 @@ class Trainer:
                     logits = self.forward(batch)
                 losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
                 self.scaler.scale(losses["objective"] / (group_end - group_start)).backward()
-            self.train_metrics.update(logits, batch, losses)
+            if self.nonfinite.observe_loss(losses["objective"]):  # a NaN loss would void the epoch's mean
+                self.train_metrics.update(logits, batch, losses)
             micro += 1
             if step_now:
                 self._optimizer_step()
@@ -330,11 +334,14 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.training.grad_clip
+        grad_norm = None
         if clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip))
+        # A NaN/inf gradient skips the step (counted; too many in a row stop the run).
+        if self.nonfinite.should_step(self.model.trainable_parameters(), grad_norm, self.scaler):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -388,6 +395,7 @@ class Trainer:
             metrics: its val metrics.
             progress: where training stands inside the next epoch (None at an epoch's end).
         """
+        check_finite_state(self.model, self.optimizer)  # never replace a good checkpoint with NaN weights
         return {
             "model_state_dict": self.model.trainable_state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(),
