@@ -136,7 +136,7 @@ def run_ablation(plan: Plan) -> tuple[list[report.Run], list[tuple[tuple[Any, ..
     for s in skipped:
         log.warning("F=%d K=%d %s (K visual tokens are segment means of F frames)", *s.group, s.reason)
     todo = [(F, K, seed) for F, K in cells if K <= F for seed in seeds]
-    log.info("ablation: %d runs (%d cells x %d seeds), %d cells skipped, into %s",
+    log.info("ablation: %d run(s) (%d cell(s) x %d seed(s)), %d cell(s) skipped, into %s",
              len(todo), len(todo) // max(1, len(seeds)), len(seeds), len(skipped), plan.out)
 
     runs: list[report.Run] = []
