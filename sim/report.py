@@ -405,7 +405,7 @@ def write_report(out: str | Path, runs: Sequence[Run], keys: Sequence[str], *, t
             + (f", {_count(len(failed), 'failed run')}" if failed else "")
             + (f", {_count(len(skipped), 'cell')} skipped" if skipped else "")
             + f". Val metrics at each run's best epoch (checkpoint.monitor: {', '.join(monitors) or 'n/a'}); "
-            + f"mean ± std over {SEED_KEY} ({', '.join(map(str, seeds)) or 'n/a'}).", "",
+            + f"mean ± std over the runs of each group ({SEED_KEY}: {', '.join(map(str, seeds)) or 'n/a'}).", "",
             markdown_table(rows, keys)]
     if failed:
         text += ["## Failed runs", ""] + [f"- {group_label(keys, g)}: {err}" for g, err in failed] + [""]
