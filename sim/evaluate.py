@@ -447,7 +447,8 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
             "checkpoint": str(path),
             "split": split,
             "data": dataset.describe(),
-            "num_samples": int(len(dataset)),
+            # What was evaluated: with data.on_bad_sample=skip, fewer than the split holds.
+            "num_samples": len(arrays["sample_id"]),
             "llm": describe(meta["llm"]),
             "device": str(device),
             "amp": amp,
@@ -461,7 +462,7 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     report = {k: _finite(v) for k, v in report.items()}
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out / "per_class.json").write_text(json.dumps(tables, indent=2) + "\n")
-    (out / "per_class.md").write_text(per_class_markdown(tables, f"{path} on the {split} split ({len(dataset)} samples)"))
+    (out / "per_class.md").write_text(per_class_markdown(tables, f"{path} on the {split} split ({len(arrays['sample_id'])} samples)"))
     if cfg.get("write_predictions", True):
         write_predictions(out / "predictions.jsonl", arrays)
     _write_figures(out, cms, bins, ece, f"{path.name}, {split}")
