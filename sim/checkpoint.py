@@ -7,6 +7,7 @@ A checkpoint holds plain tensors, numbers, strings, lists and dicts only:
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -90,7 +91,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous file is intact") from exc
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir's word for "a parent is a file" is "File exists"
+            reason += " (a part of the path is a file, not a directory)"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; the previous file is intact") from exc
 
 
 def _check_archive_crc(path: Path) -> None:
