@@ -48,7 +48,6 @@ def run(overrides: list[str], steps: int = 30, warmup: int = 3, budget: float = 
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=["training.progress_bar=false", "training.epochs=1", *overrides])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, RunDir(tmp))
         trainer.setup()
