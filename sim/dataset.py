@@ -261,14 +261,14 @@ class CachedSplitDataset(SimDataset):
 
     def _video_tensor(self, rows: np.ndarray) -> torch.Tensor:
         if self.use_cached_vis_feats:
-            return torch.from_numpy(np.asarray(rows, dtype=np.float32))
-        return torch.from_numpy(np.ascontiguousarray(rows))
+            return torch.from_numpy(np.array(rows, dtype=np.float32))  # a copy: never a view of the read-only map
+        return torch.from_numpy(np.array(rows))
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         idx = int(idx)
         return {
             self.video_key: self._video_tensor(self.video[idx]),
-            "telemetry": torch.from_numpy(np.asarray(self.telemetry[idx], dtype=np.float32)),
+            "telemetry": torch.from_numpy(np.array(self.telemetry[idx], dtype=np.float32)),
             **{f"{h}_id": int(self.labels[h][idx]) for h in L.HEADS},
             "weight": 1.0 if self.weight is None else float(self.weight[idx]),
             "sample_id": self.sample_ids[idx] if self.sample_ids else str(idx),

@@ -10,6 +10,9 @@ from pathlib import Path
 # No network here: fail fast on hub look-ups instead of retrying for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The test models are tiny: one thread per process beats two contending ones (and torchrun tests run
+# two processes on two cores). Set before torch is imported, so subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from hydra import compose, initialize_config_dir
