@@ -146,6 +146,7 @@ def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmu
     results: dict[str, Any] = {}
     tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
     out_dir = Path(onnx_dir or tmp.name)
+    exported = False
     try:
         for backend in backends:
             if backend == "eager_fp32":
@@ -157,9 +158,10 @@ def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmu
                 del bf16
             else:
                 fp32_path = out_dir / "sim_v0.onnx"
-                if not fp32_path.is_file():
+                if not exported:  # once per run: a graph left in onnx_dir may be another model's
                     batch = {key: torch.cat([w[0] for w in windows[:2]]), "telemetry": torch.cat([w[1] for w in windows[:2]])}
                     export_model(model, fp32_path, example_inputs(model, batch))
+                    exported = True
                 path = fp32_path if backend == "onnx_fp32" else quantize_int8(fp32_path, out_dir / "sim_v0.int8.onnx")
                 times, logits = time_backend(onnx_runner(path, threads), windows, warmup)
                 nbytes = file_bytes(path)
