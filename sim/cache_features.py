@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sim import labels as L
+from sim.precision import resolve_device
 from sim.checkpoint import atomic_write_bytes
 from sim.cli import fail_cleanly
 from sim.dataset import SimDataset, collate_fn
@@ -227,15 +228,6 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(exc.__cause__, SimError):
             raise exc.__cause__ from None
         raise
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: CUDA is not available on this machine")
-    return device
 
 
 def cache_features(cfg: DictConfig) -> dict[str, dict[str, Any]]:

@@ -43,7 +43,7 @@ from sim.errors import CheckpointError, ConfigError, DataError, SimError
 from sim.llm import describe, llm_spec
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses, per_class_table
 from sim.model import SimV0Model
-from sim.precision import fast_bf16
+from sim.precision import fast_bf16, resolve_device
 from sim.run import attach_log_file, detach_log_file
 
 log = logging.getLogger(__name__)
@@ -270,15 +270,6 @@ def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str,
             "class weights and will differ from its logged val losses (the classification metrics do not)"
         )
     return loss_weights, class_weights
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: CUDA is not available on this machine")
-    return device
 
 
 # ---- the evaluation ----------------------------------------------------------------------------

@@ -62,3 +62,19 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | None, key: str = "device") -> torch.device:
+    """A config's device for a single process: `auto` is CUDA where present, else the CPU.
+
+    Raises:
+        ConfigError: CUDA named but not available (the message names `key`).
+    """
+    from sim.errors import ConfigError
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name}: CUDA is not available on this machine")
+    return device
