@@ -41,7 +41,7 @@ from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.model import SimV0Model
 from sim.precision import dtype_name, fast_bf16, resolve_dtype
-from sim.run import RunDir, append_jsonl
+from sim.run import RunDir, append_jsonl, read_jsonl
 from sim.validate import telemetry_stats
 
 log = logging.getLogger(__name__)
@@ -539,7 +539,7 @@ class Trainer:
         """A run starting from scratch owns its metric files: lines of an earlier attempt are dropped."""
         if not self.dist.is_main:
             return
-        stale = sum(len(_read_metric_lines(self.run.metrics_file(s))) for s in ("train", "val"))
+        stale = sum(len(read_jsonl(self.run.metrics_file(s))) for s in ("train", "val"))
         if stale:
             log.warning("%s holds %d metric lines of an earlier run that did not leave a checkpoint to resume from "
                         "(or training.resume is unset); they are replaced by this run's", self.run.metrics, stale)
@@ -558,7 +558,7 @@ class Trainer:
             source = RunDir(other, create=False)
         history: dict[str, list[dict[str, Any]]] = {}
         for split in ("train", "val"):
-            records = _read_metric_lines(source.metrics_file(split))
+            records = read_jsonl(source.metrics_file(split))
             kept = [r for r in records if int(r.get("epoch", 0)) <= done]
             if len({r.get("epoch") for r in kept}) < done:
                 log.warning("%s holds %d of the %d epochs the checkpoint completed", source.metrics_file(split), len(kept), done)
@@ -621,21 +621,6 @@ def _load_or_error(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return load_checkpoint(path, map_location="cpu"), None
     except CheckpointError as exc:
         return None, str(exc)
-
-
-def _read_metric_lines(path: Path) -> list[dict[str, Any]]:
-    """A metrics .jsonl file; a line torn by a crash mid-append is dropped with a warning."""
-    if not path.is_file():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON (torn by a crash?): dropped", path, i)
-    return records
 
 
 def _fmt(v: float | None) -> str:
