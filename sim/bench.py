@@ -143,7 +143,7 @@ def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         x = model.prefix(batch).float()
         out = lm(inputs_embeds=x, output_hidden_states=True, use_cache=False)
-        h = out.hidden_states[-1][:, -1]
+        h = model.head_norm(out.hidden_states[-1][:, -1])
         logits = {f"{k}_logits": model.heads[k](h) for k in ("risk", "reason", "action")}
         logits["confidence_logits"] = model.heads["confidence"](h.detach()).squeeze(-1)
         loss = compute_losses(logits, batch, trainer.loss_weights)["objective"]

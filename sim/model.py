@@ -26,7 +26,7 @@ from sim.llm import build_llm, describe, hidden_size
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "sim.v0"
-TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "heads")
+TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads")
 FROZEN_MODULES = ("llm", "vision")
 STAT_BUFFERS = ("tel_mean", "tel_std")
 
@@ -135,6 +135,9 @@ class SimV0Model(nn.Module):
             nn.Linear(8, self.telemetry_hidden), nn.GELU(), nn.Linear(self.telemetry_hidden, self.d)
         )
         self.query = nn.Parameter(torch.randn(self.d) * 0.02)
+        # LLMs leave their last hidden state at very different scales (SmolLM2's has outlier
+        # dimensions in the hundreds); a trainable LayerNorm gives every head the same footing.
+        self.head_norm = nn.LayerNorm(self.d)
         self.heads = nn.ModuleDict(
             {name: self._head(n) for name, n in L.NUM_CLASSES.items()} | {"confidence": self._head(1)}
         )
@@ -229,7 +232,7 @@ class SimV0Model(nn.Module):
         confidence_logits [B] (the confidence head predicts whether the action is right)."""
         x = self.prefix(batch)
         out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
-        h = out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype)
+        h = self.head_norm(out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype))
         logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
         # The confidence head reads a detached state: learning to judge the action must not change it.
         logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
