@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from sim import report
 from sim.errors import ConfigError
+from sim.run import read_jsonl
 
 log = logging.getLogger("sim.ablate")
 
@@ -107,7 +108,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
-    return len(report._read_jsonl(run_dir / "metrics" / "val_metrics.jsonl")) >= epochs
+    return len(read_jsonl(run_dir / "metrics" / "val_metrics.jsonl", strict=True)) >= epochs
 
 
 def _prepare_resume(run_dir: Path) -> str | None:

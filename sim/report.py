@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from sim.errors import DataError
+from sim.run import read_jsonl
 
 KEY_METRICS: tuple[str, ...] = ("risk_high_recall", "action_accuracy", "macro_f1")
 CURVE_METRICS: tuple[str, ...] = ("loss",) + KEY_METRICS
@@ -91,23 +91,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return list(found)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {i} is not JSON ({exc.msg}); expected one JSON object per epoch") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: line {i} is {type(rec).__name__}; expected one JSON object per epoch")
-        records.append(rec)
-    return records
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples so values can be compared and grouped."""
     if isinstance(tree, dict):
@@ -138,8 +121,8 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     cfg_file = path / "config_resolved.yaml"
     config = flatten(OmegaConf.to_container(OmegaConf.load(cfg_file))) if cfg_file.is_file() else {}
-    val = _read_jsonl(path / "metrics" / "val_metrics.jsonl")
-    train = _read_jsonl(path / "metrics" / "train_metrics.jsonl")
+    val = read_jsonl(path / "metrics" / "val_metrics.jsonl", strict=True)
+    train = read_jsonl(path / "metrics" / "train_metrics.jsonl", strict=True)
     epoch, best = best_epoch(val, config)
     return Run(path=path, config=config, val=val, train=train, best_epoch=epoch, best=best)
 

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sim import labels as L
+from sim.errors import DataError
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "torchmetrics", "numpy", "hydra-optuna-sweeper", "sim")
@@ -123,8 +124,12 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.flush()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """A metrics .jsonl file (missing: empty); a line torn by a crash mid-append is dropped with a warning."""
+def read_jsonl(path: str | Path, strict: bool = False) -> list[dict[str, Any]]:
+    """A metrics .jsonl file, one JSON object per epoch (a missing file: empty).
+
+    A line torn by a crash mid-append is dropped with a warning; with `strict`, any line that is not
+    a JSON object raises DataError naming the file and line (for reports, which must not guess).
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -133,7 +138,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if strict:
+                raise DataError(f"{path}: line {i} is not JSON ({exc.msg}); expected one JSON object per epoch") from None
             logging.getLogger(__name__).warning("%s line %d is not JSON (torn by a crash?): dropped", path, i)
+            continue
+        if strict and not isinstance(rec, dict):
+            raise DataError(f"{path}: line {i} is {type(rec).__name__}; expected one JSON object per epoch")
+        records.append(rec)
     return records
