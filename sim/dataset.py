@@ -104,7 +104,46 @@ class SimDataset(Dataset):
         return np.stack(rows)
 
 
-class DummySimDataset(SimDataset):
+class TensorSplit(SimDataset):
+    """A split held in memory as tensors (the generated data sets): one indexing serves a sample and a
+    whole batch (`__getitems__` returns it already collated)."""
+
+    def set_tensors(self, video: torch.Tensor, telemetry: torch.Tensor, labels: dict[str, torch.Tensor],
+                    sample_ids: list[str]) -> None:
+        self.video, self.telemetry, self.labels, self.sample_ids = video, telemetry, labels, sample_ids
+
+    def __len__(self) -> int:
+        return self.video.shape[0]
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {
+            self.video_key: self.video[idx],
+            "telemetry": self.telemetry[idx],
+            **{f"{h}_id": int(self.labels[h][idx]) for h in L.HEADS},
+            "sample_id": self.sample_ids[idx],
+        }
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            self.video_key: self.video[idx],
+            "telemetry": self.telemetry[idx],
+            **{f"{h}_id": self.labels[h][idx] for h in L.HEADS},
+            "weight": torch.ones(len(indices)),
+            "sample_id": [self.sample_ids[i] for i in idx.tolist()],
+        }
+
+    def video_shape(self) -> tuple[int, ...]:
+        return tuple(self.video.shape[1:])
+
+    def label_arrays(self) -> dict[str, np.ndarray]:
+        return {h: v.numpy() for h, v in self.labels.items()}
+
+    def telemetry_array(self) -> np.ndarray:
+        return self.telemetry.numpy().astype(np.float64)
+
+
+class DummySimDataset(TensorSplit):
     """Random tensors and labels: checks that the plumbing runs; nothing in it can be learned."""
 
     def __init__(
@@ -123,29 +162,13 @@ class DummySimDataset(SimDataset):
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
         n = int(num_samples)
         if use_cached_vis_feats:
-            self.video = torch.randn(n, F, dv, generator=g)
+            video = torch.randn(n, F, dv, generator=g)
         else:
-            self.video = torch.randint(0, 256, (n, F, 3, H, W), generator=g, dtype=torch.uint8)
-        self.telemetry = torch.randn(n, 8, generator=g)
-        self.labels = {h: torch.randint(0, L.NUM_CLASSES[h], (n,), generator=g) for h in L.HEADS}
+            video = torch.randint(0, 256, (n, F, 3, H, W), generator=g, dtype=torch.uint8)
+        telemetry = torch.randn(n, 8, generator=g)
+        labels = {h: torch.randint(0, L.NUM_CLASSES[h], (n,), generator=g) for h in L.HEADS}
+        self.set_tensors(video, telemetry, labels, [f"dummy-{split}-{i}" for i in range(n)])
         self.split = split
-
-    def __len__(self) -> int:
-        return self.video.shape[0]
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {
-            self.video_key: self.video[idx],
-            "telemetry": self.telemetry[idx],
-            **{f"{h}_id": int(self.labels[h][idx]) for h in L.HEADS},
-            "sample_id": f"dummy-{self.split}-{idx}",
-        }
-
-    def label_arrays(self) -> dict[str, np.ndarray]:
-        return {h: v.numpy() for h, v in self.labels.items()}
-
-    def telemetry_array(self) -> np.ndarray:
-        return self.telemetry.numpy().astype(np.float64)
 
 
 def read_meta(split_dir: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 
 from sim import labels as L
 from sim.checkpoint import atomic_write_bytes
-from sim.dataset import SimDataset
+from sim.dataset import TensorSplit
 from sim.errors import ConfigError
 from sim.synthetic import SPLIT_OFFSET, Scenes, parse_overrides, sample_scenes, telemetry_for
 
@@ -130,7 +130,7 @@ def generate_frames(
     }
 
 
-class SyntheticFramesDataset(SimDataset):
+class SyntheticFramesDataset(TensorSplit):
     """`data=synthetic_frames`: raw-frame rover scenes generated in memory (see the module docstring)."""
 
     def __init__(
@@ -152,45 +152,13 @@ class SyntheticFramesDataset(SimDataset):
                 "(vision=tiny, vision=resnet18, ...) instead of vision=cached, or use data=synthetic for features"
             )
         arrays = generate_frames(num_samples, F, H, W, seed, split, noise)
-        self.frames = torch.from_numpy(arrays["frames"])
-        self.telemetry = torch.from_numpy(arrays["telemetry"])
-        self.labels = {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}
-        self.sample_ids = arrays["sample_id"]
+        self.set_tensors(torch.from_numpy(arrays["frames"]), torch.from_numpy(arrays["telemetry"]),
+                         {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}, arrays["sample_id"])
         self.split = split
 
-    def __len__(self) -> int:
-        return self.frames.shape[0]
-
     def describe(self) -> str:
-        F, _, H, W = self.frames.shape[1:]
+        F, _, H, W = self.video.shape[1:]
         return f"synthetic frames {self.split} split ({len(self)} samples, F={F}, {H}x{W} px)"
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {
-            "frames": self.frames[idx],
-            "telemetry": self.telemetry[idx],
-            **{f"{h}_id": int(self.labels[h][idx]) for h in L.HEADS},
-            "sample_id": self.sample_ids[idx],
-        }
-
-    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {
-            "frames": self.frames[idx],
-            "telemetry": self.telemetry[idx],
-            **{f"{h}_id": self.labels[h][idx] for h in L.HEADS},
-            "weight": torch.ones(len(indices)),
-            "sample_id": [self.sample_ids[i] for i in idx.tolist()],
-        }
-
-    def video_shape(self) -> tuple[int, ...]:
-        return tuple(self.frames.shape[1:])
-
-    def label_arrays(self) -> dict[str, np.ndarray]:
-        return {h: v.numpy() for h, v in self.labels.items()}
-
-    def telemetry_array(self) -> np.ndarray:
-        return self.telemetry.numpy().astype(np.float64)
 
 
 def write_frames_split(

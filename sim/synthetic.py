@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sim import labels as L
-from sim.dataset import SimDataset
+from sim.dataset import TensorSplit
 from sim.errors import ConfigError
 
 # Proximity bins with gaps between them, so every rule has a margin.
@@ -134,7 +134,7 @@ def generate(num_samples: int, F: int = 8, dv: int = 64, seed: int = 0, split: s
     }
 
 
-class SyntheticSimDataset(SimDataset):
+class SyntheticSimDataset(TensorSplit):
     """`data=synthetic`: rover scenes generated in memory (see the module docstring for the rules)."""
 
     def __init__(
@@ -155,44 +155,13 @@ class SyntheticSimDataset(SimDataset):
                 "use data=synthetic_frames with a vision encoder, or vision=cached with data=synthetic"
             )
         arrays = generate(num_samples, F, dv, seed, split, noise)
-        self.vis_feats = torch.from_numpy(arrays["vis_feats"])
-        self.telemetry = torch.from_numpy(arrays["telemetry"])
-        self.labels = {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}
-        self.sample_ids = arrays["sample_id"]
+        self.set_tensors(torch.from_numpy(arrays["vis_feats"]), torch.from_numpy(arrays["telemetry"]),
+                         {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}, arrays["sample_id"])
         self.split = split
 
-    def __len__(self) -> int:
-        return self.vis_feats.shape[0]
-
     def describe(self) -> str:
-        return f"synthetic {self.split} split ({len(self)} samples, F={self.vis_feats.shape[1]}, dv={self.vis_feats.shape[2]})"
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        return {
-            "vis_feats": self.vis_feats[idx],
-            "telemetry": self.telemetry[idx],
-            **{f"{h}_id": int(self.labels[h][idx]) for h in L.HEADS},
-            "sample_id": self.sample_ids[idx],
-        }
-
-    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {
-            "vis_feats": self.vis_feats[idx],
-            "telemetry": self.telemetry[idx],
-            **{f"{h}_id": self.labels[h][idx] for h in L.HEADS},
-            "weight": torch.ones(len(indices)),
-            "sample_id": [self.sample_ids[i] for i in idx.tolist()],
-        }
-
-    def video_shape(self) -> tuple[int, ...]:
-        return tuple(self.vis_feats.shape[1:])
-
-    def label_arrays(self) -> dict[str, np.ndarray]:
-        return {h: v.numpy() for h, v in self.labels.items()}
-
-    def telemetry_array(self) -> np.ndarray:
-        return self.telemetry.numpy().astype(np.float64)
+        F, dv = self.video.shape[1:]
+        return f"synthetic {self.split} split ({len(self)} samples, F={F}, dv={dv})"
 
 
 def write_split(out: str | Path, arrays: dict[str, Any], F: int, dv: int, dtype: str = "float32", extra_meta: dict | None = None) -> Path:

@@ -38,15 +38,6 @@ TINY_LLM = {"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 
                      "bos_token_id": 0, "eos_token_id": 0}, "pretrained": False, "dtype": "float32"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add hand-off costs (and stall on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ListSplit(SimDataset):
     """A user-style dataset over a list of sample dicts (read one by one: the collate path)."""
 

@@ -129,16 +129,6 @@ def mutated_sample(draw, i: int = 0, video_key: str = "vis_feats"):
 
 
 # ---- the tiny model and one training step ------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Hundreds of steps of a 32-wide model: intra-op threads only add hand-off costs (and on a busy
-    # machine their spin-waits make a step ~50x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
