@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sim.eval_loop import to_device
 from sim.labels import LABELS
 from sim.metrics import compute_losses
 
@@ -96,11 +97,10 @@ def time_trainer_steps(trainer, steps: int, warmup: int) -> dict[str, Any]:
 
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        batch = trainer._to_device(next_batch())
+        batch = to_device(next_batch(), device)
         sync(device)
         t1 = time.perf_counter()
-        with trainer.autocast():
-            logits = trainer.forward(batch)
+        logits = trainer.forward(batch)
         losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
         sync(device)
         t2 = time.perf_counter()
@@ -135,7 +135,7 @@ def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
         lm = AutoModelForCausalLM.from_config(config).to(trainer.device, torch.float32)
     lm.load_state_dict(model.llm.state_dict(), strict=False)
     lm.train()
-    batch = trainer._to_device(next(iter(trainer.train_loader)))
+    batch = to_device(next(iter(trainer.train_loader)), trainer.device)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     elapsed, samples = 0.0, 0
@@ -209,9 +209,8 @@ def memory_check(overrides: list[str], n_samples: int, F: int, dv: int) -> dict[
         model = trainer.model
         model.train()
         for batch in trainer.train_loader:
-            batch = trainer._to_device(batch)
-            with trainer.autocast():
-                logits = trainer.forward(batch)
+            batch = to_device(batch, trainer.device)
+            logits = trainer.forward(batch)
             losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
             losses["objective"].backward()
             trainer.optimizer.step()
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = Trainer(cfg, RunDir(tmp))
         trainer.setup()
         device = trainer.device
-        compute_dtype = trainer.amp_dtype or trainer.model.llm_dtype
+        compute_dtype = trainer.precision.autocast or trainer.model.llm_dtype
         peaks = {"float32": matmul_peak(torch.float32, device)}
         bf16_n = 2048 if compute_dtype == torch.bfloat16 else 256  # emulated bf16 is slow: keep it short
         peaks["bfloat16"] = matmul_peak(torch.bfloat16, device, n=bf16_n)
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {
             "config": {"llm": trainer.model.metadata()["llm_name"], "batch_size": int(cfg.data.batch_size),
                        "K": trainer.model.K, "llm_dtype": dtype_name(trainer.model.llm_dtype),
-                       "autocast": dtype_name(trainer.amp_dtype) if trainer.amp_dtype else "off",
+                       "autocast": dtype_name(trainer.precision.autocast) if trainer.precision.autocast else "off",
                        "compile": bool(cfg.training.compile), "device": str(device), "threads": torch.get_num_threads()},
             "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
             "train": timing,

@@ -7,7 +7,8 @@
 
 Each backend decides on the same `windows` windows of the split (the data option's val split), one at
 a time; the table gives milliseconds per window (median, p90), the bytes of weights it reads, and the
-agreement of its predicted labels (risk, reason, action) with PyTorch eager fp32, plus the largest
+agreement of its predicted labels (risk, reason, action) with PyTorch eager in the precision the
+checkpoint was trained in (see `sim.precision`), plus the largest
 logit difference. The ONNX backends need the optional extra: pip install -e ".[onnx]".
 
 At batch 1 every weight is read once per window, so latency follows the bytes of weights more than
@@ -34,7 +35,7 @@ from omegaconf import OmegaConf
 from sim.errors import ConfigError, SimError
 from sim.export_onnx import (OUTPUTS, compare, example_inputs, export_model, model_key, parse_args, quantize_int8,
                              require_onnx, run_session, session)
-from sim.precision import cpu_has_fast_bf16
+from sim.precision import cpu_has_fast_bf16, named_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
     from hydra.utils import instantiate
 
     from sim.checkpoint import load_checkpoint
-    from sim.evaluate import build_split, check_llm_override, compose_config, split_for_checkpoint
+    from sim.dataset import open_split
+    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint
     from sim.llm import describe
     from sim.model import SimV0Model
 
@@ -64,7 +66,7 @@ def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
     if cfg.get("llm") is None:
         raise ConfigError("give checkpoint=PATH, or llm=NAME to time an architecture with random heads")
     OmegaConf.update(cfg, "model.F", int(F), force_add=True)
-    dataset = build_split(cfg.data, split, True)
+    dataset = open_split(cfg.data, split, True)
     dv = int(dataset.video_shape()[-1])
     llm = instantiate(cfg.llm, _convert_="all")
     torch.manual_seed(0)
@@ -138,29 +140,36 @@ def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmu
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
     model, dataset, what = build_model(overrides, F, K)
-    model = model.float().eval()
+    model = model.eval()
     key = model_key(model)
     windows = windows_of(dataset, n_windows, key)
-    log.info("timing %s on %d windows of %s, %d threads", what, len(windows), dataset.describe(), threads)
-    ref_times, ref = time_backend(torch_runner(model), windows, warmup)
+    # Agreement is measured against the precision the checkpoint was trained and validated in.
+    reference = model.precision
+    log.info("timing %s on %d windows of %s, %d threads; reference: eager %s", what, len(windows),
+             dataset.describe(), threads, reference.name)
+    _, ref = time_backend(torch_runner(model), windows, warmup)
     results: dict[str, Any] = {}
     tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
     out_dir = Path(onnx_dir or tmp.name)
     exported = False
     try:
         for backend in backends:
-            if backend == "eager_fp32":
-                times, logits, nbytes = ref_times, ref, weight_bytes(model)
-            elif backend == "eager_bf16":
-                bf16 = copy.deepcopy(model).to(torch.bfloat16)
-                times, logits = time_backend(torch_runner(bf16), windows, warmup)
-                nbytes = weight_bytes(bf16)
-                del bf16
+            if backend in ("eager_fp32", "eager_bf16"):
+                variant = copy.deepcopy(model)
+                variant.set_precision(named_precision(backend.removeprefix("eager_")))
+                if backend == "eager_bf16":  # what a bf16 deployment holds: every weight in bf16
+                    variant.to(torch.bfloat16)
+                times, logits = time_backend(torch_runner(variant), windows, warmup)
+                nbytes = weight_bytes(variant)
+                del variant
             else:
                 fp32_path = out_dir / "sim_v0.onnx"
                 if not exported:  # once per run: a graph left in onnx_dir may be another model's
                     batch = {key: torch.cat([w[0] for w in windows[:2]]), "telemetry": torch.cat([w[1] for w in windows[:2]])}
-                    export_model(model, fp32_path, example_inputs(model, batch))
+                    fp32 = copy.deepcopy(model)
+                    fp32.set_precision(named_precision("fp32"))
+                    export_model(fp32, fp32_path, example_inputs(fp32, batch))
+                    del fp32
                     exported = True
                 path = fp32_path if backend == "onnx_fp32" else quantize_int8(fp32_path, out_dir / "sim_v0.int8.onnx")
                 times, logits = time_backend(onnx_runner(path, threads), windows, warmup)
@@ -179,13 +188,15 @@ def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmu
         if tmp is not None:
             tmp.cleanup()
     return {"model": what, "windows": len(windows), "threads": threads, "fast_bf16": cpu_has_fast_bf16(),
+            "reference_precision": reference.name,
             "torch": torch.__version__, "backends": results}
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['model']}: batch 1, {report['windows']} windows, {report['threads']} threads"
              + ("" if report["fast_bf16"] else " (this CPU has no native bf16: bf16 is emulated)"),
-             f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager fp32 (risk/reason/action)  max |dlogit|"]
+             f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager "
+             f"{report.get('reference_precision', 'fp32')} (risk/reason/action)  max |dlogit|"]
     for name, r in report["backends"].items():
         a = r["label_agreement"]
         lines.append(f"{name:<12} {r['ms_median']:>10.2f} {r['ms_p90']:>8.2f} {r['weights_mb']:>11.1f}  "

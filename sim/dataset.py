@@ -449,14 +449,8 @@ def build_data(
         raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
     if int(num_workers) < 0:
         raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
-    cls = import_class(dataset_class_path)
-    common = dict(dataset_kwargs or {})
-
     def make(path: str | None, kwargs: dict[str, Any] | None, split: str) -> SimDataset:
-        ds = cls(path, use_cached_vis_feats=use_cached_vis_feats, **common, **(kwargs or {}))
-        if len(ds) == 0:
-            raise DataError(f"the {split} split ({path or dataset_class_path}) is empty")
-        return ds
+        return make_split(dataset_class_path, path, split, use_cached_vis_feats, dataset_kwargs, kwargs)
 
     return SimData(
         train=make(train_split_path, train_kwargs, "train"),
@@ -467,3 +461,57 @@ def build_data(
         extra=dict(extra),
         on_bad_sample=on_bad_sample,
     )
+
+
+def make_split(
+    dataset_class_path: str,
+    path: str | None,
+    split: str,
+    use_cached_vis_feats: bool,
+    dataset_kwargs: dict[str, Any] | None = None,
+    split_kwargs: dict[str, Any] | None = None,
+) -> SimDataset:
+    """One split of a `data` option: `cls(path, use_cached_vis_feats, **dataset_kwargs, **split_kwargs)`.
+
+    Raises:
+        ConfigError: the class cannot be imported. DataError: the split is empty.
+    """
+    cls = import_class(dataset_class_path)
+    dataset = cls(path, use_cached_vis_feats=use_cached_vis_feats, **dict(dataset_kwargs or {}), **dict(split_kwargs or {}))
+    if len(dataset) == 0:
+        raise DataError(f"the {split} split ({path or dataset_class_path}) is empty")
+    return dataset
+
+
+def open_split(data_cfg: Any, split: str, use_cached_vis_feats: bool) -> SimDataset:
+    """One split of a composed `data` config, without opening the other one (evaluate.py,
+    check_data and export read one split; a missing train split must not stop them).
+
+    Options built by `build_data` (all of conf/data) are opened directly; any other builder is
+    instantiated whole and asked for the split.
+
+    Raises:
+        ConfigError: a mandatory key unset, or the class cannot be imported. DataError: the split is empty.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    if split not in ("train", "val"):
+        raise ConfigError(f"split={split!r}: expected train or val")
+    if data_cfg.get("_target_") != f"{__name__}.build_data":
+        data = instantiate(data_cfg, use_cached_vis_feats=use_cached_vis_feats, _convert_="all")
+        return data.split(split)
+    def required(key: str) -> Any:
+        try:
+            return OmegaConf.select(data_cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise ConfigError(f"data.{key} must be set (it is ??? in the config); pass it on the command line: "
+                              f"data.{key}=...") from None
+
+    def plain(key: str) -> dict[str, Any]:
+        value = data_cfg.get(key)
+        return dict(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value or {})
+
+    return make_split(str(required("dataset_class_path")), required(f"{split}_split_path"), split, use_cached_vis_feats,
+                      plain("dataset_kwargs"), plain(f"{split}_kwargs"))

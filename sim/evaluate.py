@@ -22,10 +22,8 @@ import inspect
 import json
 import logging
 import math
-import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +32,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sim import labels as L
 from sim.checkpoint import load_checkpoint
-from sim.dataset import SimData, SimDataset, import_class
+from sim.dataset import SimData, SimDataset, open_split
+from sim.eval_loop import evaluate_batches
 from sim.errors import CheckpointError, ConfigError, DataError, SimError
 from sim.llm import describe, llm_spec
-from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses, per_class_table
-from sim.model import SimV0Model
-from sim.precision import fast_bf16, resolve_device
+from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, per_class_table
+from sim.model import SimV0Model, checkpoint_precision
+from sim.precision import fast_bf16, named_precision, resolve_device
 from sim.run import attach_log_file, detach_log_file
 
 log = logging.getLogger(__name__)
@@ -142,17 +140,15 @@ def _select(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...") from None
 
 
-def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], path: Path) -> dict[str, Any] | None:
-    """Refuse an `llm=...` that is not the LLM the checkpoint was trained with.
-
-    Returns:
-        The spec to build (the checkpoint's LLM, in the dtype asked for), or None without an override.
+def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], path: Path) -> None:
+    """Refuse an `llm=...` that is not the LLM the checkpoint was trained with (its dtype does not
+    count: the precision is the checkpoint's, or `precision=...`).
 
     Raises:
         CheckpointError: the override names another LLM.
     """
     if llm_cfg is None:
-        return None
+        return
     given = OmegaConf.to_container(llm_cfg, resolve=True)
     given.pop("_target_", None)
     known = inspect.signature(llm_spec).parameters
@@ -166,29 +162,6 @@ def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], pat
             f"({detail}). The heads only work with the LLM they were trained on: drop the llm=... override "
             "(the checkpoint names its LLM) or evaluate a checkpoint trained with that LLM."
         )
-    return {**meta_llm, "dtype": given["dtype"]}
-
-
-def build_split(data_cfg: DictConfig, split: str, use_cached_vis_feats: bool) -> SimDataset:
-    """One split of a `data` option, without opening the other one.
-
-    Options built by `sim.dataset.build_data` (all of conf/data) are read directly, so evaluating
-    `data=cached data.val_split_path=DIR` needs no train split; any other builder is instantiated whole.
-    """
-    from hydra.utils import instantiate
-
-    if data_cfg.get("_target_") != "sim.dataset.build_data":
-        data = instantiate(data_cfg, use_cached_vis_feats=use_cached_vis_feats, _convert_="all")
-        return data.split(split)
-    class_path = _select(data_cfg, "dataset_class_path")
-    path = _select(data_cfg, f"{split}_split_path")
-    common = OmegaConf.to_container(data_cfg.get("dataset_kwargs") or {}, resolve=True)
-    own = OmegaConf.to_container(data_cfg.get(f"{split}_kwargs") or {}, resolve=True)
-    cls = import_class(class_path)
-    dataset = cls(path, use_cached_vis_feats=use_cached_vis_feats, **common, **own)
-    if len(dataset) == 0:
-        raise DataError(f"the {split} split ({path or class_path}) is empty")
-    return dataset
 
 
 def check_data_matches(dataset: SimDataset, meta: dict[str, Any], split: str, path: Path) -> None:
@@ -226,7 +199,7 @@ def split_for_checkpoint(cfg: DictConfig, meta: dict[str, Any], split: str, path
     if F_cfg is not None and int(F_cfg) != int(meta["F"]):
         raise ConfigError(f"model.F={F_cfg} but checkpoint {path} was trained with F={meta['F']}; leave model.F unset")
     OmegaConf.update(cfg, "model.F", int(meta["F"]), force_add=True)
-    dataset = build_split(cfg.data, split, bool(meta.get("use_cached_vis_feats", True)))
+    dataset = open_split(cfg.data, split, bool(meta.get("use_cached_vis_feats", True)))
     check_data_matches(dataset, meta, split, Path(path))
     return dataset
 
@@ -273,7 +246,6 @@ def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str,
 
 
 # ---- the evaluation ----------------------------------------------------------------------------
-@torch.inference_mode()
 def run_model(
     model: SimV0Model,
     loader: DataLoader,
@@ -281,30 +253,22 @@ def run_model(
     loss_weights: dict[str, float],
     class_weights: dict[str, torch.Tensor] | None,
     split: str,
-    amp: bool = False,
     progress_bar: bool = True,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """Run the model over a loader.
+    """Run the model over a loader through the trainer's own evaluation loop, in the model's precision.
 
     Returns:
         (metrics, confusion matrices per head, per-sample arrays: probs per head, confidence, labels,
-        sample_id, weight).
+        sample_id).
     """
     model.eval()
     tracker = EpochMetrics()
-    amp_ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     probs: dict[str, list[torch.Tensor]] = {h: [] for h in L.HEADS}
     labels: dict[str, list[torch.Tensor]] = {h: [] for h in L.HEADS}
     conf: list[torch.Tensor] = []
     ids: list[str | None] = []
-    t0 = time.perf_counter()
-    for batch in tqdm(loader, desc=f"evaluate {split}", leave=False, disable=None if progress_bar else True,
-                      file=sys.stderr, dynamic_ncols=True):
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with amp_ctx:
-            logits = model(batch)
-        losses = compute_losses(logits, batch, loss_weights, class_weights)
-        tracker.update(logits, batch, losses)
+
+    def keep(logits: Any, batch: Any) -> None:
         for h in L.HEADS:
             probs[h].append(torch.softmax(logits[f"{h}_logits"].float(), -1).cpu())
             labels[h].append(batch[f"{h}_id"].cpu())
@@ -312,6 +276,10 @@ def run_model(
         batch_ids = batch.get("sample_id")
         n = batch["telemetry"].shape[0]
         ids.extend([None] * n if batch_ids is None else [None if s is None else str(s) for s in batch_ids])
+
+    t0 = time.perf_counter()
+    evaluate_batches(model, loader, device, tracker, loss_weights, class_weights, on_batch=keep,
+                     desc=f"evaluate {split}", progress_bar=None if progress_bar else False)
     elapsed = time.perf_counter() - t0
     metrics = tracker.compute(split)
     metrics["samples_per_s"] = tracker.samples / max(elapsed, 1e-9)
@@ -388,30 +356,32 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"risk_high_target_recall={target} must be in (0, 1]")
     device = resolve_device(str(cfg.get("device", "auto")))
-    amp = bool(cfg.get("amp", False))
-    if amp and device.type == "cpu" and not fast_bf16(device):
-        log.warning("amp=true on a CPU without native bf16: expect a much slower evaluation")
+    override = cfg.get("precision")
+    precision = None if override in (None, "checkpoint") else named_precision(override)
 
     ckpt = load_checkpoint(path)
     meta = ckpt["metadata"]
     if not isinstance(meta.get("llm"), dict):
         raise CheckpointError(f"checkpoint {path}: metadata.llm is {meta.get('llm')!r}, expected the LLM's spec (a dict)")
-    llm_override = check_llm_override(cfg.get("llm"), meta["llm"], path)
+    check_llm_override(cfg.get("llm"), meta["llm"], path)
     log.info("checkpoint %s: epoch %s, LLM %s, F=%s K=%s dv=%s d=%s", path, ckpt.get("epoch"), describe(meta["llm"]),
              meta["F"], meta["K"], meta["dv"], meta["d"])
 
     dataset = split_for_checkpoint(cfg, meta, split, path)
     log.info("data: %s", dataset.describe())
 
-    llm = None
-    if llm_override is not None:
-        from sim.llm import build_llm
-
-        llm = build_llm(**llm_override, device=device)
-    model = SimV0Model.from_checkpoint(path, device=device, llm=llm)
+    model = SimV0Model.from_checkpoint(path, device=device, precision=precision)
+    trained_in = checkpoint_precision(meta, device)
+    if precision is not None and precision != trained_in:
+        log.warning("precision=%s: computing in %s, not the %s the checkpoint was trained and validated in; "
+                    "its logged val metrics will not be reproduced exactly", override, precision.name, trained_in.name)
+    elif model.precision.autocast == torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
+        log.warning("the checkpoint computes in bf16, which this CPU emulates: expect a slow evaluation "
+                    "(precision=fp32 is fast here, at the cost of exact agreement with the run's logged metrics)")
+    log.info("precision %s%s", model.precision.name, " (the checkpoint's)" if precision is None else " (precision=...)")
     loss_weights, class_weights = loss_settings(ckpt, device)
     loader = split_loader(cfg.data, dataset)
-    metrics, cms, arrays = run_model(model, loader, device, loss_weights, class_weights, split, amp,
+    metrics, cms, arrays = run_model(model, loader, device, loss_weights, class_weights, split,
                                      bool(cfg.get("progress_bar", True)))
 
     probs, labels = arrays["probs"], arrays["labels"]
@@ -442,7 +412,8 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
             "num_samples": len(arrays["sample_id"]),
             "llm": describe(meta["llm"]),
             "device": str(device),
-            "amp": amp,
+            "precision": model.precision.to_dict(),
+            "precision_source": "checkpoint" if precision is None else "override",
             "loss_weights": loss_weights,
             "class_weights": None if class_weights is None else {h: v.tolist() for h, v in class_weights.items()},
         },

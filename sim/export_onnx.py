@@ -34,6 +34,7 @@ from torch import nn
 
 from sim import labels as L
 from sim.errors import ConfigError, SimError
+from sim.precision import named_precision
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
 
 @torch.inference_mode()
 def torch_logits(model: nn.Module, loader: Any, limit: int) -> tuple[dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """PyTorch fp32 logits over the first `limit` samples of a loader, and the inputs they came from."""
+    """PyTorch logits (in the model's precision) over the first `limit` samples of a loader, and the
+    inputs they came from."""
     key = model_key(model)
     outs: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUTS}
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -262,6 +264,14 @@ def torch_logits(model: nn.Module, loader: Any, limit: int) -> tuple[dict[str, n
         if seen >= limit:
             break
     return {n: np.concatenate(v) for n, v in outs.items()}, inputs
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """PyTorch logits of `model` on the inputs `torch_logits` kept."""
+    key = model_key(model)
+    parts = [model({key: v, "telemetry": t}) for v, t in inputs]
+    return {n: np.concatenate([p[n].float().numpy() for p in parts]) for n in OUTPUTS}
 
 
 def onnx_logits(sess: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -303,7 +313,7 @@ def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any
     ckpt = load_checkpoint(path)
     check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
     dataset = split_for_checkpoint(cfg, ckpt["metadata"], str(cfg.split), path)
-    model = SimV0Model.from_checkpoint(path).float().eval()
+    model = SimV0Model.from_checkpoint(path).eval()
     loader = split_loader(cfg.data, dataset, batch_size=min(64, max(2, parity_samples)))
     return cfg, model, loader, path
 
@@ -324,15 +334,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
         require_onnx()
         cfg, model, loader, path = load_for_export(overrides, int(opts["parity_samples"]))
-        ref, inputs = torch_logits(model, loader, int(opts["parity_samples"]))
+        # The decisions the checkpoint was validated with: eager, in its own precision.
+        trained_in = model.precision
+        validated, inputs = torch_logits(model, loader, int(opts["parity_samples"]))
+        # The graph computes in fp32; its conversion is checked against eager fp32 on the same weights.
+        model.set_precision(named_precision("fp32"))
+        ref = logits_of(model, inputs)
         out = export_model(model, opts["out"], example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
                            opset=int(opts["opset"]) or None)
+        onnx_out = onnx_logits(session(out, opts["threads"]), inputs)
         report: dict[str, Any] = {"checkpoint": str(path), "onnx": str(out), "split": str(cfg.split),
-                                  "fp32": compare(ref, onnx_logits(session(out, opts["threads"]), inputs))}
+                                  "checkpoint_precision": trained_in.to_dict(),
+                                  "fp32": compare(ref, onnx_out),
+                                  "vs_checkpoint_precision": compare(validated, onnx_out)}
         if opts["quantize"]:
             q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
             report["int8_onnx"] = str(q)
-            report["int8"] = compare(ref, onnx_logits(session(q, opts["threads"]), inputs))
+            int8_out = onnx_logits(session(q, opts["threads"]), inputs)
+            report["int8"] = compare(ref, int8_out)
+            report["int8_vs_checkpoint_precision"] = compare(validated, int8_out)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -78,15 +78,17 @@ class SimInference:
         checkpoint: path to a SIM checkpoint (default: see `default_checkpoint`).
         device: "cpu", "cuda", ...
         risk_high_threshold: a probability, or an evaluate.py metrics.json to read it from.
+        precision: None computes in the precision the checkpoint was trained and validated in
+            (its decisions are the ones evaluate.py reports); "fp32" or "bf16" overrides it.
 
     Raises:
         CheckpointError: the checkpoint is missing, truncated, corrupt or not a SIM checkpoint.
     """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu",
-                 risk_high_threshold: float | str | Path | None = None) -> None:
+                 risk_high_threshold: float | str | Path | None = None, precision: str | None = None) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device)
+        self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
         self.risk_high_threshold = read_threshold(risk_high_threshold)
 
     @property
@@ -184,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("window", help=".npz with telemetry and vis_feats or frames")
     parser.add_argument("--checkpoint", default=None, help="default: best.pt beside this file, else ../checkpoints/best.pt")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="default: the precision the checkpoint was trained and validated in")
     parser.add_argument("--risk-high-threshold", default=None,
                         help="P(high) threshold, or evaluate.py's metrics.json to read risk_high_threshold from")
     args = parser.parse_args(argv)
     try:
-        infer = SimInference(args.checkpoint, device=args.device, risk_high_threshold=args.risk_high_threshold)
+        infer = SimInference(args.checkpoint, device=args.device, risk_high_threshold=args.risk_high_threshold,
+                             precision=args.precision)
         result = infer.predict_npz(args.window)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)

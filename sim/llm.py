@@ -119,8 +119,10 @@ def build_llm(
     Raises:
         LLMLoadError: the model cannot be found, fetched or built; the message says how to run offline.
     """
-    spec = llm_spec(name_or_path, pretrained, dtype, gguf_file, gguf_package, arch, init_seed)
     torch_dtype = resolve_dtype(dtype, device)
+    # The spec records the dtype `auto` resolved to here: a checkpoint rebuilds these very weights
+    # on a machine whose `auto` would pick another.
+    spec = llm_spec(name_or_path, pretrained, dtype_name(torch_dtype), gguf_file, gguf_package, arch, init_seed)
     from transformers import AutoModel
 
     if pretrained:

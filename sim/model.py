@@ -22,6 +22,7 @@ from torch import nn
 from sim import labels as L
 from sim.errors import CheckpointError, ConfigError
 from sim.llm import build_llm, describe, hidden_size
+from sim.precision import Precision, dtype_name, named_precision
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ CHECKPOINT_FORMAT = "sim.v0"
 TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads")
 FROZEN_MODULES = ("llm", "vision")
 STAT_BUFFERS = ("tel_mean", "tel_std")
+# The precision travels with the weights as the model's extra state (`get_extra_state`): a
+# `load_state_dict(checkpoint["model_state_dict"])` computes as training and validation did.
+EXTRA_STATE = "_extra_state"
 
 
 def segment_mean_matrix(F: int, K: int) -> torch.Tensor:
@@ -65,10 +69,17 @@ class SimV0Model(nn.Module):
         use_cached_vis_feats: True reads `vis_feats [B,F,dv]`; False reads `frames [B,F,3,H,W]`
             through `vision_encoder`.
         llm: a built LLM module, or a spec dict for `sim.llm.build_llm` (as stored in checkpoints).
+        llm_pretrained, llm_dtype: how `llm_name_or_path` is loaded. fp32 by default: it loses
+            nothing, and `load_state_dict(checkpoint["model_state_dict"])` then casts the weights to
+            the precision the checkpoint was trained in (casting down later equals loading down).
         vision_encoder: a frozen encoder with attribute `dv` (raw frames only).
         telemetry_hidden: width of the telemetry MLP's hidden layer.
         head_hidden: width of each head's hidden layer (0: the heads are single linear layers).
         telemetry_mean, telemetry_std: normalization of raw telemetry, applied inside the model.
+        precision: how the forward pass computes (`sim.precision.Precision`, or "fp32"/"bf16").
+            Default: the LLM's weight dtype, with autocast in that dtype where it is not fp32 (what
+            `llm_dtype="auto"` and `training.amp=auto` pick together). A checkpoint's
+            `model_state_dict` carries the precision it was trained in and sets it on load.
 
     Raises:
         ConfigError: K > F, a typed d or dv that disagrees, raw frames without an encoder.
@@ -85,13 +96,14 @@ class SimV0Model(nn.Module):
         *,
         llm: nn.Module | Mapping[str, Any] | None = None,
         llm_pretrained: bool = True,
-        llm_dtype: str = "auto",
+        llm_dtype: str = "float32",
         vision_encoder: nn.Module | None = None,
         vision_spec: Mapping[str, Any] | None = None,
         telemetry_hidden: int = 256,
         head_hidden: int = 256,
         telemetry_mean: Any = None,
         telemetry_std: Any = None,
+        precision: Precision | str | None = None,
     ) -> None:
         super().__init__()
         P = segment_mean_matrix(int(F), int(K))
@@ -144,6 +156,10 @@ class SimV0Model(nn.Module):
         freeze(self.llm)
         freeze(self.vision)
         self.check_frozen()
+        if precision is None:
+            weights = self.llm_dtype
+            precision = Precision(weights, None if weights == torch.float32 else weights)
+        self.set_precision(named_precision(precision))
 
     def _head(self, n_out: int) -> nn.Module:
         # A hidden layer lets the heads combine what the frozen LLM mixed into h (e.g. proximity
@@ -197,10 +213,29 @@ class SimV0Model(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # ---- forward --------------------------------------------------------------------------------
+    # ---- precision ------------------------------------------------------------------------------
     @property
     def llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
+
+    def set_precision(self, precision: Precision) -> None:
+        """Compute in `precision` from now on: the frozen LLM's weights are cast to its weight dtype
+        (the trainable modules stay fp32) and every forward pass runs under its autocast."""
+        if self.llm_dtype != precision.weights:
+            self.llm.to(dtype=precision.weights)
+            if getattr(self.llm, "sim_spec", None):
+                self.llm.sim_spec = {**self.llm.sim_spec, "dtype": dtype_name(precision.weights)}
+        self.precision = precision
+
+    def get_extra_state(self) -> torch.Tensor:
+        # A tensor, so a state dict stays a dict of tensors for every tool that walks it.
+        return precision_code(self.precision)
+
+    def set_extra_state(self, state: Any) -> None:
+        if torch.is_tensor(state):
+            self.set_precision(precision_from_code(state))
+
+    # ---- forward --------------------------------------------------------------------------------
 
     def visual_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Per-frame features [B,F,dv]: cached ones, or frames through the frozen encoder."""
@@ -229,13 +264,16 @@ class SimV0Model(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Logits of every head: risk_logits [B,4], reason_logits [B,4], action_logits [B,6],
-        confidence_logits [B] (the confidence head predicts whether the action is right)."""
-        x = self.prefix(batch)
-        out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
-        h = self.head_norm(out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype))
-        logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
-        # The confidence head reads a detached state: learning to judge the action must not change it.
-        logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
+        confidence_logits [B] (the confidence head predicts whether the action is right).
+
+        Computes in `self.precision`, whoever calls it (trainer, evaluation, predict_json, export)."""
+        with self.precision.context(self.vis_proj.weight.device.type):
+            x = self.prefix(batch)
+            out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
+            h = self.head_norm(out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype))
+            logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
+            # The confidence head reads a detached state: learning to judge the action must not change it.
+            logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
         return logits
 
     @torch.no_grad()
@@ -286,7 +324,7 @@ class SimV0Model(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable modules and the telemetry statistics: what a checkpoint stores."""
-        keep = TRAINABLE_MODULES + STAT_BUFFERS
+        keep = TRAINABLE_MODULES + STAT_BUFFERS + (EXTRA_STATE,)
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.split(".")[0] in keep}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
@@ -331,6 +369,7 @@ class SimV0Model(nn.Module):
             "telemetry_fields": list(L.TELEMETRY_FIELDS),
             "telemetry_mean": [float(x) for x in self.tel_mean],
             "telemetry_std": [float(x) for x in self.tel_std],
+            "precision": self.precision.to_dict(),
         }
 
     @classmethod
@@ -340,16 +379,24 @@ class SimV0Model(nn.Module):
         llm: nn.Module | None = None,
         vision_encoder: nn.Module | None = None,
         device: str | torch.device = "cpu",
-    ) -> "SimV0Model":
-        """Build an (untrained) model of the architecture a checkpoint describes."""
+        precision: Precision | str | None = None,
+    ) -> SimV0Model:
+        """Build an (untrained) model of the architecture a checkpoint describes, computing in the
+        checkpoint's precision unless `precision` says otherwise.
+
+        The frozen weights are always the ones the checkpoint was trained with (its weight dtype); an
+        override changes what they are computed in, so fp32 and bf16 runs of one checkpoint differ only
+        by arithmetic, and an export or benchmark can switch a model it already holds (`set_precision`).
+        """
         if meta.get("labels") and {k: list(v) for k, v in meta["labels"].items()} != {k: list(v) for k, v in L.LABELS.items()}:
             raise CheckpointError(f"checkpoint label maps {meta['labels']} differ from this version's {L.LABELS}")
+        trained_in = checkpoint_precision(meta, device)
         if llm is None:
-            llm = build_llm(**dict(meta["llm"]), device=device)
+            llm = build_llm(**{**dict(meta["llm"]), "dtype": dtype_name(trained_in.weights)}, device=device)
         if vision_encoder is None and not meta.get("use_cached_vis_feats", True):
             from sim import vision
 
-            vision_encoder = vision.from_spec(meta.get("vision"))
+            vision_encoder = vision.from_spec(meta.get("vision"), device=device)
         model = cls(
             dv=meta["dv"],
             d=meta["d"],
@@ -363,14 +410,24 @@ class SimV0Model(nn.Module):
             head_hidden=meta.get("head_hidden", 256),
             telemetry_mean=meta.get("telemetry_mean"),
             telemetry_std=meta.get("telemetry_std"),
+            precision=trained_in if precision is None else named_precision(precision),
         )
         return model.to(device)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", llm: nn.Module | None = None
-    ) -> "SimV0Model":
-        """Rebuild a trained model from a checkpoint alone (its metadata names the LLM and dims).
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        llm: nn.Module | None = None,
+        precision: Precision | str | None = None,
+    ) -> SimV0Model:
+        """Rebuild a trained model from a checkpoint alone (its metadata names the LLM, dims and the
+        precision it was trained and validated in).
+
+        Args:
+            precision: None computes as the checkpoint did (what reproduces its val metrics);
+                "fp32" or "bf16" overrides it (logged).
 
         Raises:
             CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
@@ -378,7 +435,43 @@ class SimV0Model(nn.Module):
         from sim.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        model = cls.from_metadata(ckpt["metadata"], llm=llm, device=device)
-        model.load_state_dict(ckpt["model_state_dict"])
+        model = cls.from_metadata(ckpt["metadata"], llm=llm, device=device, precision=precision)
+        state = dict(ckpt["model_state_dict"])
+        if precision is not None:  # an explicit override outranks the precision stored with the weights
+            state.pop(EXTRA_STATE, None)
+            log.info("computing in %s (the checkpoint was trained in %s)", model.precision.name,
+                     checkpoint_precision(ckpt["metadata"], device).name)
+        model.load_state_dict(state)
         model.eval()
         return model
+
+
+# The precision as the state dict stores it: [weights, autocast] codes (0: no autocast).
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def precision_code(precision: Precision) -> torch.Tensor:
+    autocast = 0 if precision.autocast is None else _DTYPE_CODES[precision.autocast]
+    return torch.tensor([_DTYPE_CODES[precision.weights], autocast], dtype=torch.uint8)
+
+
+def precision_from_code(code: torch.Tensor) -> Precision:
+    """Raises CheckpointError for a code no version of SIM writes."""
+    dtypes = {v: k for k, v in _DTYPE_CODES.items()}
+    values = [int(x) for x in code.flatten().tolist()]
+    if len(values) != 2 or values[0] not in dtypes or (values[1] and values[1] not in dtypes):
+        raise CheckpointError(f"model_state_dict[{EXTRA_STATE!r}] is {values}, not a SIM precision code [weights, autocast]")
+    return Precision(dtypes[values[0]], dtypes[values[1]] if values[1] else None)
+
+
+def checkpoint_precision(meta: Mapping[str, Any], device: str | torch.device = "cpu") -> Precision:
+    """The precision a checkpoint was trained and validated in.
+
+    Checkpoints written before the precision was recorded hold only `llm.dtype`; their autocast is
+    what `training.amp=auto` picks on this machine, as it did when they were evaluated before.
+    """
+    if isinstance(meta.get("precision"), Mapping):
+        return Precision.from_dict(meta["precision"])
+    from sim.precision import resolve_precision
+
+    return resolve_precision((meta.get("llm") or {}).get("dtype", "auto"), "auto", "bfloat16", device)

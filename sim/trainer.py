@@ -39,8 +39,8 @@ from sim.dataset import SimData
 from sim.errors import CheckpointError, ConfigError
 from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
-from sim.model import SimV0Model
-from sim.precision import dtype_name, fast_bf16, resolve_dtype
+from sim.build import build_model
+from sim.eval_loop import evaluate_batches, to_device
 from sim.run import RunDir, append_jsonl, read_jsonl
 from sim.validate import telemetry_stats
 
@@ -123,7 +123,6 @@ class Trainer:
         self.seed = int(cfg.training.seed)
         seed_everything(self.seed)
         self.device = self.dist.device(cfg.training.device)
-        self._setup_precision()
         self.use_cached = cfg.vision.get("kind", "cached") == "cached"
 
         self.data: SimData = instantiate(cfg.data, use_cached_vis_feats=self.use_cached, _convert_="all")
@@ -131,29 +130,8 @@ class Trainer:
         self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
-        llm = instantiate(cfg.llm, device=self.device, _convert_="all")
-        encoder = instantiate(cfg.vision, _convert_="all")
-        if encoder is not None:
-            encoder = encoder.to(self.device)
-        vision_spec = OmegaConf.to_container(cfg.vision, resolve=True)
-        vision_spec.pop("_target_", None)
-        model_dv = cfg.model.dv
-        if encoder is None:
-            if model_dv is not None and int(model_dv) != dv_data:
-                raise ConfigError(f"model.dv={model_dv} but the data's features are {dv_data} wide; leave model.dv unset")
-            model_dv = dv_data
-        self.model = SimV0Model(
-            dv=model_dv,
-            d=cfg.model.d,
-            F=int(cfg.model.F),
-            K=int(cfg.model.K),
-            use_cached_vis_feats=self.use_cached,
-            llm=llm,
-            vision_encoder=encoder,
-            vision_spec=vision_spec,
-            telemetry_hidden=int(cfg.model.telemetry_hidden),
-            head_hidden=int(cfg.model.head_hidden),
-        ).to(self.device)
+        self.model = build_model(cfg, dv_data if self.use_cached else None, self.device)
+        self.precision = self.model.precision
         self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
@@ -163,7 +141,7 @@ class Trainer:
         total_steps = self.epochs * self.steps_per_epoch
         make_optim = instantiate(cfg.optim)
         self.optimizer, self.scheduler = make_optim(self.model.trainable_parameters(), total_steps=total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast == torch.float16)
         self.nonfinite = NonFiniteGuard(int(cfg.training.get("max_nonfinite_steps", 10)))
         # DDP over the trainable modules only: the frozen LLM has no gradients to reduce.
         self.ddp = D.wrap_ddp(self.model, self.device) if self.dist.world_size > 1 else None
@@ -218,28 +196,6 @@ class Trainer:
             log.info("each epoch leaves out %d of %d train samples (a different few each epoch) so every process "
                      "takes as many steps", n_train % world, n_train)
 
-    def _setup_precision(self) -> None:
-        amp = self.cfg.training.amp
-        dtype = resolve_dtype(self.cfg.training.amp_dtype, self.device)
-        if amp == "auto":
-            enabled = fast_bf16(self.device)
-            dtype = torch.bfloat16
-        elif isinstance(amp, bool):
-            enabled = amp
-        else:
-            raise ConfigError(f"training.amp={amp!r}: expected auto, true or false")
-        if enabled and dtype == torch.float16 and self.device.type != "cuda":
-            raise ConfigError("training.amp_dtype=float16 needs CUDA; on CPU use bfloat16")
-        if enabled and dtype not in (torch.bfloat16, torch.float16):
-            raise ConfigError(f"training.amp_dtype={self.cfg.training.amp_dtype}: expected bfloat16 or float16")
-        self.amp_dtype = dtype if enabled else None
-        log.info("device %s, autocast %s", self.device, dtype_name(dtype) if enabled else "off")
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _check_data_shapes(self) -> int:
         F = int(self.cfg.model.F)
         shapes = {}
@@ -282,10 +238,6 @@ class Trainer:
         return out
 
     # ---- loop -----------------------------------------------------------------------------------
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        nb = self.device.type == "cuda"
-        return {k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch (the rest of it, when resuming inside it); its train metrics over all ranks."""
         self.model.train()
@@ -305,15 +257,14 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs} train", leave=False, disable=self._no_bar(),
                    file=sys.stderr, dynamic_ncols=True)
         for batch in bar:
-            batch = self._to_device(batch)
+            batch = to_device(batch, self.device)
             group_start = micro // self.grad_accum * self.grad_accum
             group_end = min(group_start + self.grad_accum, total_micro)
             step_now = micro + 1 == group_end
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.
             sync = nullcontext() if self.ddp is None or step_now else self.ddp.no_sync()
             with sync:
-                with self.autocast():
-                    logits = self.forward(batch)
+                logits = self.forward(batch)  # under the model's own autocast (self.precision)
                 losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
                 self.scaler.scale(losses["objective"] / (group_end - group_start)).backward()
             if self.nonfinite.observe_loss(losses["objective"]):  # a NaN loss would void the epoch's mean
@@ -373,18 +324,11 @@ class Trainer:
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": self.val_metrics.samples / max(elapsed, 1e-9), **metrics})
         return out
 
-    @torch.inference_mode()
     def _evaluate_shard(self, loader, split: str, epoch: int | None) -> None:
         self.model.eval()
-        self.val_metrics.reset()
-        bar = tqdm(loader, desc=f"epoch {epoch} {split}" if epoch else split, leave=False, disable=self._no_bar(),
-                   file=sys.stderr, dynamic_ncols=True)
-        for batch in bar:
-            batch = self._to_device(batch)
-            with self.autocast():
-                logits = self.eval_forward(batch)
-            losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
-            self.val_metrics.update(logits, batch, losses)
+        evaluate_batches(self.eval_forward, loader, self.device, self.val_metrics, self.loss_weights, self.class_weights,
+                         desc=f"epoch {epoch} {split}" if epoch else split,
+                         progress_bar=False if self._no_bar() else None)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def checkpoint_payload(self, epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:

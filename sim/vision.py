@@ -372,9 +372,11 @@ def build_encoder(
         return None
     if kind not in KINDS:
         raise ConfigError(f"vision.kind={kind!r}: expected one of {', '.join(KINDS)}")
-    spec = vision_spec(kind, name_or_path, pretrained, dtype, arch, init_seed, preprocessing, frame_batch_size)
-    image_size, mean, std, resize = _preprocessing(preprocessing)
     torch_dtype = resolve_dtype(dtype, device)
+    # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
+    spec = vision_spec(kind, name_or_path, pretrained, dtype_name(torch_dtype), arch, init_seed, preprocessing,
+                       frame_batch_size)
+    image_size, mean, std, resize = _preprocessing(preprocessing)
     arch = dict(arch or {})
     if pretrained:
         log.info("loading vision encoder %s (%s)", describe(spec), dtype_name(torch_dtype))

@@ -35,15 +35,43 @@ def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+# Each precision a run can compute in, forced whatever `auto` picks on this machine: tests that
+# promise exactness run in both (bf16 is emulated, and slow, only where the CPU lacks it; tiny models
+# keep that cheap).
+PRECISIONS = {
+    "fp32": ("llm.dtype=float32", "training.amp=false"),
+    "bf16": ("llm.dtype=bfloat16", "training.amp=true"),
+}
+
+
 @pytest.fixture(scope="package")
-def tiny_run(tmp_path_factory):
-    """One tiny-LLM training run on the synthetic data with the default epochs, shared by tests."""
+def tiny_runs(tmp_path_factory):
+    """tiny_runs(precision) -> (run_dir, result, cfg): one tiny-LLM run on the synthetic data with the
+    default epochs per precision, trained on first use and shared by tests."""
     from sim.train import train
 
-    run_dir = tmp_path_factory.mktemp("tiny_run")
-    cfg = make_cfg(*TINY, "checkpoint.save_every_epoch=true")
-    result = train(cfg, run_dir=run_dir)
-    return run_dir, result, cfg
+    runs = {}
+
+    def get(precision: str):
+        if precision not in runs:
+            run_dir = tmp_path_factory.mktemp(f"tiny_run_{precision}")
+            cfg = make_cfg(*TINY, *PRECISIONS[precision], "checkpoint.save_every_epoch=true")
+            runs[precision] = (run_dir, train(cfg, run_dir=run_dir), cfg)
+        return runs[precision]
+
+    return get
+
+
+@pytest.fixture(scope="package")
+def tiny_run(tiny_runs):
+    """The fp32 tiny run (the same on every machine)."""
+    return tiny_runs("fp32")
+
+
+@pytest.fixture(scope="package", params=list(PRECISIONS))
+def precision_run(request, tiny_runs):
+    """The tiny run in each precision, for tests that promise exactness."""
+    return tiny_runs(request.param)
 
 
 @pytest.fixture(scope="package")
@@ -53,4 +81,14 @@ def synthetic_split(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic_split")
     main([f"out={out}", "num_train=256", "num_val=128", "dv=32"])
+    return out
+
+
+@pytest.fixture(scope="package")
+def frames_split(tmp_path_factory) -> Path:
+    """A small synthetic raw-frame dataset on disk (train/ and val/), F=4."""
+    from sim.frames import main
+
+    out = tmp_path_factory.mktemp("frames_split")
+    main([f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32"])
     return out

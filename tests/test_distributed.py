@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_cfg
+from conftest import PRECISIONS, ROOT, TINY, make_cfg
 from sim.distributed import ShardSampler, sum_over_ranks
 from sim.metrics import METRIC_NAMES
 from sim.run import RunDir, read_jsonl
@@ -79,10 +79,19 @@ def _run_tree(root):
                   and p.name != "training_curves.png")
 
 
+# How far a 2-process run's logged train losses may drift from one process's with the same global
+# batch, per precision (README "Distributed training"): DDP averages the ranks' gradients in another
+# order than one process summing the whole batch, so the weights differ in their last bits. In fp32
+# that stays in the last digits; under bf16 autocast those bits can flip the rounding of an
+# activation, and the confidence head's target (is the action's arg-max right?) flips with it.
+TRAIN_LOSS_RTOL = {"fp32": 1e-4, "bf16": 5e-2}
+
+
 @pytest.mark.slow  # several processes, each importing torch and transformers
-def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_path):
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_path, precision):
     """The real command: 2 gloo processes, no hydra.run.dir given (each rank resolves the default)."""
-    common = [*TINY, *DATA]
+    common = [*TINY, *PRECISIONS[precision], *DATA]
     # Same samples per optimizer step: 2 ranks x 8 against 1 process x 16.
     ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             str(ROOT / "train.py"), *common, "data.batch_size=8"],
@@ -110,7 +119,7 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
         assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
         for ra, rb in zip(a, b):
             for k in LOSSES:
-                assert ra[k] == pytest.approx(rb[k], rel=1e-4), (split, k)
+                assert ra[k] == pytest.approx(rb[k], rel=TRAIN_LOSS_RTOL[precision]), (split, k)
 
     # Val metrics of the torchrun run = one process evaluating its last checkpoint on the whole split.
     cfg = make_cfg(*common, "data.batch_size=16")
@@ -123,8 +132,8 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
     theirs = read_jsonl(run / "metrics/val_metrics.jsonl")[-1]
     for k in COUNTED:
         assert theirs[k] == mine[k], k
-    for k in LOSSES:
-        assert theirs[k] == pytest.approx(mine[k], rel=1e-6), k
+    for k in LOSSES:  # the same weights on the same samples: exact in either precision
+        assert theirs[k] == pytest.approx(mine[k], rel=1e-6, abs=1e-6), k
 
 
 def test_slurm_launcher_config_composes_and_builds():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cmd
+from conftest import PRECISIONS, TINY, make_cfg, run_cmd
 from sim import labels as L
 from sim.checkpoint import load_checkpoint, save_checkpoint
 from sim.errors import CheckpointError, ConfigError, DataError
@@ -23,9 +23,9 @@ from sim.run import read_jsonl
 
 
 @pytest.fixture(scope="module")
-def evaluation(tiny_run, tmp_path_factory):
-    """`python evaluate.py checkpoint=<tiny run>/checkpoints/best.pt` as a user runs it."""
-    run_dir, result, _ = tiny_run
+def evaluation(precision_run, tmp_path_factory):
+    """`python evaluate.py checkpoint=<tiny run>/checkpoints/best.pt` as a user runs it (each precision)."""
+    run_dir, result, _ = precision_run
     out = tmp_path_factory.mktemp("eval")
     res = run_cmd("evaluate.py", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={out}",
                   "progress_bar=false")
@@ -34,7 +34,7 @@ def evaluation(tiny_run, tmp_path_factory):
 
 
 def same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6))
+    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=0, abs_tol=1e-6))
 
 
 def test_evaluate_reproduces_the_val_metrics_of_the_best_epoch(evaluation):
@@ -44,6 +44,40 @@ def test_evaluate_reproduces_the_val_metrics_of_the_best_epoch(evaluation):
     for name in METRIC_NAMES:
         assert same(report[name], logged[name]), f"{name}: evaluate.py {report[name]} vs logged {logged[name]}"
     assert report["evaluation"]["split"] == "val" and report["evaluation"]["num_samples"] > 0
+
+
+def _data_option(option: str, synthetic_split: Path, frames_split: Path) -> list[str]:
+    if option == "frames":
+        return ["vision=tiny", "data=frames", "model.F=4", f"data.train_split_path={frames_split}/train",
+                f"data.val_split_path={frames_split}/val"]
+    paths = [f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val"]
+    if option == "custom":
+        return ["data=custom", "data.dataset_class_path=custom_dataset.NpzRoverDataset", *paths]
+    return ["data=cached", *paths]
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("option", ["cached", "frames", "custom"])
+def test_evaluate_reproduces_a_run_on_every_data_option(option, precision, synthetic_split, frames_split, tmp_path):
+    """The README's `python evaluate.py checkpoint=... data=cached data.train_split_path=... data.val_split_path=...`,
+    and the same for raw frames and a custom dataset class, in each precision."""
+    from sim.train import train
+
+    data = _data_option(option, synthetic_split, frames_split)
+    result = train(make_cfg(*TINY, *PRECISIONS[precision], *data, "training.epochs=2"), run_dir=tmp_path / "run")
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    out = tmp_path / "eval"
+    eval_args = [f"checkpoint={best}", *[a for a in data if not a.startswith(("vision=", "model."))]]
+    if option == "cached" and precision == "fp32":  # the command itself once, as the README shows it
+        res = run_cmd("evaluate.py", *eval_args, f"hydra.run.dir={out}", "progress_bar=false")
+        assert res.returncode == 0, res.stderr[-3000:]
+        report = json.loads((out / "metrics.json").read_text())
+    else:
+        report = evaluate(compose_config([*eval_args, "progress_bar=false"]), out)
+    logged = next(r for r in read_jsonl(tmp_path / "run" / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"])
+    for name in METRIC_NAMES:
+        assert same(report[name], logged[name]), f"{option}/{precision} {name}: evaluate.py {report[name]} vs logged {logged[name]}"
+    assert report["evaluation"]["precision"] == load_checkpoint(best)["metadata"]["precision"]
 
 
 def test_evaluate_writes_tables_figures_and_predictions(evaluation):
@@ -132,7 +166,8 @@ def test_an_llm_other_than_the_checkpoints_is_refused(tiny_run, tmp_path):
     assert "trained with LLM tiny-gpt2" in res.stderr and "gpt2" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     meta_llm = load_checkpoint(best)["metadata"]["llm"]
-    assert check_llm_override(compose_config([f"checkpoint={best}", "llm=tiny"]).llm, meta_llm, best)["init_seed"] == 0
+    # The same LLM in another dtype is the same LLM: the precision is the checkpoint's (or precision=...).
+    check_llm_override(compose_config([f"checkpoint={best}", "llm=tiny", "llm.dtype=bfloat16"]).llm, meta_llm, best)
     with pytest.raises(CheckpointError, match="init_seed"):
         check_llm_override(compose_config([f"checkpoint={best}", "llm=tiny", "llm.init_seed=1"]).llm, meta_llm, best)
 

@@ -20,9 +20,9 @@ from sim.model import SimV0Model
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_run):
-    """(best.pt, the model rebuilt from it, the first val batch evaluate.py would read)."""
-    best = tiny_run[0] / "checkpoints" / "best.pt"
+def trained(precision_run):
+    """(best.pt, the model rebuilt from it, the first val batch evaluate.py would read), each precision."""
+    best = precision_run[0] / "checkpoints" / "best.pt"
     cfg = compose_config([f"checkpoint={best}"])
     dataset = split_for_checkpoint(cfg, load_checkpoint(best)["metadata"], "val", best)
     batch = next(iter(split_loader(cfg.data, dataset, batch_size=8)))
@@ -41,20 +41,20 @@ def load_wrapper(run_dir: Path):
     return module
 
 
-def test_wrapper_script_prints_what_predict_json_returns(tiny_run, trained, tmp_path):
+def test_wrapper_script_prints_what_predict_json_returns(precision_run, trained, tmp_path):
     best, model, batch = trained
     window = tmp_path / "window.npz"
     np.savez(window, telemetry=batch["telemetry"][0].numpy(), vis_feats=batch["vis_feats"][0].numpy(),
              sample_id=np.array(batch["sample_id"][0]))
     # Run from elsewhere: the wrapper finds ../checkpoints/best.pt from its own location.
-    res = run_cmd(str(tiny_run[0] / "export" / "sim_v0_infer.py"), str(window), cwd=tmp_path)
+    res = run_cmd(str(precision_run[0] / "export" / "sim_v0_infer.py"), str(window), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout) == model.predict_json(one_window(batch, 0))[0]
 
 
-def test_wrapper_imports_applies_the_threshold_and_takes_batches(tiny_run, trained, tmp_path):
+def test_wrapper_imports_applies_the_threshold_and_takes_batches(precision_run, trained, tmp_path):
     best, model, batch = trained
-    wrapper = load_wrapper(tiny_run[0])
+    wrapper = load_wrapper(precision_run[0])
     # A metrics.json of evaluate.py is accepted as the threshold's source.
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"risk_high_threshold": 0.05}))
@@ -71,9 +71,9 @@ def test_wrapper_imports_applies_the_threshold_and_takes_batches(tiny_run, train
     assert sum(d["risk"]["label"] == "high" for d in many) >= sum(d["risk"]["label"] == "high" for d in plain)
 
 
-def test_wrapper_refuses_bad_windows_by_name(tiny_run, trained, tmp_path):
+def test_wrapper_refuses_bad_windows_by_name(precision_run, trained, tmp_path):
     _, model, batch = trained
-    infer = load_wrapper(tiny_run[0]).SimInference()
+    infer = load_wrapper(precision_run[0]).SimInference()
     with pytest.raises(DataError, match=r"vis_feats has shape \[8, 32\], expected \[F=8, dv=64\]"):
         infer(batch["telemetry"][0].numpy(), vis_feats=np.zeros((8, 32), np.float32))
     with pytest.raises(DataError, match=r"telemetry has shape \[7\]"):
@@ -88,13 +88,13 @@ def test_wrapper_refuses_bad_windows_by_name(tiny_run, trained, tmp_path):
         infer.predict_npz(no_tel)
 
 
-def test_wrapper_main_on_a_foreign_checkpoint_says_so(tiny_run, trained, tmp_path, capsys):
+def test_wrapper_main_on_a_foreign_checkpoint_says_so(precision_run, trained, tmp_path, capsys):
     _, _, batch = trained
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     window = tmp_path / "w.npz"
     np.savez(window, telemetry=batch["telemetry"][0].numpy(), vis_feats=batch["vis_feats"][0].numpy())
-    assert load_wrapper(tiny_run[0]).main([str(window), "--checkpoint", str(foreign)]) == 1
+    assert load_wrapper(precision_run[0]).main([str(window), "--checkpoint", str(foreign)]) == 1
     err = capsys.readouterr().err
     assert f"error: {foreign} is not a SIM checkpoint" in err and "Traceback" not in err
 
@@ -125,7 +125,7 @@ def test_seed_readme_loading_example_works_as_written_with_a_local_llm(trained, 
     assert all(p["risk"]["label"] in L.RISK for p in predictions)
 
 
-def test_onnx_export_matches_pytorch(tiny_run, trained, tmp_path):
+def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     best, model, batch = trained
@@ -145,8 +145,9 @@ def test_onnx_export_matches_pytorch(tiny_run, trained, tmp_path):
     from sim.export_onnx import run_session, session
 
     logits = run_session(session(out), batch["vis_feats"][:3].numpy(), batch["telemetry"][:3].numpy())
+    fp32 = SimV0Model.from_checkpoint(best, precision="fp32")  # the graph computes in fp32
     with torch.inference_mode():
-        ref = model({"vis_feats": batch["vis_feats"][:3], "telemetry": batch["telemetry"][:3]})
+        ref = fp32({"vis_feats": batch["vis_feats"][:3], "telemetry": batch["telemetry"][:3]})
     for name, value in logits.items():
         assert value.shape == tuple(ref[name].shape)
         np.testing.assert_allclose(value, ref[name].numpy(), atol=1e-4)

@@ -14,7 +14,7 @@ from sim import labels as L
 from sim.cache_features import PROGRESS, cache_split
 from sim.dataset import CachedSplitDataset
 from sim.errors import ConfigError, DataError
-from sim.frames import HAZARD_RGB, SyntheticFramesDataset, generate_frames, main as frames_main
+from sim.frames import HAZARD_RGB, SyntheticFramesDataset, generate_frames
 from sim.synthetic import rules
 from sim.vision import build_encoder
 
@@ -33,14 +33,6 @@ def no_plots(monkeypatch) -> None:
 
 TINY_VISION = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
                    arch={"channels": 16, "grid": [2, 2]}, preprocessing={"image_size": 32})
-
-
-@pytest.fixture(scope="module")
-def frames_split(tmp_path_factory):
-    """A small synthetic raw-frame dataset on disk (train/ and val/)."""
-    out = tmp_path_factory.mktemp("frames_split")
-    frames_main([f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32"])
-    return out
 
 
 def hazard_area(frames: np.ndarray, reason: np.ndarray) -> np.ndarray:
