@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from sim.errors import CheckpointError, ConfigError
 from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.build import build_model
+from sim.callbacks import Callback
 from sim.eval_loop import evaluate_batches, to_device
 from sim.run import RunDir, append_jsonl, read_jsonl
 from sim.validate import telemetry_stats
@@ -109,9 +111,11 @@ def rank_key(metrics: dict[str, Any], monitor: str, tie_breaker: str | None, mod
 class Trainer:
     """Trains a SimV0Model as the resolved config says and writes the run tree under `run.root`."""
 
-    def __init__(self, cfg: DictConfig, run: RunDir) -> None:
+    def __init__(self, cfg: DictConfig, run: RunDir, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.run = run
+        self.callbacks = list(callbacks)
+        self.should_stop = False  # a callback's request to end after the current epoch
         self.history: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -512,7 +516,10 @@ class Trainer:
 
     # ---- fit ------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train all epochs; returns {"best": val metrics of the best epoch, "last": ..., "best_epoch"}."""
+        """Train all epochs (or until a callback sets `should_stop`); returns {"best": val metrics of the
+        best epoch, "last": ..., "best_epoch", "run_dir"}."""
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         for epoch in range(self.start_epoch, self.epochs + 1):
             train_m = self.train_epoch(epoch)
             val_m = self.evaluate(self.val_loader, "val", epoch)
@@ -533,9 +540,16 @@ class Trainer:
                 _fmt(val_m["action_accuracy"]), _fmt(val_m["macro_f1"]), train_m["samples_per_s"],
                 "  (best)" if is_best else "",
             )
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, train_m, val_m, is_best)
+            if self.should_stop:
+                break
         best = next((m for m in self.history["val"] if m.get("epoch") == self.best_epoch), None)
-        return {"best": best, "last": self.history["val"][-1] if self.history["val"] else None,
-                "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
+        result = {"best": best, "last": self.history["val"][-1] if self.history["val"] else None,
+                  "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        return result
 
 
 # Config keys a resumed run may change, and what changing them does.
