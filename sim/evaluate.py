@@ -300,6 +300,8 @@ def run_model(
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"evaluate {split}", leave=False, disable=None if progress_bar else True,
                       file=sys.stderr, dynamic_ncols=True):
+        if not batch:  # every sample of it skipped (data.on_bad_sample=skip)
+            continue
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with amp_ctx:
             logits = model(batch)

@@ -35,6 +35,22 @@ def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def write_cached_split(root: Path, n_train: int, n_val: int, nan_telemetry: list[int] = (), F: int = 8,
+                       dv: int = 16) -> list[str]:
+    """A generated split on disk (root/train, root/val) whose train samples `nan_telemetry` are bad
+    (a NaN in their telemetry); returns the overrides that train on it."""
+    import numpy as np
+
+    from sim.synthetic import generate, write_split
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        arrays = generate(n, F, dv, 0, split)
+        if split == "train":
+            arrays["telemetry"][list(nan_telemetry), 6] = np.nan
+        write_split(root / split, arrays, F, dv)
+    return ["data=cached", f"data.train_split_path={root / 'train'}", f"data.val_split_path={root / 'val'}"]
+
+
 @pytest.fixture(scope="package")
 def tiny_run(tmp_path_factory):
     """One tiny-LLM training run on the synthetic data with the default epochs, shared by tests."""
