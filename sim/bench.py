@@ -89,11 +89,14 @@ def time_trainer_steps(trainer, steps: int, warmup: int) -> dict[str, Any]:
 
     def next_batch():
         nonlocal it
-        try:
-            return next(it)
-        except StopIteration:
-            it = iter(trainer.train_loader)
-            return next(it)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(trainer.train_loader)
+                batch = next(it)
+            if batch:  # an empty batch (all its samples skipped) has nothing to time
+                return batch
 
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -209,6 +212,8 @@ def memory_check(overrides: list[str], n_samples: int, F: int, dv: int) -> dict[
         model = trainer.model
         model.train()
         for batch in trainer.train_loader:
+            if not batch:  # all its samples skipped (data.on_bad_sample=skip)
+                continue
             batch = to_device(batch, trainer.device)
             logits = trainer.forward(batch)
             losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)

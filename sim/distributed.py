@@ -340,16 +340,21 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     """DDP over the parameters that train; frozen modules are left out entirely.
 
     DDP reduces only parameters that require grad, but it would still broadcast every frozen weight at
-    start (a whole LLM) and check their shapes; marking them ignored avoids both. Every trainable
-    parameter gets a gradient each step (the confidence head reads a detached state but has its own
-    loss), so find_unused_parameters is not needed. Buffers (telemetry statistics) are computed
-    identically on every rank and never change while training: no per-step broadcast.
+    start (a whole LLM) and check their shapes; marking them ignored avoids both, and so does it for
+    the buffers of modules that hold nothing trainable. Every trainable parameter gets a gradient each
+    step (the confidence head reads a detached state but has its own loss), so find_unused_parameters
+    is not needed. Buffers (telemetry statistics) are computed identically on every rank and never
+    change while training: no per-step broadcast.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    trainable_tops = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    training = {""}  # the modules with a trainable parameter somewhere inside
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            parts = n.split(".")[:-1]
+            training.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
-    ignore += [n for n, _ in model.named_buffers() if n.split(".")[0] not in trainable_tops and "." in n]
+    ignore += [n for n, _ in model.named_buffers() if n.rpartition(".")[0] not in training]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     # Newer torch renames broadcast_buffers (and warns about the old name).
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters

@@ -46,6 +46,8 @@ def evaluate_batches(
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress_bar is None else not progress_bar,
                file=sys.stderr, dynamic_ncols=True)
     for batch in bar:
+        if not batch:  # every sample of it skipped (data.on_bad_sample=skip)
+            continue
         batch = to_device(batch, device)
         logits = forward(batch)
         losses = compute_losses(logits, batch, loss_weights, class_weights)

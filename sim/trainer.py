@@ -41,6 +41,7 @@ from sim.errors import CheckpointError, ConfigError
 from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
 from sim.build import build_model
+from sim.model import SimV0Model
 from sim.callbacks import Callback
 from sim.eval_loop import evaluate_batches, to_device
 from sim.run import RunDir, append_jsonl, read_jsonl
@@ -108,6 +109,27 @@ def rank_key(metrics: dict[str, Any], monitor: str, tie_breaker: str | None, mod
     return val(monitor, sign), val(tie_breaker, 1.0 if not (tie_breaker or "").startswith("loss") else -1.0)
 
 
+class MicroStep(torch.nn.Module):
+    """The forward of one training micro-batch: the model's logits, and what DDP wraps.
+
+    A batch whose samples were all refused (`data.on_bad_sample=skip`) comes out of the loader empty,
+    and it still has to be a micro-step like the others: under DDP each optimizer step's backward is one
+    gradient all-reduce on every rank, and a rank that sat one out would leave the others waiting.
+    The model cannot run on no samples, so the output is then a zero that depends on every trainable
+    parameter: its gradients are exactly zero (the batch adds nothing to any rank's update), and its
+    backward runs DDP's all-reduce like any other.
+    """
+
+    def __init__(self, model: SimV0Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | torch.Tensor:
+        if batch:
+            return self.model(batch)
+        return sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
+
+
 class Trainer:
     """Trains a SimV0Model as the resolved config says and writes the run tree under `run.root`."""
 
@@ -148,8 +170,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast == torch.float16)
         self.nonfinite = NonFiniteGuard(int(cfg.training.get("max_nonfinite_steps", 10)))
         # DDP over the trainable modules only: the frozen LLM has no gradients to reduce.
-        self.ddp = D.wrap_ddp(self.model, self.device) if self.dist.world_size > 1 else None
-        train_module = self.model if self.ddp is None else self.ddp
+        step = MicroStep(self.model)
+        self.ddp = D.wrap_ddp(step, self.device) if self.dist.world_size > 1 else None
+        train_module = step if self.ddp is None else self.ddp
         self.forward = torch.compile(train_module) if cfg.training.compile else train_module
         # Evaluation bypasses DDP: there are no gradients to reduce, and ranks may hold one batch more
         # or less of the split (a collective inside the loop would then wait forever).
@@ -268,20 +291,25 @@ class Trainer:
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.
             sync = nullcontext() if self.ddp is None or step_now else self.ddp.no_sync()
             with sync:
-                logits = self.forward(batch)  # under the model's own autocast (self.precision)
-                losses = compute_losses(logits, batch, self.loss_weights, self.class_weights)
-                self.scaler.scale(losses["objective"] / (group_end - group_start)).backward()
-            if self.nonfinite.observe_loss(losses["objective"]):  # a NaN loss would void the epoch's mean
-                self.train_metrics.update(logits, batch, losses)
+                out = self.forward(batch)  # under the model's own autocast (self.precision)
+                # An empty batch (all its samples skipped) yields a zero, not logits: see MicroStep.
+                losses = compute_losses(out, batch, self.loss_weights, self.class_weights) if batch else None
+                objective = out if losses is None else losses["objective"]
+                self.scaler.scale(objective / (group_end - group_start)).backward()
+            # A NaN loss would void the epoch's mean; an empty batch has nothing to add to it.
+            if losses is not None and self.nonfinite.observe_loss(objective):
+                self.train_metrics.update(out, batch, losses)
             micro += 1
             if step_now:
                 self._optimizer_step()
                 if self.every_n_steps and self.global_step % self.every_n_steps == 0 and micro < total_micro:
-                    # Counted in what the sampler dealt (full batches until the epoch's last), not in the
-                    # samples that reached the model: a batch may have lost bad samples on the way.
+                    # Counted in what the sampler dealt, not in the samples that reached the model: the
+                    # loader yields one batch per sampler batch (an empty one when all were skipped),
+                    # and every batch but the epoch's last is full.
                     position = start + (micro - first_micro) * batch_size * self.dist.world_size
                     self.save_progress(epoch, position, micro, elapsed_before + time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
+            if losses is not None:
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
         elapsed = D.max_over_ranks(elapsed_before + time.perf_counter() - t0)
         metrics = self._compute(self.train_metrics, "train")
         return {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],

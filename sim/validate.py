@@ -10,7 +10,8 @@ cheap enough to stay on; only when a batch fails are the bad samples located and
 
 `data.on_bad_sample` decides what happens next: `error` (the default) raises `DataError` naming the
 samples; `skip` drops them from the batch, and the loader (`SimDataLoader`) counts them and appends
-them to the run's `logs/skipped_samples.txt`.
+them to the run's `logs/skipped_samples.txt`. A batch that loses every sample still comes out of the
+loader, empty, so the batches stay in step with the sampler.
 
 Two shapes of input are checked: a list of sample dicts (what `__getitem__` yields; checked one by
 one, then stacked here) and an already collated batch dict (what a dataset's `__getitems__` yields,
@@ -632,7 +633,14 @@ class SkipLog:
 
 
 class SimDataLoader(DataLoader):
-    """A DataLoader that hands skipped samples to a SkipLog and leaves out batches with no good row."""
+    """A DataLoader that hands skipped samples to a SkipLog.
+
+    It yields exactly one batch per batch of its sampler, even when `skip` refused every sample of
+    one: that batch comes out as an empty dict (falsy) rather than not at all. Consumers that train
+    depend on it: each DDP rank must take as many steps as the others (a rank one batch short would
+    leave them waiting in the gradient all-reduce), and a resumed run counts its place in the
+    epoch's order in sampler batches. Consumers that only evaluate pass over empty batches.
+    """
 
     def __init__(self, *args: Any, skip_log: SkipLog | None = None, **kwargs: Any) -> None:
         self.skip_log = skip_log if skip_log is not None else SkipLog()
@@ -651,8 +659,6 @@ class SimDataLoader(DataLoader):
                 skipped = batch.pop(SKIPPED_KEY, None)
                 if skipped:
                     self.skip_log.record(skipped)
-                if not batch:
-                    continue
             yield batch
 
 

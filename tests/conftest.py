@@ -44,6 +44,22 @@ PRECISIONS = {
 }
 
 
+def write_cached_split(root: Path, n_train: int, n_val: int, nan_telemetry: list[int] = (), F: int = 8,
+                       dv: int = 16) -> list[str]:
+    """A generated split on disk (root/train, root/val) whose train samples `nan_telemetry` are bad
+    (a NaN in their telemetry); returns the overrides that train on it."""
+    import numpy as np
+
+    from sim.synthetic import generate, write_split
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        arrays = generate(n, F, dv, 0, split)
+        if split == "train":
+            arrays["telemetry"][list(nan_telemetry), 6] = np.nan
+        write_split(root / split, arrays, F, dv)
+    return ["data=cached", f"data.train_split_path={root / 'train'}", f"data.val_split_path={root / 'val'}"]
+
+
 @pytest.fixture(scope="package")
 def tiny_runs(tmp_path_factory):
     """tiny_runs(precision) -> (run_dir, result, cfg): one tiny-LLM run on the synthetic data with the

@@ -145,15 +145,17 @@ def test_the_message_from_a_loader_worker_is_the_message_not_a_traceback():
     assert text.startswith("bad sample of the train split: sample 4 (sample_id 'x4'): risk_id is 7") and "Traceback" not in text
 
 
-def test_skip_drops_bad_samples_and_whole_bad_batches_and_counts_them(tmp_path):
+def test_skip_drops_bad_samples_and_empties_whole_bad_batches_and_counts_them(tmp_path):
     samples = [good_sample(i) for i in range(10)]
     samples[0]["telemetry"][0] = math.nan
     samples[1]["action_id"] = 6  # batch 0 (samples 0, 1) has no good row at all
     del samples[6]["vis_feats"]
     loader = loader_of(samples, batch_size=2, on_bad_sample="skip")
     loader.skip_log.path = tmp_path / "skipped.txt"
-    ids = [sid for batch in loader for sid in batch["sample_id"]]
-    assert ids == ["x2", "x3", "x4", "x5", "x7", "x8", "x9"]
+    batches = list(loader)
+    # One batch per sampler batch, the all-bad one empty: DDP ranks and resume positions count on it.
+    assert len(batches) == len(loader) == 5 and batches[0] == {}
+    assert [b["sample_id"] for b in batches[1:]] == [["x2", "x3"], ["x4", "x5"], ["x7"], ["x8", "x9"]]
     assert loader.skip_log.count == 3
     lines = (tmp_path / "skipped.txt").read_text().splitlines()
     assert lines[0] == "split\tindex\tsample_id\tkey\tproblem" and len(lines) == 4

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import PRECISIONS, ROOT, TINY, make_cfg
+from conftest import PRECISIONS, ROOT, TINY, make_cfg, write_cached_split
 from sim.distributed import ShardSampler, sum_over_ranks
 from sim.metrics import METRIC_NAMES
 from sim.run import RunDir, read_jsonl
@@ -134,6 +135,41 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
         assert theirs[k] == mine[k], k
     for k in LOSSES:  # the same weights on the same samples: exact in either precision
         assert theirs[k] == pytest.approx(mine[k], rel=1e-6, abs=1e-6), k
+
+
+@pytest.mark.slow  # several processes, each importing torch and transformers
+def test_torchrun_rank_losing_a_whole_batch_to_skipped_samples_keeps_in_step(tmp_path):
+    n, seed, batch = 64, 7, 4
+    rank0 = ShardSampler(n, 0, 2, shuffle=True, seed=seed, even=True)
+    rank0.set_epoch(1)
+    # Rank 0's third batch of epoch 1 is all bad: without its (empty) micro-step rank 0 would take one
+    # optimizer step fewer, and rank 1 would wait for it in DDP's gradient all-reduce.
+    bad = list(rank0)[2 * batch : 3 * batch]
+    common = [*TINY, *write_cached_split(tmp_path / "data", n, 32, bad), "data.on_bad_sample=skip",
+              f"data.batch_size={batch}", f"training.seed={seed}", "training.epochs=2", "checkpoint.every_n_steps=3",
+              "llm.dtype=float32", "training.amp=false"]
+    run = tmp_path / "run"
+    # A session of its own, so that a hung run's ranks can be stopped with their launcher.
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"], cwd=tmp_path,
+                           env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        out, _ = ddp.communicate(timeout=240)
+    finally:
+        if ddp.poll() is None:
+            os.killpg(ddp.pid, signal.SIGKILL)
+            ddp.wait()
+    assert ddp.returncode == 0, out[-3000:]
+
+    steps_per_epoch = n // 2 // batch
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["state"]["global_step"] == 2 * steps_per_epoch
+    log_text = (run / "logs/stdout.log").read_text()
+    # Positions count what the sampler dealt (2 ranks x 4 per step), the empty batch included.
+    assert "checkpoint at step 3 (epoch 1, 24 of its samples done)" in log_text
+    assert "data.on_bad_sample=skip: skipped" in log_text
+    assert [r["epoch"] for r in read_jsonl(run / "metrics/train_metrics.jsonl")] == [1, 2]
 
 
 def test_slurm_launcher_config_composes_and_builds():

@@ -16,23 +16,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_cfg
+from conftest import ROOT, TINY, make_cfg, write_cached_split
 from sim.checkpoint import load_checkpoint
+from sim.distributed import ShardSampler
 from sim.errors import CheckpointError
 from sim.run import RunDir, read_jsonl
 from sim.train import train
 from sim.trainer import Trainer, rng_state, set_rng_state
 
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-# 3 epochs of 12 optimizer steps (2 micro-batches of 8 each), a cosine schedule with warm-up, and a
-# mid-epoch last.pt every 4 steps.
-RESUME_RUN = [*TINY, "data.train_kwargs.num_samples=192", "data.val_kwargs.num_samples=64", "data.batch_size=8",
-              "training.grad_accum=2", "training.epochs=3", "checkpoint.every_n_steps=4", "optim.schedule=cosine",
-              "optim.warmup_steps=3"]
+# With 192 train samples: 3 epochs of 12 optimizer steps (2 micro-batches of 8 each), a cosine schedule
+# with warm-up, and a mid-epoch last.pt every 4 steps.
+RESUME_STEPS = ["data.batch_size=8", "training.grad_accum=2", "training.epochs=3", "checkpoint.every_n_steps=4",
+                "optim.schedule=cosine", "optim.warmup_steps=3"]
+RESUME_RUN = [*TINY, "data.train_kwargs.num_samples=192", "data.val_kwargs.num_samples=64", *RESUME_STEPS]
+PRECISIONS = {"fp32": ["llm.dtype=float32", "training.amp=false"], "bf16": ["llm.dtype=bfloat16", "training.amp=true"]}
 
 
-def _train(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RESUME_RUN, f"hydra.run.dir={run_dir}", *overrides],
+def _train(run_dir: Path, *overrides: str, base: list[str] = RESUME_RUN) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, f"hydra.run.dir={run_dir}", *overrides],
                             cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -54,16 +56,12 @@ def _without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records]
 
 
-@pytest.mark.slow  # several processes, each importing torch and transformers
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    reference = _train(ref_dir)
-    victim = _train(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
+def _kill_inside_epoch_2(victim: subprocess.Popen, last: Path) -> dict:
+    """SIGKILL the run at the first checkpoint it writes inside epoch 2; that checkpoint's progress."""
     try:
         seen = None
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill at the first checkpoint written inside epoch 2
+        while time.monotonic() < deadline:
             assert victim.poll() is None, "the run finished before it could be killed:\n" + victim.communicate()[0][-2000:]
             stamp = last.stat().st_mtime_ns if last.exists() else None
             if stamp != seen:
@@ -78,19 +76,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         victim.kill()
     progress = _progress(last)
     assert progress is not None and progress["epoch"] == 2, f"not killed inside epoch 2 (checkpoint progress {progress})"
-    assert 0 < progress["position"] < 192
-    # A crash can also come between appending an epoch's metric lines and writing its checkpoint, or
-    # in the middle of a line: the resumed run must drop both.
-    for split in ("train", "val"):
-        f = run_dir / "metrics" / f"{split}_metrics.jsonl"
-        assert len(read_jsonl(f)) == 1
-        with open(f, "a") as fh:
-            fh.write(json.dumps({**read_jsonl(f)[0], "epoch": 2}) + "\n" + '{"epoch": 3, "lo')
+    return progress
 
-    out = _finish(_train(run_dir, "training.resume=auto"))
-    assert "resumed from" in out and "continuing at epoch 2, sample" in out
-    _finish(reference)
 
+def _assert_same_as_uninterrupted(ref_dir: Path, run_dir: Path) -> None:
     ref, got = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (ref_dir, run_dir))
     assert got["epoch"] == ref["epoch"] == 3 and got["state"]["progress"] is None
     assert got["state"]["global_step"] == ref["state"]["global_step"] == 36
@@ -108,6 +97,54 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         assert _without_timing(b) == _without_timing(a), f"{split} metrics differ from the uninterrupted run"
     assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == \
         torch.load(ref_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+
+
+@pytest.mark.slow  # several processes, each importing torch and transformers
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference = _train(ref_dir)
+    progress = _kill_inside_epoch_2(_train(run_dir), run_dir / "checkpoints" / "last.pt")
+    assert 0 < progress["position"] < 192
+    # A crash can also come between appending an epoch's metric lines and writing its checkpoint, or
+    # in the middle of a line: the resumed run must drop both.
+    for split in ("train", "val"):
+        f = run_dir / "metrics" / f"{split}_metrics.jsonl"
+        assert len(read_jsonl(f)) == 1
+        with open(f, "a") as fh:
+            fh.write(json.dumps({**read_jsonl(f)[0], "epoch": 2}) + "\n" + '{"epoch": 3, "lo')
+
+    out = _finish(_train(run_dir, "training.resume=auto"))
+    assert "resumed from" in out and "continuing at epoch 2, sample" in out
+    _finish(reference)
+    _assert_same_as_uninterrupted(ref_dir, run_dir)
+
+
+@pytest.mark.slow  # several processes, each importing torch and transformers
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_skipped_samples(tmp_path, precision):
+    seed = 7
+    sampler = ShardSampler(192, shuffle=True, seed=seed)
+    sampler.set_epoch(2)
+    order = sampler.order().tolist()
+    # Epoch 2 (micro-batches of 8, 2 per step) loses its second micro-batch whole, then both of its
+    # third step, before its first checkpoint; elsewhere these samples only thin out their batches.
+    bad = order[8:16] + order[32:48]
+    base = [*TINY, *write_cached_split(tmp_path / "data", 192, 64, bad), "data.on_bad_sample=skip",
+            f"training.seed={seed}", *RESUME_STEPS, *PRECISIONS[precision]]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference = _train(ref_dir, base=base)
+    last = run_dir / "checkpoints" / "last.pt"
+    progress = _kill_inside_epoch_2(_train(run_dir, base=base), last)
+    # The position is in samples of the epoch's order the sampler dealt (16 per step), skipped or not.
+    steps_in_epoch = torch.load(last, weights_only=True)["state"]["global_step"] - 12
+    assert progress["position"] == steps_in_epoch * 16 and 0 < progress["position"] < 192
+
+    out = _finish(_train(run_dir, "training.resume=auto", base=base))
+    assert "resumed from" in out and "data.on_bad_sample=skip: skipped" in out
+    _finish(reference)
+    _assert_same_as_uninterrupted(ref_dir, run_dir)
+    assert sorted(int(line.split("\t")[1]) for line in (ref_dir / "logs" / "skipped_samples.txt").read_text().splitlines()[1:]) \
+        == sorted(bad)
 
 
 # Runs train.py with os.replace stalled for last.pt once a previous last.pt exists: the new checkpoint
