@@ -184,3 +184,19 @@ def test_run_log_shows_a_traceback_on_the_console_only_for_errors_that_are_not_s
     first = (tmp_path / "a.log").read_text()
     assert "evaluation failed: sample 3: telemetry is missing" in first and "Traceback" in first
     assert "Traceback" in (tmp_path / "b.log").read_text()
+
+
+@pytest.mark.parametrize("sweeper", [[], ["hydra/sweeper=sim_optuna", "hydra.sweeper.n_trials=2"]],
+                         ids=["basic", "sim_optuna"])
+def test_a_sweep_whose_trials_all_fail_ends_in_one_error_line(tmp_path, sweeper):
+    sweep_dir = tmp_path / "sweep"
+    k = "model.K=choice(1,2)" if sweeper else "model.K=1,2"
+    res = run_cmd("train.py", "-m", *sweeper, *TINY, "model.d=7", k, "data.train_kwargs.num_samples=32",
+                  "data.val_kwargs.num_samples=16", f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "all 2 trials failed; the first, trial 0 (" in last, res.stderr
+    assert "with ConfigError: model.d=7 but the LLM tiny-gpt2" in last
+    assert f"(its log: {sweep_dir / '0' / 'logs' / 'stdout.log'})" in last
+    assert "Traceback" not in res.stdout + res.stderr
+    assert "Traceback (most recent call last)" in (sweep_dir / "0" / "logs" / "stdout.log").read_text()
