@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY, make_cfg, run_cmd
 from sim.checkpoint import save_checkpoint
@@ -20,7 +21,7 @@ from sim.llm import build_llm
 from sim.model import CHECKPOINT_FORMAT, SimV0Model, segment_mean_matrix
 from sim.run import run_log
 from sim.train import train
-from test_bad_input import DV, F, cached, small_split
+from test_bad_input import DV, F, cached, good_sample, small_split, tiny_model
 
 
 def test_k_greater_than_f_is_refused_by_the_command(tmp_path):
@@ -200,3 +201,18 @@ def test_a_sweep_whose_trials_all_fail_ends_in_one_error_line(tmp_path, sweeper)
     assert f"(its log: {sweep_dir / '0' / 'logs' / 'stdout.log'})" in last
     assert "Traceback" not in res.stdout + res.stderr
     assert "Traceback (most recent call last)" in (sweep_dir / "0" / "logs" / "stdout.log").read_text()
+
+
+def test_predict_json_takes_numpy_arrays_and_lists_as_well_as_tensors():
+    model = tiny_model()
+    samples = [good_sample(i) for i in range(3)]
+    batch = {"vis_feats": torch.stack([s["vis_feats"] for s in samples]),
+             "telemetry": torch.stack([s["telemetry"] for s in samples]), "sample_id": [s["sample_id"] for s in samples]}
+    expected = model.predict_json(batch)
+    as_numpy = {**batch, "vis_feats": batch["vis_feats"].numpy(), "telemetry": batch["telemetry"].double().numpy()}
+    assert model.predict_json(as_numpy) == expected
+    assert model.predict_json({**batch, "telemetry": batch["telemetry"].tolist()}) == expected
+    with pytest.raises(DataError, match=r"batch\['telemetry'\] is list .*expected a tensor, a NumPy array"):
+        model.predict_json({**batch, "telemetry": [["fast"] * 8] * 3})
+    with pytest.raises(DataError, match=r"batch\['vis_feats'\] has dtype torch.bool"):
+        model.predict_json({**batch, "vis_feats": np.zeros((3, F, DV), dtype=bool)})
