@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra_plugins.sim_basic_sweeper import use_as_basic
 from omegaconf import DictConfig
 
 from sim.cli import fail_cleanly
@@ -29,4 +30,5 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
 if __name__ == "__main__":
     # Under torchrun: join the process group before Hydra resolves the run dir (one for all ranks).
     sys.argv.extend(launch_overrides())
+    use_as_basic()
     main()

@@ -9,7 +9,7 @@ sweep actually starts.
 # No `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in
 # sys.modules, and dataclasses resolve string annotations through sys.modules.
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
@@ -44,3 +44,9 @@ class SimOptunaSweeper(OptunaSweeper):
 
         self.sweeper = ResumableOptunaSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
                                                   max_failure_rate, search_space, custom_search_space, params)
+
+    def sweep(self, arguments: List[str]) -> None:
+        from sim.cli import sweep_fails_cleanly
+
+        with sweep_fails_cleanly():
+            return super().sweep(arguments)

@@ -19,3 +19,7 @@ class LLMLoadError(SimError, RuntimeError):
 
 class CheckpointError(SimError, RuntimeError):
     """A checkpoint that is missing, truncated, corrupt, foreign or of another architecture."""
+
+
+class SweepFailed(SimError, RuntimeError):
+    """A sweep stopped: its trials failed (too many of them, or all)."""

@@ -36,13 +36,13 @@ from torch.utils.data import DataLoader
 from sim import labels as L
 from sim.checkpoint import load_checkpoint
 from sim.dataset import SimData, SimDataset, open_split
+from sim.errors import CheckpointError, ConfigError, DataError
 from sim.eval_loop import evaluate_batches
-from sim.errors import CheckpointError, ConfigError, DataError, SimError
 from sim.llm import describe, llm_spec
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, per_class_table
 from sim.model import SimV0Model, checkpoint_precision
 from sim.precision import fast_bf16, named_precision, resolve_device
-from sim.run import attach_log_file, detach_log_file
+from sim.run import run_log
 
 log = logging.getLogger(__name__)
 
@@ -333,18 +333,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log_file(out / "evaluate.log")
-    try:
+    with run_log(out / "evaluate.log", log, "evaluation failed"):
         return _evaluate(cfg, out)
-    except SimError as exc:
-        # Our own errors say what is wrong; the log gets the message, not a traceback.
-        log.error("evaluation failed: %s", exc)
-        raise
-    except Exception:
-        log.exception("evaluation failed")
-        raise
-    finally:
-        detach_log_file(handler)
 
 
 def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:

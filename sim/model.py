@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sim import labels as L
-from sim.errors import CheckpointError, ConfigError
+from sim.errors import CheckpointError, ConfigError, DataError
 from sim.llm import build_llm, describe, hidden_size
 from sim.precision import Precision, dtype_name, named_precision
 
@@ -281,18 +281,37 @@ class SimV0Model(nn.Module):
         """One readable decision per sample.
 
         Args:
-            batch: a collated batch (tensors with a leading batch dimension); `sample_id` optional.
+            batch: a collated batch (a leading batch dimension); the inputs (vis_feats or frames, and
+                telemetry) are tensors, NumPy arrays or nested lists of numbers; `sample_id` optional.
             risk_high_threshold: if given, risk is "high" whenever P(high) >= this threshold
                 (a safety operating point chosen by evaluate.py), else the arg-max.
 
         Returns:
             [{"sample_id", "risk": {"label", "id", "probs": {name: p}}, "reason": {...},
               "action": {...}, "confidence": float}, ...]
+
+        Raises:
+            DataError: an input that is none of those, naming its key.
         """
+
+        def as_tensor(key: str, value: Any) -> torch.Tensor:
+            if torch.is_tensor(value):
+                return value
+            try:
+                t = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise DataError(f"predict_json: batch[{key!r}] is {type(value).__name__} ({exc}); expected a "
+                                "tensor, a NumPy array or a nested list of numbers") from None
+            if t.dtype == torch.bool or t.is_complex():
+                raise DataError(f"predict_json: batch[{key!r}] has dtype {t.dtype}; expected real numbers")
+            return t
+
         was_training = self.training
         self.eval()
         device = self.vis_proj.weight.device
-        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        inputs = ("vis_feats", "frames", "telemetry")
+        moved = {k: (as_tensor(k, v).to(device) if k in inputs else v.to(device) if torch.is_tensor(v) else v)
+                 for k, v in batch.items()}
         logits = self(moved)
         self.train(was_training)
         probs = {h: torch.softmax(logits[f"{h}_logits"].float(), dim=-1).cpu() for h in L.HEADS}

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -12,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sim import labels as L
+from sim.cli import sim_error_in
 from sim.errors import DataError
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -66,6 +69,32 @@ def attach_log_file(path: str | Path) -> logging.Handler:
 def detach_log_file(handler: logging.Handler) -> None:
     logging.getLogger().removeHandler(handler)
     handler.close()
+
+
+@contextlib.contextmanager
+def run_log(path: str | Path | None, logger: logging.Logger, what: str) -> Iterator[None]:
+    """Log into the file `path` too while the block runs (None: no file, as on ranks other than 0);
+    an exception leaving the block is logged as `what` failing, with its traceback, and re-raised.
+
+    SIM's own errors (SimError, also wrapped by Hydra's instantiate) reach the screen as the one
+    `error:` line of `sim.cli.fail_cleanly`, so their traceback goes to the file only, for whoever
+    needs it. Any other exception is a bug: its traceback is shown as well.
+    """
+    handler = attach_log_file(path) if path is not None else None
+    try:
+        yield
+    except Exception as exc:
+        error = sim_error_in(exc)
+        if error is None:
+            logger.exception(what)
+        elif handler is not None:
+            # Handled by the file handler alone: through the logger it would reach the console too.
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s: %s", (what, error),
+                                             (type(exc), exc, exc.__traceback__)))
+        raise
+    finally:
+        if handler is not None:
+            detach_log_file(handler)
 
 
 def git_info(cwd: str | Path | None = None) -> dict[str, Any]:

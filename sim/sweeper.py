@@ -30,21 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
-from sim.errors import ConfigError
+from sim.cli import describe_error, failed_trials_message
+from sim.errors import ConfigError, SweepFailed
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-
-
-class SweepFailed(RuntimeError):
-    """The sweep stopped: too many failed trials, or none completed."""
 
 
 def _objective_values(raw: Any, n_objectives: int) -> tuple[list[float] | None, str | None]:
@@ -60,6 +57,11 @@ def _objective_values(raw: Any, n_objectives: int) -> tuple[list[float] | None, 
         return None, (f"the objective is undefined ({values}): a metric had no value on the val split "
                       "at the best epoch (e.g. risk_high_recall with no 'high' samples)")
     return values, None
+
+
+def _trial_name(record: dict[str, Any]) -> str:
+    params = " ".join(f"{k}={v}" for k, v in record["params"].items())
+    return f"trial {record['trial']}" + (f" ({params})" if params else "")
 
 
 def _n_counted(study: optuna.Study, stale: set[int]) -> int:
@@ -114,13 +116,15 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             returns = self._launch(batch, overrides)
             failures = []
             for trial, ovr, ret in zip(batch, overrides, returns):
-                error = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
-                if error is not None:
-                    failures.append(error)
+                record = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
+                if record["error"] is not None:
+                    failures.append(record)
             if len(failures) / len(returns) > self.max_failure_rate:
-                raise SweepFailed(f"{len(failures)} of {len(returns)} trials of the last batch failed, above "
-                                  f"hydra.sweeper.max_failure_rate={self.max_failure_rate}; first error: "
-                                  f"{type(failures[0]).__name__}: {failures[0]}") from failures[0]
+                first = failures[0]
+                why = failed_trials_message(len(failures), len(returns), _trial_name(first), first["error"],
+                                            first["run_dir"])
+                raise SweepFailed(f"the sweep stopped above hydra.sweeper.max_failure_rate={self.max_failure_rate}: "
+                                  f"in its last batch, {why}; every trial: {sweep_dir / 'trials.jsonl'}")
 
         self._write_results(study, directions, sweep_dir)
 
@@ -160,22 +164,23 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         return [r for t, o in zip(trials, overrides) for r in self.launcher.launch([o], initial_job_idx=t.number)]
 
     def _finish(self, study: optuna.Study, trial: Trial, overrides: Sequence[str], ret: JobReturn,
-                directions: list[str], is_grid: bool, sweep_dir: Path) -> Exception | None:
-        """Tell the study how the trial ended and record it. Returns the failure, if any."""
+                directions: list[str], is_grid: bool, sweep_dir: Path) -> dict[str, Any]:
+        """Tell the study how the trial ended and record it. Returns the record (its "error" is None
+        unless the trial failed)."""
         values: list[float] | None = None
-        error: Exception | None = None
-        try:
-            raw = ret.return_value  # re-raises the job's exception
-        except Exception as exc:  # any job failure is one failed trial, not the end of the sweep
-            error = exc
+        error: str | None = None
+        if ret.status == JobStatus.FAILED:
+            # Any job failure is one failed trial, not the end of the sweep. Read directly: `return_value`
+            # re-raises it after writing Hydra's own line to stderr, which the warning below makes redundant.
+            error = describe_error(ret._return_value)
         else:
-            values, why = _objective_values(raw, len(directions))
+            values, why = _objective_values(ret.return_value, len(directions))
             if why is not None:
-                error = ValueError(why)
+                error = describe_error(ValueError(why))
         run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None
         trial.set_user_attr("run_dir", run_dir)
         if error is not None:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+            trial.set_user_attr("error", error)
         try:
             study.tell(trial, values=values if error is None else None,
                        state=TrialState.COMPLETE if error is None else TrialState.FAIL)
@@ -187,23 +192,30 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         objective = OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else objective
         record = {"trial": trial.number, "state": "COMPLETE" if error is None else "FAIL",
                   "objective": objective, "values": values, "params": trial.params, "overrides": list(overrides),
-                  "run_dir": run_dir, "error": None if error is None else f"{type(error).__name__}: {error}"}
+                  "run_dir": run_dir, "error": error}
         with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if error is None:
             log.info("trial %d: %s = %s  (%s)", trial.number, objective, values, run_dir)
         else:
-            log.warning("trial %d failed and is recorded as FAIL; the sweep goes on. %s: %s  (overrides: %s)",
-                        trial.number, type(error).__name__, error, " ".join(overrides))
-        return error
+            log.warning("trial %d failed and is recorded as FAIL; the sweep goes on. %s  (overrides: %s)",
+                        trial.number, error, " ".join(overrides))
+        return record
 
     def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path) -> None:
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         n_failed = sum(t.state == TrialState.FAIL for t in trials)
         if not complete:
-            raise SweepFailed(f"no trial of study {study.study_name!r} completed ({n_failed} failed): see "
-                              f"{sweep_dir / 'trials.jsonl'} and each trial's logs/stdout.log")
+            every = f"every trial: {sweep_dir / 'trials.jsonl'}"
+            failed = [t for t in trials if t.state == TrialState.FAIL]
+            if not failed:
+                raise SweepFailed(f"no trial of study {study.study_name!r} completed (none failed either); {every}")
+            first = failed[0]
+            # A study begun by another sweeper has no recorded error or run directory.
+            why = failed_trials_message(n_failed, len(trials), _trial_name({"trial": first.number, "params": first.params}),
+                                        first.user_attrs.get("error", "an unrecorded error"), first.user_attrs.get("run_dir"))
+            raise SweepFailed(f"no trial of study {study.study_name!r} completed: {why}; {every}")
         summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "directions": directions,
                                    "n_complete": len(complete), "n_failed": n_failed}
         if len(directions) < 2:

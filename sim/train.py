@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from sim import distributed
 from sim.config import validate_config
 from sim.errors import ConfigError
-from sim.run import RunDir, attach_log_file, detach_log_file, write_config, write_exports
+from sim.run import RunDir, run_log, write_config, write_exports
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run = RunDir(root, create=env.is_main)
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    handler = attach_log_file(run.logs / "stdout.log") if env.is_main else None
-    try:
+    with run_log(run.logs / "stdout.log" if env.is_main else None, log, "training failed"):
         if env.is_main:
             info = write_config(run, cfg)
             log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
@@ -65,13 +64,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
         if env.is_main:
             _plot_curves(run.root)
+        if env.enabled:
+            # Leave together: a rank whose process group is torn down while another still talks to it
+            # can die in gloo's teardown after a successful run.
+            distributed.barrier()
         return result
-    except Exception:
-        log.exception("training failed")
-        raise
-    finally:
-        if handler is not None:
-            detach_log_file(handler)
 
 
 def _check_ranks_agree(cfg: DictConfig) -> None:
