@@ -49,11 +49,12 @@ def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
 
     from sim.checkpoint import load_checkpoint
     from sim.dataset import open_split
-    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint
+    from sim.cli import compose
+    from sim.evaluate import check_llm_override, split_for_checkpoint
     from sim.llm import describe
     from sim.model import SimV0Model
 
-    cfg = compose_config(overrides)
+    cfg = compose("evaluate", overrides)
     checkpoint = OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False)
     split = str(cfg.split)
     if checkpoint is not None:

@@ -1,15 +1,25 @@
-"""Shared behaviour of the command-line entry points."""
+"""Shared behaviour of the command-line entry points.
+
+Every command is a Hydra main with its own `conf/<command>.yaml`, so `--help`, `--cfg job`, overrides and
+run directories work alike everywhere. `compose` is for code that needs one of those configs outside a
+Hydra main (tests, a command that composes variants of its own config).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from sim.errors import SimError
+from omegaconf import DictConfig
+
+from sim.errors import ConfigError, SimError
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _multirun() -> bool:
@@ -52,3 +62,29 @@ def fail_cleanly() -> Iterator[None]:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def compose(config_name: str, overrides: Iterable[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides`, as the command line would compose it.
+
+    Inside a Hydra main the running Hydra composes it: its search path is this conf/ already, and a
+    second initialization would be refused.
+
+    Raises:
+        ConfigError: an override names no key or option of the config.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"bad arguments {' '.join(overrides)!r}: {exc}") from None
+

@@ -303,10 +303,11 @@ def parse_args(argv: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], li
 def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any, Any, Path]:
     """(cfg, model, loader over the parity split, checkpoint path) from the command's overrides."""
     from sim.checkpoint import load_checkpoint
-    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint, split_loader
+    from sim.cli import compose
+    from sim.evaluate import check_llm_override, split_for_checkpoint, split_loader
     from sim.model import SimV0Model
 
-    cfg = compose_config(overrides)
+    cfg = compose("evaluate", overrides)
     if OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False) is None:
         raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
     path = Path(str(cfg.checkpoint))

@@ -15,8 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+
+from sim.cli import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -25,8 +26,7 @@ TINY = ["llm=tiny", "training.progress_bar=false"]
 
 def make_cfg(*overrides: str) -> DictConfig:
     """The real train config composed with overrides (as `python train.py ...` would)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose("train", overrides)
 
 
 def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,8 @@ from conftest import run_cmd
 from sim import labels as L
 from sim.checkpoint import load_checkpoint
 from sim.errors import DataError
-from sim.evaluate import compose_config, split_for_checkpoint, split_loader
+from sim.cli import compose
+from sim.evaluate import split_for_checkpoint, split_loader
 from sim.model import SimV0Model
 
 
@@ -23,7 +24,7 @@ from sim.model import SimV0Model
 def trained(precision_run):
     """(best.pt, the model rebuilt from it, the first val batch evaluate.py would read), each precision."""
     best = precision_run[0] / "checkpoints" / "best.pt"
-    cfg = compose_config([f"checkpoint={best}"])
+    cfg = compose("evaluate", [f"checkpoint={best}"])
     dataset = split_for_checkpoint(cfg, load_checkpoint(best)["metadata"], "val", best)
     batch = next(iter(split_loader(cfg.data, dataset, batch_size=8)))
     return best, SimV0Model.from_checkpoint(best), batch

@@ -111,12 +111,9 @@ def test_frame_data_options_instantiate(frames_split):
 
 
 def cache_cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from sim.cli import compose
 
-    from conftest import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("cache_features", overrides=list(overrides))
+    return compose("cache_features", overrides)
 
 
 def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
