@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sim.errors import ConfigError, SimError
 
@@ -87,4 +87,21 @@ def compose(config_name: str, overrides: Iterable[str] = (), return_hydra_config
             return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad arguments {' '.join(overrides)!r}: {exc}") from None
+
+
+def command_line() -> list[str]:
+    """The overrides the running Hydra main was given, for composing a variant of its config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def require(cfg: DictConfig, key: str, example: str) -> None:
+    """Refuse a config whose mandatory `key` was not given (??? in the config file, or empty).
+
+    Raises:
+        ConfigError: naming the key and what to type, e.g. `out must be set: out=DIR`.
+    """
+    if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) in (None, ""):
+        raise ConfigError(f"{key} must be set: {key}={example}")
 

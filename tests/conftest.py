@@ -76,19 +76,17 @@ def precision_run(request, tiny_runs):
 
 @pytest.fixture(scope="package")
 def synthetic_split(tmp_path_factory) -> Path:
-    """A small synthetic dataset written in the cached on-disk format (train/ and val/)."""
-    from sim.synthetic import main
-
+    """A small synthetic dataset written in the cached on-disk format (train/ and val/), by the command."""
     out = tmp_path_factory.mktemp("synthetic_split")
-    main([f"out={out}", "num_train=256", "num_val=128", "dv=32"])
+    res = run_cmd("-m", "sim.synthetic", f"out={out}", "num_train=256", "num_val=128", "dv=32")
+    assert res.returncode == 0, res.stderr[-2000:]
     return out
 
 
 @pytest.fixture(scope="package")
 def frames_split(tmp_path_factory) -> Path:
-    """A small synthetic raw-frame dataset on disk (train/ and val/), F=4."""
-    from sim.frames import main
-
+    """A small synthetic raw-frame dataset on disk (train/ and val/), F=4, by the command."""
     out = tmp_path_factory.mktemp("frames_split")
-    main([f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32"])
+    res = run_cmd("-m", "sim.frames", f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32")
+    assert res.returncode == 0, res.stderr[-2000:]
     return out
