@@ -105,3 +105,18 @@ def require(cfg: DictConfig, key: str, example: str) -> None:
     if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) in (None, ""):
         raise ConfigError(f"{key} must be set: {key}={example}")
 
+
+def comma_lists(argv: list[str], keys: Iterable[str]) -> list[str]:
+    """`key=a,b` as `key=[a,b]` for the list-valued `keys`.
+
+    Hydra reads an unbracketed comma list as a sweep, which a single run refuses; users of these
+    keys have always typed the plain form.
+    """
+    keys = set(keys)
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out
