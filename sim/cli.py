@@ -109,8 +109,8 @@ def require(cfg: DictConfig, key: str, example: str) -> None:
 def comma_lists(argv: list[str], keys: Iterable[str]) -> list[str]:
     """`key=a,b` as `key=[a,b]` for the list-valued `keys`.
 
-    Hydra reads an unbracketed comma list as a sweep, which a single run refuses; users of these
-    keys have always typed the plain form.
+    Hydra reads an unbracketed comma list as a sweep, which a single run refuses; the plain form is
+    what users of these keys type.
     """
     keys = set(keys)
     out = []
