@@ -2,13 +2,13 @@
 
     python -m sim.bench llm=gpt2 llm.pretrained=false data=dummy data.batch_size=64 [options]
 
-Options (the rest are train.py overrides):
-    --steps N          timed training steps (default 20), after --warmup N untimed ones (default 3)
-    --reference        also time the naive loop (causal-LM with its LM head, output_hidden_states,
+Options (conf/bench.yaml; the rest are train.py overrides):
+    steps=N            timed training steps (default 20), after warmup=N untimed ones (default 3)
+    reference=true     also time the naive loop (causal-LM with its LM head, output_hidden_states,
                        fp32 eager, trainable LLM weights) on the same model and batch, for comparison
-    --memory N         also train one pass over a cached split of N samples written to a temp
+    memory=N           also train one pass over a cached split of N samples written to a temp
                        directory (dv and F from the config) and report the process's anonymous RSS
-    --json PATH        write the results as JSON (default: print only)
+    json=PATH          write the results as JSON (default: print only)
 
 In one run it measures the fp32 and bf16 matmul peaks, times the real trainer's steps split into
 data / forward / backward / optimizer, and reports samples/s, achieved FLOP/s and the model FLOPs
@@ -17,18 +17,19 @@ utilization (MFU) against the measured peak of the precision in use.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
+from sim.cli import command_line, compose, fail_cleanly
 from sim.eval_loop import to_device
 from sim.labels import LABELS
 from sim.metrics import compute_losses
@@ -173,8 +174,11 @@ def rss_anon_bytes() -> int | None:
     return None
 
 
-def memory_check(overrides: list[str], n_samples: int, F: int, dv: int) -> dict[str, Any]:
-    """Train one pass over an N-sample cached split on disk and watch anonymous RSS."""
+def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> dict[str, Any]:
+    """Train one pass over an N-sample cached split on disk and watch anonymous RSS.
+
+    `overrides` is the command line: the run is the model it names, on the cached split instead.
+    """
     from sim.run import RunDir
     from sim.synthetic import generate
     from sim.trainer import Trainer
@@ -201,8 +205,8 @@ def memory_check(overrides: list[str], n_samples: int, F: int, dv: int) -> dict[
                 np.save(out / f"{h}_id.npy", arrays[f"{h}_id"])
             (out / "meta.json").write_text(json.dumps({"format_version": 1, "dv": dv, "F": F, "labels": LABELS}))
         size = sum(f.stat().st_size for f in (root / "train").iterdir())
-        cfg = compose_train(overrides + ["data=cached", f"data.train_split_path={root/'train'}",
-                                         f"data.val_split_path={root/'val'}", "training.progress_bar=false"])
+        cfg = compose("bench", [*overrides, "data=cached", f"data.train_split_path={root/'train'}",
+                                f"data.val_split_path={root/'val'}"])
         trainer = Trainer(cfg, RunDir(root / "run"))
         trainer.setup()
         base = rss_anon_bytes()
@@ -228,20 +232,19 @@ def memory_check(overrides: list[str], n_samples: int, F: int, dv: int) -> dict[
                 "seconds": time.perf_counter() - t0, "rss_anon_after_setup": base, "rss_anon_peak": peak}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reference", action="store_true")
-    parser.add_argument("--memory", type=int, default=0, metavar="N")
-    parser.add_argument("--json", default=None)
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Matmul peaks, the trainer's timed steps and, with `memory`, the memory check; returns the figures
+    `print_table` shows.
 
+    Args:
+        cfg: conf/bench.yaml composed with `overrides` (a train config plus steps, warmup, reference, ...).
+        overrides: the command line; the memory check composes its cached-split run from it.
+    """
+    from sim.precision import dtype_name
     from sim.run import RunDir
     from sim.trainer import Trainer
-    from sim.precision import dtype_name
 
-    cfg = compose_train(overrides + ["training.progress_bar=false"])
+    steps, warmup = int(cfg.steps), int(cfg.warmup)
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
         trainer = Trainer(cfg, RunDir(tmp))
         trainer.setup()
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peaks = {"float32": matmul_peak(torch.float32, device)}
         bf16_n = 2048 if compute_dtype == torch.bfloat16 else 256  # emulated bf16 is slow: keep it short
         peaks["bfloat16"] = matmul_peak(torch.bfloat16, device, n=bf16_n)
-        timing = time_trainer_steps(trainer, args.steps, args.warmup)
+        timing = time_trainer_steps(trainer, steps, warmup)
         flops = step_flops(trainer.model, int(cfg.data.batch_size))
         achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
         peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
@@ -265,25 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "achieved_gflops": achieved / 1e9,
             "mfu": achieved / peak,
         }
-        if args.reference:
-            ref = time_naive_reference(trainer, max(3, args.steps // 2), 1)
+        if cfg.reference:
+            ref = time_naive_reference(trainer, max(3, steps // 2), 1)
             result["naive_reference"] = ref
             result["speedup_vs_naive"] = timing["samples_per_s"] / ref["samples_per_s"]
-    if args.memory:
-        result["memory"] = memory_check(overrides, args.memory, trainer.model.F, trainer.model.dv)
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if cfg.memory:
+        result["memory"] = memory_check(overrides, int(cfg.memory), trainer.model.F, trainer.model.dv)
     return result
-
-
-def compose_train(overrides: list[str]):
-    """The train config with overrides, composed from this checkout's conf/."""
-    from hydra import compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -309,6 +300,15 @@ def print_table(r: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        result = run(cfg, command_line())
+    print_table(result)
+    if cfg.json:
+        Path(str(cfg.json)).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

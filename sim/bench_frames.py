@@ -15,31 +15,20 @@ thread gives steadier figures than several contended ones).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sim.cli import fail_cleanly
-from sim.synthetic import parse_overrides
-
-log = logging.getLogger(__name__)
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-BENCH_KEYS = {"num_samples": 128, "num_val": 32, "H": 64, "W": 64, "out": "", "threads": 0}
-
-
-def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides)
+from sim.cli import command_line, compose, fail_cleanly
+from sim.errors import ConfigError
 
 
 def _train_rate(run_dir: Path) -> float:
@@ -49,27 +38,29 @@ def _train_rate(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def bench(opts: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Run the benchmark; returns the figures (also written to `<out>/bench.json`)."""
+def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the benchmark; returns the figures (also written to `<out>/bench.json`).
+
+    Args:
+        overrides: the command line (this command's keys and any train.py override); the frames run and
+            the cache run compose conf/bench_frames.yaml with it, each with its own data option.
+    """
     from sim.cache_features import cache_features
     from sim.frames import write_frames_split
     from sim.train import train
 
-    out = Path(opts["out"] or tempfile.mkdtemp(prefix="sim_bench_frames_"))
-    base = ["training.progress_bar=false", "checkpoint.save_every_epoch=false"]
-    if not any(o.startswith("training.epochs=") for o in overrides):
-        base.append("training.epochs=3")
-    if not any(o.startswith("vision=") for o in overrides):
-        base.append("vision=tiny")
-    frames_cfg = _compose("train", [*base, *overrides, "data=frames", f"data.train_split_path={out}/frames/train",
-                                    f"data.val_split_path={out}/frames/val"])
+    cfg = compose("bench_frames", overrides)
+    out = Path(cfg.out or tempfile.mkdtemp(prefix="sim_bench_frames_"))
+    n_train, n_val, H, W = int(cfg.num_samples), int(cfg.num_val), int(cfg.H), int(cfg.W)
+    frames_cfg = compose("bench_frames", [*overrides, "data=frames", f"data.train_split_path={out}/frames/train",
+                                          f"data.val_split_path={out}/frames/val"])
     if frames_cfg.vision.kind == "cached":
-        raise SystemExit("bench_frames needs an encoder: vision=tiny, vision=resnet18, ...")
+        raise ConfigError("bench_frames needs an encoder: vision=tiny, vision=resnet18, ...")
     F = int(frames_cfg.model.F)
-    for split, n in (("train", opts["num_samples"]), ("val", opts["num_val"])):
-        write_frames_split(out / "frames" / split, n, F, opts["H"], opts["W"], split=split)
+    for split, n in (("train", n_train), ("val", n_val)):
+        write_frames_split(out / "frames" / split, n, F, H, W, split=split)
 
-    cache_cfg = _compose("cache_features", ["vision=tiny", "data=frames", f"data.train_split_path={out}/frames/train",
+    cache_cfg = compose("cache_features", ["vision=tiny", "data=frames", f"data.train_split_path={out}/frames/train",
                                             f"data.val_split_path={out}/frames/val", f"out={out}/cache",
                                             "progress_bar=false", "overwrite=true", f"model.F={F}"])
     with open_dict(cache_cfg):
@@ -85,16 +76,16 @@ def bench(opts: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for name in ("run_frames", "run_cache"):
         shutil.rmtree(out / name, ignore_errors=True)
     train(frames_cfg, run_dir=out / "run_frames")
-    cached_cfg = _compose("train", [*base, *overrides, "vision=cached", "data=cached", f"data.train_split_path={out}/cache/train",
-                                    f"data.val_split_path={out}/cache/val"])
+    cached_cfg = compose("bench_frames", [*overrides, "vision=cached", "data=cached", f"data.train_split_path={out}/cache/train",
+                                          f"data.val_split_path={out}/cache/val"])
     train(cached_cfg, run_dir=out / "run_cache")
 
     result = {
         "encoder": frames_cfg.vision.name_or_path,
         "vision": OmegaConf.to_container(frames_cfg.vision, resolve=True),
         "llm": frames_cfg.llm.name_or_path,
-        "frames": [F, 3, opts["H"], opts["W"]],
-        "train_samples": opts["num_samples"],
+        "frames": [F, 3, H, W],
+        "train_samples": n_train,
         "batch_size": int(frames_cfg.data.batch_size),
         "epochs": int(frames_cfg.training.epochs),
         "cache_frames_per_s": n_frames / encode_s,
@@ -108,19 +99,12 @@ def bench(opts: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    mine = [a for a in argv if a.partition("=")[0] in BENCH_KEYS]
-    overrides = [a for a in argv if a not in mine]
-    opts = parse_overrides(mine, BENCH_KEYS)
-    # Warnings only on the console: each run logs everything to its own logs/stdout.log.
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING)
-    logging.getLogger().addHandler(console)
-    if opts["threads"]:
-        torch.set_num_threads(int(opts["threads"]))
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_frames")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
     with fail_cleanly():
-        r = bench(opts, overrides)
+        r = bench(command_line())
     speedup = r["train_from_cache_samples_per_s"] / r["train_from_frames_samples_per_s"]
     print(f"encoder {r['encoder']} ({r['vision']['kind']}, pretrained={r['vision']['pretrained']}), LLM {r['llm']}; "
           f"frames {'x'.join(map(str, r['frames']))}, {r['train_samples']} train samples, batch {r['batch_size']}, "

@@ -28,13 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sim.errors import ConfigError, SimError
-from sim.export_onnx import (OUTPUTS, compare, example_inputs, export_model, model_key, parse_args, quantize_int8,
-                             require_onnx, run_session, session)
+from sim.cli import comma_lists, fail_cleanly
+from sim.errors import ConfigError
+from sim.export_onnx import (OUTPUTS, compare, example_inputs, export_model, model_key, quantize_int8, require_onnx,
+                             run_session, session)
 from sim.precision import cpu_has_fast_bf16, named_precision
 
 log = logging.getLogger(__name__)
@@ -43,21 +45,19 @@ BACKENDS = ("eager_fp32", "eager_bf16", "onnx_fp32", "onnx_int8")
 Runner = Callable[[torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
 
 
-def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
-    """(model, dataset, description): from a checkpoint, or an `llm=` architecture with random heads."""
+def build_model(cfg: DictConfig) -> tuple[Any, Any, str]:
+    """(model, dataset, description): from `cfg.checkpoint`, or a `cfg.llm` architecture with random heads."""
     from hydra.utils import instantiate
 
     from sim.checkpoint import load_checkpoint
     from sim.dataset import open_split
-    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint
+    from sim.evaluate import check_llm_override, split_for_checkpoint
     from sim.llm import describe
     from sim.model import SimV0Model
 
-    cfg = compose_config(overrides)
-    checkpoint = OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False)
     split = str(cfg.split)
-    if checkpoint is not None:
-        path = Path(str(checkpoint))
+    if cfg.checkpoint is not None:
+        path = Path(str(cfg.checkpoint))
         ckpt = load_checkpoint(path)
         check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
         dataset = split_for_checkpoint(cfg, ckpt["metadata"], split, path)
@@ -65,7 +65,8 @@ def build_model(overrides: list[str], F: int, K: int) -> tuple[Any, Any, str]:
         return model, dataset, f"checkpoint {path} ({describe(ckpt['metadata']['llm'])})"
     if cfg.get("llm") is None:
         raise ConfigError("give checkpoint=PATH, or llm=NAME to time an architecture with random heads")
-    OmegaConf.update(cfg, "model.F", int(F), force_add=True)
+    F, K = int(cfg.F), int(cfg.K)
+    OmegaConf.update(cfg, "model.F", F, force_add=True)
     dataset = open_split(cfg.data, split, True)
     dv = int(dataset.video_shape()[-1])
     llm = instantiate(cfg.llm, _convert_="all")
@@ -128,9 +129,24 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmup: int = 10, threads: int = 0,
-          F: int = 8, K: int = 4, onnx_dir: str | Path | None = None) -> dict[str, Any]:
-    """Time every backend on the same windows; returns the report (see the module docstring)."""
+def backend_names(value: str | list[str] | ListConfig) -> list[str]:
+    """`backends` as names: a list, or one name (or a comma list) typed as a string."""
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [b.strip() for b in items if b.strip()]
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    """Time every backend of `cfg.backends` on the same windows; returns the report (see the module docstring).
+
+    Args:
+        cfg: conf/bench_latency.yaml composed (checkpoint or llm, data, split, backends, windows, ...).
+
+    Raises:
+        ConfigError: an unknown backend, or neither a checkpoint nor an LLM to time.
+    """
+    backends = backend_names(cfg.backends)
+    n_windows, warmup, threads = int(cfg.windows), int(cfg.warmup), int(cfg.threads)
+    onnx_dir = cfg.onnx_dir or None
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ConfigError(f"backends: unknown {unknown}; expected some of {', '.join(BACKENDS)}")
@@ -139,7 +155,7 @@ def bench(overrides: list[str], backends: list[str], n_windows: int = 100, warmu
     if threads:
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
-    model, dataset, what = build_model(overrides, F, K)
+    model, dataset, what = build_model(cfg)
     model = model.eval()
     key = model_key(model)
     windows = windows_of(dataset, n_windows, key)
@@ -204,27 +220,15 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        opts, overrides = parse_args(argv, {"backends": ",".join(BACKENDS), "windows": 100, "warmup": 10, "threads": 0,
-                                            "F": 8, "K": 4, "onnx_dir": "", "report": ""})
-        if not any(o.startswith("checkpoint=") for o in overrides):
-            overrides.append("checkpoint=null")
-        report = bench(overrides, [b.strip() for b in opts["backends"].split(",") if b.strip()], opts["windows"],
-                       opts["warmup"], opts["threads"], opts["F"], opts["K"], opts["onnx_dir"] or None)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_latency")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        report = bench(cfg)
     print(format_table(report))
-    if opts["report"]:
-        Path(opts["report"]).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    if cfg.report:
+        Path(str(cfg.report)).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.argv[1:] = comma_lists(sys.argv[1:], ["backends"])
+    main()

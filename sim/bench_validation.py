@@ -18,12 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
-BENCH_KEYS = {"steps": 30, "warmup": 3, "budget": 0.02}
+from sim.cli import fail_cleanly
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -35,19 +36,17 @@ def _median_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def run(overrides: list[str], steps: int = 30, warmup: int = 3, budget: float = 0.02) -> dict[str, Any]:
-    """Set up a trainer from train.yaml + overrides and time a step and the validation."""
-    from hydra import compose, initialize_config_dir
-
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Set up a trainer from conf/bench_validation.yaml composed (a train config plus steps, warmup,
+    budget) and time a step and the validation."""
     from sim.dataset import collate_fn
+    from sim.eval_loop import to_device
     from sim.metrics import compute_losses
     from sim.run import RunDir
     from sim.trainer import Trainer
     from sim.validate import SampleValidator
 
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=["training.progress_bar=false", "training.epochs=1", *overrides])
+    steps, warmup, budget = int(cfg.steps), int(cfg.warmup), float(cfg.budget)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, RunDir(tmp))
         trainer.setup()
@@ -67,9 +66,8 @@ def run(overrides: list[str], steps: int = 30, warmup: int = 3, budget: float = 
         it = iter(range(10**9))
 
         def step() -> None:
-            batch = trainer._to_device(batches[next(it) % len(batches)])
-            with trainer.autocast():
-                logits = model(batch)
+            batch = to_device(batches[next(it) % len(batches)], trainer.device)
+            logits = trainer.forward(batch)  # under the model's own autocast, as the trainer's step
             losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
             losses["objective"].backward()
             opt.step()
@@ -111,20 +109,11 @@ def run(overrides: list[str], steps: int = 30, warmup: int = 3, budget: float = 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench_validation")
+def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = sys.argv[1:] if argv is None else argv
-    opts = dict(BENCH_KEYS)
-    overrides = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in opts:
-            opts[key] = type(opts[key])(value)
-        else:
-            overrides.append(arg)
-    if not any(a.startswith("llm=") for a in overrides):
-        overrides.insert(0, "llm=tiny")
-    r = run(overrides, int(opts["steps"]), int(opts["warmup"]), float(opts["budget"]))
+    with fail_cleanly():
+        r = run(cfg)
     print(f"validation cost: llm={r['llm']} data={r['data']} batch_size={r['batch_size']} "
           f"video {r['video_shape']} ({r['threads']} threads)")
     print(f"  training step (forward, loss, backward, optimizer)   {r['step_ms']:9.3f} ms")
@@ -134,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
           f"  (plain collate_fn {r['plain_collate_ms']:.3f} ms; extra {100 * r['per_sample_extra_share']:.2f}% of a step)")
     ok = r["collated_share"] < r["budget"] and r["per_sample_extra_share"] < r["budget"]
     print(f"  {'within' if ok else 'OVER'} the budget of {100 * r['budget']:.0f}% of a training step")
-    return 0 if ok else 1
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

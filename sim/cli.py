@@ -1,17 +1,26 @@
-"""Shared behaviour of the command-line entry points."""
+"""Shared behaviour of the command-line entry points.
+
+Every command is a Hydra main with its own `conf/<command>.yaml`, so `--help`, `--cfg job`, overrides and
+run directories work alike everywhere. `compose` is for code that needs one of those configs outside a
+Hydra main (tests, a command that composes variants of its own config).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from sim.errors import SimError
+from omegaconf import DictConfig, OmegaConf
+
+from sim.errors import ConfigError, SimError
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _multirun() -> bool:
@@ -95,3 +104,61 @@ def failed_trials_message(n_failed: int, n_trials: int, first: str, error: str, 
     log_file = Path(run_dir) / "logs" / "stdout.log" if run_dir else None
     where = f" (its log: {log_file})" if log_file is not None and log_file.is_file() else ""
     return f"{head}{'; the first,' if n_failed > 1 else ':'} {first}, with {error}{where}"
+
+
+def compose(config_name: str, overrides: Iterable[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml composed with `overrides`, as the command line would compose it.
+
+    Inside a Hydra main the running Hydra composes it: its search path is this conf/ already, and a
+    second initialization would be refused.
+
+    Raises:
+        ConfigError: an override names no key or option of the config.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"bad arguments {' '.join(overrides)!r}: {exc}") from None
+
+
+def command_line() -> list[str]:
+    """The overrides the running Hydra main was given, for composing a variant of its config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def require(cfg: DictConfig, key: str, example: str) -> None:
+    """Refuse a config whose mandatory `key` was not given (??? in the config file, or empty).
+
+    Raises:
+        ConfigError: naming the key and what to type, e.g. `out must be set: out=DIR`.
+    """
+    if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) in (None, ""):
+        raise ConfigError(f"{key} must be set: {key}={example}")
+
+
+def comma_lists(argv: list[str], keys: Iterable[str]) -> list[str]:
+    """`key=a,b` as `key=[a,b]` for the list-valued `keys`.
+
+    Hydra reads an unbracketed comma list as a sweep, which a single run refuses; the plain form is
+    what users of these keys type.
+    """
+    keys = set(keys)
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out

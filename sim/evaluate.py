@@ -214,20 +214,6 @@ def split_loader(data_cfg: DictConfig, dataset: SimDataset, batch_size: int | No
     return data.loader("val", shuffle=False)
 
 
-def compose_config(overrides: list[str], config_name: str = "evaluate") -> DictConfig:
-    """conf/<config_name>.yaml composed with `overrides`, for commands that are not Hydra mains."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    conf_dir = Path(__file__).resolve().parent.parent / "conf"
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            return compose(config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"bad arguments {' '.join(overrides)!r}: {exc}") from None
-
-
 def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """Loss and class weights the run trained with (from the config stored beside the weights), so the
     losses reported here are the ones its val log shows. Classification metrics do not depend on them."""

@@ -27,12 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from sim import labels as L
+from sim.cli import fail_cleanly, require
 from sim.errors import ConfigError, SimError
 from sim.precision import named_precision
 
@@ -279,93 +281,74 @@ def onnx_logits(sess: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> d
     return {n: np.concatenate([p[n] for p in parts]) for n in OUTPUTS}
 
 
-def parse_args(argv: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Split `key=value` arguments into this command's own keys (typed by their defaults) and the
-    Hydra overrides of conf/evaluate.yaml (checkpoint=, data=..., split=, llm=...)."""
-    opts, rest = dict(own), []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if arg in ("-h", "--help"):
-            raise SystemExit(None)
-        if not sep:
-            raise ConfigError(f"argument {arg!r}: expected key=value")
-        if key in opts:
-            kind = type(opts[key]) if opts[key] is not None else str
-            try:
-                opts[key] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r}: expected a {kind.__name__}") from None
-        else:
-            rest.append(arg)
-    return opts, rest
-
-
-def load_for_export(overrides: list[str], parity_samples: int) -> tuple[Any, Any, Any, Path]:
-    """(cfg, model, loader over the parity split, checkpoint path) from the command's overrides."""
+def load_for_export(cfg: DictConfig) -> tuple[nn.Module, Any, Path]:
+    """(model, loader over the parity split, checkpoint path) for this command's config."""
     from sim.checkpoint import load_checkpoint
-    from sim.evaluate import check_llm_override, compose_config, split_for_checkpoint, split_loader
+    from sim.evaluate import check_llm_override, split_for_checkpoint, split_loader
     from sim.model import SimV0Model
 
-    cfg = compose_config(overrides)
-    if OmegaConf.select(cfg, "checkpoint", default=None, throw_on_missing=False) is None:
-        raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
     path = Path(str(cfg.checkpoint))
     ckpt = load_checkpoint(path)
     check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
     dataset = split_for_checkpoint(cfg, ckpt["metadata"], str(cfg.split), path)
     model = SimV0Model.from_checkpoint(path).eval()
-    loader = split_loader(cfg.data, dataset, batch_size=min(64, max(2, parity_samples)))
-    return cfg, model, loader, path
+    loader = split_loader(cfg.data, dataset, batch_size=min(64, max(2, int(cfg.parity_samples))))
+    return model, loader, path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sim.export_onnx checkpoint=PATH out=FILE ...`; prints the parity report as JSON."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        opts, overrides = parse_args(argv, {"out": "", "quantize": False, "parity_samples": 512, "opset": 0,
-                                            "threads": 0, "max_abs_diff": 1e-3, "report": ""})
-        if not opts["out"]:
-            raise ConfigError("out must be set: out=path/to/model.onnx")
-        if not any(o.startswith("checkpoint=") for o in overrides):
-            raise ConfigError("checkpoint must be set: checkpoint=path/to/best.pt")
-        require_onnx()
-        cfg, model, loader, path = load_for_export(overrides, int(opts["parity_samples"]))
-        # The decisions the checkpoint was validated with: eager, in its own precision.
-        trained_in = model.precision
-        validated, inputs = torch_logits(model, loader, int(opts["parity_samples"]))
-        # The graph computes in fp32; its conversion is checked against eager fp32 on the same weights.
-        model.set_precision(named_precision("fp32"))
-        ref = logits_of(model, inputs)
-        out = export_model(model, opts["out"], example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
-                           opset=int(opts["opset"]) or None)
-        onnx_out = onnx_logits(session(out, opts["threads"]), inputs)
-        report: dict[str, Any] = {"checkpoint": str(path), "onnx": str(out), "split": str(cfg.split),
-                                  "checkpoint_precision": trained_in.to_dict(),
-                                  "fp32": compare(ref, onnx_out),
-                                  "vs_checkpoint_precision": compare(validated, onnx_out)}
-        if opts["quantize"]:
-            q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
-            report["int8_onnx"] = str(q)
-            int8_out = onnx_logits(session(q, opts["threads"]), inputs)
-            report["int8"] = compare(ref, int8_out)
-            report["int8_vs_checkpoint_precision"] = compare(validated, int8_out)
-    except SimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def export_and_check(cfg: DictConfig) -> dict[str, Any]:
+    """Export the checkpoint `cfg` names to `cfg.out` and compare ONNX Runtime with PyTorch on its split.
+
+    Args:
+        cfg: conf/export_onnx.yaml composed (checkpoint, out, data, split, quantize, parity_samples, ...).
+
+    Returns:
+        The parity report: max abs logit difference and label agreement against eager fp32 (what the
+        graph computes) and against the checkpoint's own precision; the same for int8 with quantize=true.
+
+    Raises:
+        ConfigError: checkpoint or out not given. OnnxRuntimeMissing: the optional extra is not installed.
+    """
+    require(cfg, "checkpoint", "path/to/best.pt")
+    require(cfg, "out", "path/to/model.onnx")
+    require_onnx()
+    samples, threads = int(cfg.parity_samples), int(cfg.threads)
+    model, loader, path = load_for_export(cfg)
+    # The decisions the checkpoint was validated with: eager, in its own precision.
+    trained_in = model.precision
+    validated, inputs = torch_logits(model, loader, samples)
+    # The graph computes in fp32; its conversion is checked against eager fp32 on the same weights.
+    model.set_precision(named_precision("fp32"))
+    ref = logits_of(model, inputs)
+    out = export_model(model, str(cfg.out), example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
+                       opset=int(cfg.opset) if cfg.opset else None)
+    onnx_out = onnx_logits(session(out, threads), inputs)
+    report: dict[str, Any] = {"checkpoint": str(path), "onnx": str(out), "split": str(cfg.split),
+                              "checkpoint_precision": trained_in.to_dict(),
+                              "fp32": compare(ref, onnx_out),
+                              "vs_checkpoint_precision": compare(validated, onnx_out)}
+    if cfg.quantize:
+        q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
+        report["int8_onnx"] = str(q)
+        int8_out = onnx_logits(session(q, threads), inputs)
+        report["int8"] = compare(ref, int8_out)
+        report["int8_vs_checkpoint_precision"] = compare(validated, int8_out)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export_onnx")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        report = export_and_check(cfg)
     print(json.dumps(report, indent=2))
-    if opts["report"]:
-        Path(opts["report"]).write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.report:
+        Path(str(cfg.report)).write_text(json.dumps(report, indent=2) + "\n")
     diff = report["fp32"]["max_abs_logit_diff_all"]
-    if diff is not None and diff > float(opts["max_abs_diff"]):
-        print(f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={opts['max_abs_diff']})",
+    if diff is not None and diff > float(cfg.max_abs_diff):
+        print(f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={cfg.max_abs_diff})",
               file=sys.stderr)
-        return 2
-    return 0
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

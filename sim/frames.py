@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from sim import labels as L
 from sim.checkpoint import atomic_write_bytes
+from sim.cli import fail_cleanly, require
 from sim.dataset import TensorSplit
 from sim.errors import ConfigError
-from sim.synthetic import SPLIT_OFFSET, Scenes, parse_overrides, sample_scenes, telemetry_for
+from sim.synthetic import SPLIT_OFFSET, Scenes, sample_scenes, telemetry_for
 
 # RGB of each hazard type, by reason id: human, obstacle, tight_space, unknown.
 HAZARD_RGB = np.array([[220, 40, 40], [40, 70, 220], [40, 190, 60], [230, 200, 40]], dtype=np.float32)
@@ -183,16 +185,21 @@ def write_frames_split(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = parse_overrides(
-        sys.argv[1:] if argv is None else argv,
-        {"out": "", "num_train": 1024, "num_val": 256, "F": 8, "H": 32, "W": 32, "seed": 0, "noise": 10.0},
-    )
-    if not opts["out"]:
-        raise SystemExit("usage: python -m sim.frames out=DIR [num_train=1024] [num_val=256] [F=8] [H=32] [W=32] [seed=0] [noise=10.0]")
-    for split, n in (("train", opts["num_train"]), ("val", opts["num_val"])):
-        path = write_frames_split(Path(opts["out"]) / split, n, opts["F"], opts["H"], opts["W"], opts["seed"], split, opts["noise"])
-        print(f"wrote {n} samples ({opts['F']} frames of {opts['H']}x{opts['W']}) to {path}")
+def write_frames_dataset(out: str | Path, num_train: int = 1024, num_val: int = 256, F: int = 8, H: int = 32, W: int = 32,
+                         seed: int = 0, noise: float = 10.0) -> dict[str, Path]:
+    """Write `out/train` and `out/val`; returns each split's directory."""
+    return {split: write_frames_split(Path(out) / split, n, F, H, W, seed, split, noise)
+            for split, n in (("train", num_train), ("val", num_val))}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="frames")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        require(cfg, "out", "DIR")
+        paths = write_frames_dataset(cfg.out, int(cfg.num_train), int(cfg.num_val), int(cfg.F), int(cfg.H), int(cfg.W),
+                                     int(cfg.seed), float(cfg.noise))
+    for split, n in (("train", cfg.num_train), ("val", cfg.num_val)):
+        print(f"wrote {n} samples ({cfg.F} frames of {cfg.H}x{cfg.W}) to {paths[split]}")
 
 
 if __name__ == "__main__":

@@ -21,15 +21,17 @@ Deterministic by seed. In memory: `data=synthetic`. On disk, in the cached-split
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from sim import labels as L
+from sim.cli import fail_cleanly, require
 from sim.dataset import TensorSplit
 from sim.errors import ConfigError
 
@@ -178,30 +180,26 @@ def write_split(out: str | Path, arrays: dict[str, Any], F: int, dv: int, dtype:
     return out
 
 
-def parse_overrides(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """`key=value` arguments onto typed defaults (the same style as the Hydra commands)."""
-    opts = dict(defaults)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            raise SystemExit(f"unknown argument {arg!r}; expected key=value with key in {sorted(opts)}")
-        kind = type(opts[key]) if opts[key] is not None else str
-        opts[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return opts
+def write_dataset(out: str | Path, num_train: int = 2048, num_val: int = 512, F: int = 8, dv: int = 64, seed: int = 0,
+                  noise: float = 1.0, dtype: str = "float32") -> dict[str, Path]:
+    """Write `out/train` and `out/val`; returns each split's directory."""
+    paths = {}
+    for split, n in (("train", num_train), ("val", num_val)):
+        arrays = generate(n, F, dv, seed, split, noise)
+        paths[split] = write_split(Path(out) / split, arrays, F, dv, dtype, {"generator": "sim.synthetic", "seed": seed})
+    return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = parse_overrides(
-        sys.argv[1:] if argv is None else argv,
-        {"out": "", "num_train": 2048, "num_val": 512, "F": 8, "dv": 64, "seed": 0, "noise": 1.0, "dtype": "float32"},
-    )
-    if not opts["out"]:
-        raise SystemExit("usage: python -m sim.synthetic out=DIR [num_train=2048] [num_val=512] [F=8] [dv=64] [seed=0]")
-    for split, n in (("train", opts["num_train"]), ("val", opts["num_val"])):
-        arrays = generate(n, opts["F"], opts["dv"], opts["seed"], split, opts["noise"])
-        path = write_split(Path(opts["out"]) / split, arrays, opts["F"], opts["dv"], opts["dtype"],
-                           {"generator": "sim.synthetic", "seed": opts["seed"]})
-        print(f"wrote {n} samples to {path}")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="synthetic")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        require(cfg, "out", "DIR")
+        if cfg.dtype not in ("float32", "float16"):
+            raise ConfigError(f"dtype={cfg.dtype!r}: expected float32 or float16")
+        paths = write_dataset(cfg.out, int(cfg.num_train), int(cfg.num_val), int(cfg.F), int(cfg.dv), int(cfg.seed),
+                              float(cfg.noise), str(cfg.dtype))
+    for split, n in (("train", cfg.num_train), ("val", cfg.num_val)):
+        print(f"wrote {n} samples to {paths[split]}")
 
 
 if __name__ == "__main__":

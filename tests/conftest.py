@@ -15,8 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+
+from sim.cli import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -25,8 +26,7 @@ TINY = ["llm=tiny", "training.progress_bar=false"]
 
 def make_cfg(*overrides: str) -> DictConfig:
     """The real train config composed with overrides (as `python train.py ...` would)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose("train", overrides)
 
 
 def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -92,19 +92,17 @@ def precision_run(request, tiny_runs):
 
 @pytest.fixture(scope="package")
 def synthetic_split(tmp_path_factory) -> Path:
-    """A small synthetic dataset written in the cached on-disk format (train/ and val/)."""
-    from sim.synthetic import main
-
+    """A small synthetic dataset written in the cached on-disk format (train/ and val/), by the command."""
     out = tmp_path_factory.mktemp("synthetic_split")
-    main([f"out={out}", "num_train=256", "num_val=128", "dv=32"])
+    res = run_cmd("-m", "sim.synthetic", f"out={out}", "num_train=256", "num_val=128", "dv=32")
+    assert res.returncode == 0, res.stderr[-2000:]
     return out
 
 
 @pytest.fixture(scope="package")
 def frames_split(tmp_path_factory) -> Path:
-    """A small synthetic raw-frame dataset on disk (train/ and val/), F=4."""
-    from sim.frames import main
-
+    """A small synthetic raw-frame dataset on disk (train/ and val/), F=4, by the command."""
     out = tmp_path_factory.mktemp("frames_split")
-    main([f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32"])
+    res = run_cmd("-m", "sim.frames", f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32")
+    assert res.returncode == 0, res.stderr[-2000:]
     return out

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF, TINY, make_cfg, run_cmd
+from conftest import TINY, make_cfg, run_cmd
 from sim import labels as L
 from sim.checkpoint import load_checkpoint, save_checkpoint
+from sim.cli import compose
 from sim.config import check_writable_dir, validate_config
 from sim.dataset import SimData, SimDataset
 from sim.errors import CheckpointError, ConfigError, DataError
@@ -206,8 +206,7 @@ def test_a_validator_checks_f_and_dv_of_the_config():
 
 # ---- python -m sim.check_data ---------------------------------------------------------------------
 def compose_check(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("check_data", overrides=list(overrides))
+    return compose("check_data", overrides)
 
 
 def test_check_data_reports_a_clean_split_without_training():

@@ -174,13 +174,12 @@ def test_torchrun_rank_losing_a_whole_batch_to_skipped_samples_keeps_in_step(tmp
 
 def test_slurm_launcher_config_composes_and_builds():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                          "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"],
-                      return_hydra_config=True)
+    from sim.cli import compose
+
+    cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.tasks_per_node=4",
+                            "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.tasks_per_node, launcher.max_num_timeout) == ("gpu", 4, 3)

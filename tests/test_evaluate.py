@@ -14,8 +14,9 @@ import torch
 from conftest import PRECISIONS, TINY, make_cfg, run_cmd
 from sim import labels as L
 from sim.checkpoint import load_checkpoint, save_checkpoint
+from sim.cli import compose
 from sim.errors import CheckpointError, ConfigError, DataError
-from sim.evaluate import (check_llm_override, compose_config, evaluate, expected_calibration_error,
+from sim.evaluate import (check_llm_override, evaluate, expected_calibration_error,
                           risk_high_operating_point, split_for_checkpoint, split_loader)
 from sim.metrics import METRIC_NAMES
 from sim.model import SimV0Model
@@ -73,7 +74,7 @@ def test_evaluate_reproduces_a_run_on_every_data_option(option, precision, synth
         assert res.returncode == 0, res.stderr[-3000:]
         report = json.loads((out / "metrics.json").read_text())
     else:
-        report = evaluate(compose_config([*eval_args, "progress_bar=false"]), out)
+        report = evaluate(compose("evaluate", [*eval_args, "progress_bar=false"]), out)
     logged = next(r for r in read_jsonl(tmp_path / "run" / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"])
     for name in METRIC_NAMES:
         assert same(report[name], logged[name]), f"{option}/{precision} {name}: evaluate.py {report[name]} vs logged {logged[name]}"
@@ -108,7 +109,7 @@ def test_reported_threshold_is_what_predict_json_applies(evaluation):
     run_dir, _, _, report = evaluation
     path = run_dir / "checkpoints" / "best.pt"
     model = SimV0Model.from_checkpoint(path)
-    cfg = compose_config([f"checkpoint={path}"])
+    cfg = compose("evaluate", [f"checkpoint={path}"])
     dataset = split_for_checkpoint(cfg, load_checkpoint(path)["metadata"], "val", path)
     t = report["risk_high_threshold"]
     tp = predicted = positives = 0
@@ -152,7 +153,7 @@ def test_high_risk_operating_point_on_known_cases():
 
 def test_evaluate_on_the_train_split(tiny_run, tmp_path):
     run_dir = tiny_run[0]
-    cfg = compose_config([f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "split=train",
+    cfg = compose("evaluate", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "split=train",
                           "data.train_kwargs.num_samples=64", "progress_bar=false"])
     report = evaluate(cfg, tmp_path)
     assert report["evaluation"]["split"] == "train" and report["evaluation"]["num_samples"] == 64
@@ -167,9 +168,9 @@ def test_an_llm_other_than_the_checkpoints_is_refused(tiny_run, tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
     meta_llm = load_checkpoint(best)["metadata"]["llm"]
     # The same LLM in another dtype is the same LLM: the precision is the checkpoint's (or precision=...).
-    check_llm_override(compose_config([f"checkpoint={best}", "llm=tiny", "llm.dtype=bfloat16"]).llm, meta_llm, best)
+    check_llm_override(compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.dtype=bfloat16"]).llm, meta_llm, best)
     with pytest.raises(CheckpointError, match="init_seed"):
-        check_llm_override(compose_config([f"checkpoint={best}", "llm=tiny", "llm.init_seed=1"]).llm, meta_llm, best)
+        check_llm_override(compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.init_seed=1"]).llm, meta_llm, best)
 
 
 @pytest.mark.parametrize("override, error, match", [
@@ -178,7 +179,7 @@ def test_an_llm_other_than_the_checkpoints_is_refused(tiny_run, tmp_path):
     ("split=test", ConfigError, "split='test'"),
 ])
 def test_data_that_does_not_fit_the_checkpoint_is_refused(tiny_run, tmp_path, override, error, match):
-    cfg = compose_config([f"checkpoint={tiny_run[0] / 'checkpoints' / 'best.pt'}", override])
+    cfg = compose("evaluate", [f"checkpoint={tiny_run[0] / 'checkpoints' / 'best.pt'}", override])
     with pytest.raises(error, match=match):
         evaluate(cfg, tmp_path)
 

@@ -14,8 +14,9 @@ import torch
 from conftest import run_cmd
 from sim import labels as L
 from sim.checkpoint import load_checkpoint
-from sim.errors import DataError
-from sim.evaluate import compose_config, split_for_checkpoint, split_loader
+from sim.errors import ConfigError, DataError
+from sim.cli import compose
+from sim.evaluate import split_for_checkpoint, split_loader
 from sim.model import SimV0Model
 
 
@@ -23,7 +24,7 @@ from sim.model import SimV0Model
 def trained(precision_run):
     """(best.pt, the model rebuilt from it, the first val batch evaluate.py would read), each precision."""
     best = precision_run[0] / "checkpoints" / "best.pt"
-    cfg = compose_config([f"checkpoint={best}"])
+    cfg = compose("evaluate", [f"checkpoint={best}"])
     dataset = split_for_checkpoint(cfg, load_checkpoint(best)["metadata"], "val", best)
     batch = next(iter(split_loader(cfg.data, dataset, batch_size=8)))
     return best, SimV0Model.from_checkpoint(best), batch
@@ -129,11 +130,10 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     best, model, batch = trained
-    from sim.export_onnx import main
+    from sim.export_onnx import export_and_check
 
-    out, report_path = tmp_path / "sim.onnx", tmp_path / "parity.json"
-    assert main([f"checkpoint={best}", f"out={out}", "quantize=true", "parity_samples=256", f"report={report_path}"]) == 0
-    report = json.loads(report_path.read_text())
+    out = tmp_path / "sim.onnx"
+    report = export_and_check(compose("export_onnx", [f"checkpoint={best}", f"out={out}", "quantize=true", "parity_samples=256"]))
     assert report["fp32"]["num_samples"] == 256
     assert report["fp32"]["max_abs_logit_diff_all"] < 1e-4
     assert all(v == 1.0 for v in report["fp32"]["label_agreement"].values())
@@ -153,31 +153,33 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
         np.testing.assert_allclose(value, ref[name].numpy(), atol=1e-4)
 
 
-def test_latency_benchmark_times_eager_backends(trained, tmp_path, capsys):
-    from sim.bench_latency import main
+def test_latency_benchmark_times_eager_backends(trained):
+    from sim.bench_latency import bench, format_table
 
     best, _, _ = trained
-    report_path = tmp_path / "bench.json"
-    assert main([f"checkpoint={best}", "backends=eager_fp32,eager_bf16", "windows=8", "warmup=1",
-                 f"report={report_path}"]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(report_path.read_text())
+    report = bench(compose("bench_latency", [f"checkpoint={best}", "backends=[eager_fp32,eager_bf16]", "windows=8", "warmup=1"]))
     assert set(report["backends"]) == {"eager_fp32", "eager_bf16"} and report["windows"] == 8
     fp32, bf16 = report["backends"]["eager_fp32"], report["backends"]["eager_bf16"]
     assert fp32["ms_median"] > 0 and bf16["ms_median"] > 0
     assert fp32["label_agreement"] == {"risk": 1.0, "reason": 1.0, "action": 1.0, "confidence": 1.0}
     assert bf16["weights_mb"] == pytest.approx(fp32["weights_mb"] / 2, rel=0.01)
-    assert "eager_bf16" in out and "ms median" in out
+    table = format_table(report)
+    assert "eager_bf16" in table and "ms median" in table
 
 
-def test_export_and_bench_commands_name_what_is_missing(tmp_path, capsys):
-    from sim import bench_latency, export_onnx
+def test_export_and_bench_commands_name_what_is_missing(tmp_path):
+    from sim.bench_latency import bench
+    from sim.export_onnx import export_and_check
 
-    assert export_onnx.main([f"out={tmp_path / 'x.onnx'}"]) == 1
-    assert "checkpoint must be set" in capsys.readouterr().err
-    assert export_onnx.main([f"checkpoint={tmp_path / 'missing.pt'}"]) == 1
-    assert "out must be set" in capsys.readouterr().err
-    assert bench_latency.main(["windows=2"]) == 1
-    assert "give checkpoint=PATH, or llm=NAME" in capsys.readouterr().err
-    assert bench_latency.main(["llm=tiny", "backends=eager_fp64"]) == 1
-    assert "unknown ['eager_fp64']" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="checkpoint must be set"):
+        export_and_check(compose("export_onnx", [f"out={tmp_path / 'x.onnx'}"]))
+    with pytest.raises(ConfigError, match="out must be set"):
+        export_and_check(compose("export_onnx", [f"checkpoint={tmp_path / 'missing.pt'}"]))
+    with pytest.raises(ConfigError, match="give checkpoint=PATH, or llm=NAME"):
+        bench(compose("bench_latency", ["windows=2"]))
+    with pytest.raises(ConfigError, match=r"unknown \['eager_fp64'\]"):
+        bench(compose("bench_latency", ["llm=tiny", "backends=eager_fp64"]))
+    # As users type it: a one-line error and exit status 1, and the plain comma list of backends.
+    res = run_cmd("-m", "sim.bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
+    assert res.returncode == 1 and res.stderr.strip() == (
+        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8")

@@ -111,12 +111,9 @@ def test_frame_data_options_instantiate(frames_split):
 
 
 def cache_cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from sim.cli import compose
 
-    from conftest import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("cache_features", overrides=list(overrides))
+    return compose("cache_features", overrides)
 
 
 def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
@@ -345,8 +342,8 @@ def test_bench_frames_reports_both_rates(tmp_path, monkeypatch):
     from sim.bench_frames import bench
 
     no_plots(monkeypatch)
-    r = bench({"num_samples": 8, "num_val": 4, "H": 16, "W": 16, "out": str(tmp_path), "threads": 0},
-              [*TINY, "vision=tiny", "model.F=4", "model.K=2", "training.epochs=1", "data.batch_size=8"])
+    r = bench(["num_samples=8", "num_val=4", "H=16", "W=16", f"out={tmp_path}", *TINY, "vision=tiny", "model.F=4",
+               "model.K=2", "training.epochs=1", "data.batch_size=8"])
     assert r["cache_frames_per_s"] > 0 and r["train_from_frames_samples_per_s"] > 0 and r["train_from_cache_samples_per_s"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["frames"] == [4, 3, 16, 16]
     assert CachedSplitDataset(tmp_path / "cache" / "train").meta["encoder"]["spec"]["kind"] == "tiny"

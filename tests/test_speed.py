@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_cmd
 from sim import precision
-from sim.bench import llm_flops_per_token, main as bench_main
+from sim.bench import llm_flops_per_token
 from sim.dataset import CachedSplitDataset
 
 
@@ -36,12 +39,12 @@ def test_cached_split_reads_rows_lazily(synthetic_split):
     assert torch.equal(batch["vis_feats"][0], ds[5]["vis_feats"]) and batch["sample_id"][1] == ds[1]["sample_id"]
 
 
-def test_bench_prints_the_table_and_json(tmp_path, capsys):
+def test_bench_prints_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = bench_main(["llm=tiny", "data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
-                         "data.val_kwargs.num_samples=32", "data.batch_size=16", "--steps", "2", "--warmup", "1",
-                         "--reference", "--json", str(out)])
-    printed = capsys.readouterr().out
-    assert "train samples/s" in printed and "MFU" in printed and "speed-up vs naive" in printed
-    assert out.is_file() and result["train"]["samples_per_s"] > 0 and 0 < result["mfu"] < 1
+    res = run_cmd("-m", "sim.bench", "llm=tiny", "data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
+                  "data.val_kwargs.num_samples=32", "data.batch_size=16", "steps=2", "warmup=1", "reference=true", f"json={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "train samples/s" in res.stdout and "MFU" in res.stdout and "speed-up vs naive" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["train"]["samples_per_s"] > 0 and 0 < result["mfu"] < 1
     assert set(result["train"]["phase_ms_per_step"]) == {"data", "forward", "backward", "optimizer"}
