@@ -15,8 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sim.cli import fail_cleanly
-from sim.evaluate import evaluate
+from sim.core.cli import fail_cleanly
+from sim.evaluation.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra_plugins.sim_basic_sweeper import use_as_basic
 from omegaconf import DictConfig
 
-from sim.cli import fail_cleanly
-from sim.distributed import launch_overrides
-from sim.train import objective, train
+from hydra_plugins.sim_basic_sweeper import use_as_basic
+from sim.core.cli import fail_cleanly
+from sim.training.distributed import launch_overrides
+from sim.training.train import objective, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -44,7 +44,7 @@ class SimBasicSweeper(BasicSweeper):
     """BasicSweeper whose failed jobs end the sweep with one `error:` line (see the module doc)."""
 
     def sweep(self, arguments: List[str]) -> Any:
-        from sim.cli import sweep_fails_cleanly
+        from sim.core.cli import sweep_fails_cleanly
 
         with sweep_fails_cleanly():
             return self._sweep(arguments)
@@ -72,8 +72,8 @@ class SimBasicSweeper(BasicSweeper):
 
 
 def _sweep_failed(failed: List[JobReturn], n_launched: int) -> Exception:
-    from sim.cli import describe_error, failed_trials_message
-    from sim.errors import SweepFailed
+    from sim.core.cli import describe_error, failed_trials_message
+    from sim.core.errors import SweepFailed
 
     first = failed[0]
     run_dir = first.hydra_cfg.hydra.runtime.output_dir if first.hydra_cfg is not None else None

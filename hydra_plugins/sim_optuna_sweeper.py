@@ -1,4 +1,4 @@
-"""Hydra's entry point to SIM's resumable optuna sweeper (the implementation is sim/sweeper.py).
+"""Hydra's entry point to SIM's resumable optuna sweeper (the implementation is sim/experiments/sweeper.py).
 
 Hydra instantiates a sweeper only from a class in the `hydra_plugins` namespace package, so this
 module holds the class Hydra sees and the config node `hydra/sweeper=sim_optuna`. Plugin discovery
@@ -35,18 +35,18 @@ ConfigStore.instance().store(group="hydra/sweeper", name="sim_optuna", node=SimO
 
 
 class SimOptunaSweeper(OptunaSweeper):
-    """hydra-optuna-sweeper's OptunaSweeper running sim.sweeper.ResumableOptunaSweeperImpl."""
+    """hydra-optuna-sweeper's OptunaSweeper running sim.experiments.sweeper.ResumableOptunaSweeperImpl."""
 
     def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: Optional[Any],
                  custom_search_space: Optional[str], params: Optional[Any]) -> None:
-        from sim.sweeper import ResumableOptunaSweeperImpl
+        from sim.experiments.sweeper import ResumableOptunaSweeperImpl
 
         self.sweeper = ResumableOptunaSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
                                                   max_failure_rate, search_space, custom_search_space, params)
 
     def sweep(self, arguments: List[str]) -> None:
-        from sim.cli import sweep_fails_cleanly
+        from sim.core.cli import sweep_fails_cleanly
 
         with sweep_fails_cleanly():
             return super().sweep(arguments)

@@ -15,9 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from sim.cli import compose
+from sim.core.cli import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -50,7 +50,7 @@ def write_cached_split(root: Path, n_train: int, n_val: int, nan_telemetry: list
     (a NaN in their telemetry); returns the overrides that train on it."""
     import numpy as np
 
-    from sim.synthetic import generate, write_split
+    from sim.data.synthetic import generate, write_split
 
     for split, n in (("train", n_train), ("val", n_val)):
         arrays = generate(n, F, dv, 0, split)
@@ -64,7 +64,7 @@ def write_cached_split(root: Path, n_train: int, n_val: int, nan_telemetry: list
 def tiny_runs(tmp_path_factory):
     """tiny_runs(precision) -> (run_dir, result, cfg): one tiny-LLM run on the synthetic data with the
     default epochs per precision, trained on first use and shared by tests."""
-    from sim.train import train
+    from sim.training.train import train
 
     runs = {}
 
@@ -94,7 +94,7 @@ def precision_run(request, tiny_runs):
 def synthetic_split(tmp_path_factory) -> Path:
     """A small synthetic dataset written in the cached on-disk format (train/ and val/), by the command."""
     out = tmp_path_factory.mktemp("synthetic_split")
-    res = run_cmd("-m", "sim.synthetic", f"out={out}", "num_train=256", "num_val=128", "dv=32")
+    res = run_cmd("-m", "sim", "synthetic", f"out={out}", "num_train=256", "num_val=128", "dv=32")
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -103,6 +103,6 @@ def synthetic_split(tmp_path_factory) -> Path:
 def frames_split(tmp_path_factory) -> Path:
     """A small synthetic raw-frame dataset on disk (train/ and val/), F=4, by the command."""
     out = tmp_path_factory.mktemp("frames_split")
-    res = run_cmd("-m", "sim.frames", f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32")
+    res = run_cmd("-m", "sim", "frames", f"out={out}", "num_train=96", "num_val=40", "F=4", "H=24", "W=32")
     assert res.returncode == 0, res.stderr[-2000:]
     return out

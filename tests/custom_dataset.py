@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.dataset import SimDataset
+from sim.data.dataset import SimDataset
 
 
 class NpzRoverDataset(SimDataset):

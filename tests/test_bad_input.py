@@ -1,6 +1,6 @@
 """Bad input and faults, one test per case: every malformed input refused clearly, nothing lost.
 
-Samples (validation in the loader, data.on_bad_sample), `python -m sim.check_data`, non-finite
+Samples (validation in the loader, data.on_bad_sample), `python -m sim check_data`, non-finite
 losses and weights, config errors at start-up, damaged or foreign checkpoints, a full disk or an
 unwritable output directory. The generated (property-based) cases are in tests/test_fuzz.py.
 """
@@ -17,19 +17,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, make_cfg, run_cmd
-from sim import labels as L
-from sim.checkpoint import load_checkpoint, save_checkpoint
-from sim.cli import compose
-from sim.config import check_writable_dir, validate_config
-from sim.dataset import SimData, SimDataset
-from sim.errors import CheckpointError, ConfigError, DataError
-from sim.guards import NonFiniteError, NonFiniteGuard, OutputDirCheck, check_finite_state
-from sim.model import SimV0Model
-from sim.synthetic import generate, write_split
-from sim.train import train
-from sim.validate import SampleValidator, telemetry_stats
+
+from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint, save_checkpoint
+from sim.core.cli import compose
+from sim.core.config import check_writable_dir, validate_config
+from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.data.dataset import SimData, SimDataset
+from sim.data.synthetic import generate, write_split
+from sim.data.validate import SampleValidator, telemetry_stats
+from sim.models.model import SimV0Model
+from sim.training.guards import (
+    NonFiniteError,
+    NonFiniteGuard,
+    OutputDirCheck,
+    check_finite_state,
+)
+from sim.training.train import train
 
 F, DV = 8, 16
 BASE = [*TINY, "data.batch_size=16"]
@@ -204,13 +209,13 @@ def test_a_validator_checks_f_and_dv_of_the_config():
         SampleValidator(on_bad_sample="drop")
 
 
-# ---- python -m sim.check_data ---------------------------------------------------------------------
+# ---- python -m sim check_data ---------------------------------------------------------------------
 def compose_check(*overrides: str):
     return compose("check_data", overrides)
 
 
 def test_check_data_reports_a_clean_split_without_training():
-    from sim.check_data import check_data, format_report
+    from sim.commands.check_data import check_data, format_report
 
     report = check_data(compose_check("data.train_kwargs.num_samples=50", "data.val_kwargs.num_samples=20", "split=train"))
     assert report["ok"] and list(report["splits"]) == ["train"]
@@ -230,7 +235,7 @@ def test_check_data_command_lists_bad_samples_and_exits_non_zero(tmp_path):
     feats = np.load(root / "val" / "vis_feats.npy")
     feats[5] = -np.inf
     np.save(root / "val" / "vis_feats.npy", feats)
-    res = run_cmd("-m", "sim.check_data", *cached(root), f"report={tmp_path}/report.json")
+    res = run_cmd("-m", "sim", "check_data", *cached(root), f"report={tmp_path}/report.json")
     assert res.returncode == 1, res.stderr
     out = res.stdout
     assert "sample 3 (sample_id 'synth-train-0-000003'): telemetry has 1 non-finite value (nan) in v" in out
@@ -263,9 +268,9 @@ def test_guard_skips_and_counts_non_finite_steps_and_stops_after_too_many_in_a_r
 
 def _poison(monkeypatch, which):
     """Make the training loss NaN on the train steps `which(step)` selects (evaluation untouched)."""
-    import sim.trainer
+    import sim.training.trainer
 
-    real, calls = sim.trainer.compute_losses, {"n": 0}
+    real, calls = sim.training.trainer.compute_losses, {"n": 0}
 
     def poisoned(logits, batch, *args, **kwargs):
         losses = real(logits, batch, *args, **kwargs)
@@ -275,7 +280,7 @@ def _poison(monkeypatch, which):
                 losses = {**losses, "objective": losses["objective"] * math.nan, "loss": losses["loss"] * math.nan}
         return losses
 
-    monkeypatch.setattr(sim.trainer, "compute_losses", poisoned)
+    monkeypatch.setattr(sim.training.trainer, "compute_losses", poisoned)
     return calls
 
 
@@ -299,7 +304,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_no_checkpoint(tmp_path, mon
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch):
-    from sim.trainer import Trainer
+    from sim.training.trainer import Trainer
 
     real_evaluate = Trainer.evaluate
 
@@ -347,8 +352,8 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch)
         ("training.amp_dtype=int8", "training.amp_dtype='int8'"),
         ("checkpoint.mode=up", "checkpoint.mode='up'"),
         ("checkpoint.tie_breaker=accuracy", "checkpoint.tie_breaker='accuracy'"),
-        ("vision=tiny", "vision=tiny encodes raw frames but data.dataset_class_path=sim.synthetic.SyntheticSimDataset"),
-        ("data=synthetic_frames", "vision=cached reads cached features but data.dataset_class_path=sim.frames.SyntheticFramesDataset"),
+        ("vision=tiny", "vision=tiny encodes raw frames but data.dataset_class_path=sim.data.synthetic.SyntheticSimDataset"),
+        ("data=synthetic_frames", "vision=cached reads cached features but data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset"),
         ("data=cached|data.train_split_path=no/such/dir", r"split directory not found: no/such/dir \(data.train_split_path\)"),
     ],
 )
@@ -464,11 +469,11 @@ class _FullDisk:
 
 
 def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, good_checkpoint, monkeypatch):
-    import sim.checkpoint
+    import sim.core.checkpoint
 
     path = tmp_path / "last.pt"
     path.write_bytes(good_checkpoint)
-    monkeypatch.setattr(sim.checkpoint.os, "fdopen", _FullDisk)
+    monkeypatch.setattr(sim.core.checkpoint.os, "fdopen", _FullDisk)
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last.pt: No space left on device; the previous file is intact"):
         save_checkpoint(path, {"model_state_dict": {}, "metadata": {}})
     assert path.read_bytes() == good_checkpoint
@@ -479,28 +484,28 @@ def test_an_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypat
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="could not write checkpoint .*: File exists \\(a part of the path is a file, not a directory\\)"):
         save_checkpoint(tmp_path / "file" / "last.pt", {"a": 1})
-    import sim.checkpoint
+    import sim.core.checkpoint
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(sim.checkpoint.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(sim.core.checkpoint.tempfile, "mkstemp", denied)
     with pytest.raises(CheckpointError, match="Permission denied"):
         save_checkpoint(tmp_path / "last.pt", {"a": 1})
 
 
 def test_training_stops_cleanly_when_the_disk_fills_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import sim.checkpoint
-    import sim.trainer
+    import sim.core.checkpoint
+    import sim.training.trainer
 
-    real_save = sim.trainer.save_checkpoint
+    real_save = sim.training.trainer.save_checkpoint
 
     def save_then_fill(path, payload):
         if payload["epoch"] >= 2:
-            monkeypatch.setattr(sim.checkpoint.os, "fdopen", _FullDisk)
+            monkeypatch.setattr(sim.core.checkpoint.os, "fdopen", _FullDisk)
         return real_save(path, payload)
 
-    monkeypatch.setattr(sim.trainer, "save_checkpoint", save_then_fill)
+    monkeypatch.setattr(sim.training.trainer, "save_checkpoint", save_then_fill)
     with pytest.raises(CheckpointError, match="No space left on device; the previous file is intact"):
         train(make_cfg(*SMALL, "training.epochs=2"), run_dir=tmp_path)
     monkeypatch.undo()
@@ -518,12 +523,12 @@ def test_an_unwritable_run_dir_is_refused_at_start_up(tmp_path, monkeypatch, cap
 
     assert check_writable_dir(tmp_path / "new" / "run", "hydra.run.dir") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checked without creating anything
-    import sim.config
+    import sim.core.config
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(sim.config.tempfile, "TemporaryFile", full)
+    monkeypatch.setattr(sim.core.config.tempfile, "TemporaryFile", full)
     with pytest.raises(ConfigError, match=r"hydra.run.dir=.*: cannot write in .* \(no space left on the device\)"):
         check_writable_dir(tmp_path / "run", "hydra.run.dir")
     from omegaconf import OmegaConf

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from conftest import TINY, make_cfg
-from sim.callbacks import Callback
-from sim.run import RunDir, read_jsonl
-from sim.trainer import Trainer
+
+from sim.core.run import RunDir, read_jsonl
+from sim.training.callbacks import Callback
+from sim.training.trainer import Trainer
 
 SMALL = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=32",
          "training.epochs=4"]

@@ -6,31 +6,33 @@ import runpy
 import sys
 
 import pytest
+from conftest import ROOT, run_cmd
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cmd
-from sim.cli import comma_lists, compose
-from sim.errors import ConfigError
+from sim.__main__ import COMMANDS as COMMANDS_BY_NAME
+from sim.__main__ import main as sim_main
+from sim.core.cli import comma_lists, compose
+from sim.core.errors import ConfigError
 
-# (command, arguments it needs to compose, a key of its own config)
+# (command, arguments it needs to compose, a key of its own config); `python -m sim NAME` for the rest
 COMMANDS = [
     ("train.py", [], "training"),
     ("evaluate.py", [], "checkpoint"),
-    ("sim.cache_features", ["vision=tiny"], "splits"),
-    ("sim.check_data", [], "max_listed"),
-    ("sim.synthetic", [], "num_train"),
-    ("sim.frames", [], "num_train"),
-    ("sim.export_onnx", [], "parity_samples"),
-    ("sim.bench_latency", [], "backends"),
-    ("sim.bench", [], "steps"),
-    ("sim.bench_frames", [], "num_samples"),
-    ("sim.bench_validation", [], "budget"),
+    ("cache_features", ["vision=tiny"], "splits"),
+    ("check_data", [], "max_listed"),
+    ("synthetic", [], "num_train"),
+    ("frames", [], "num_train"),
+    ("export_onnx", [], "parity_samples"),
+    ("bench_latency", [], "backends"),
+    ("bench", [], "steps"),
+    ("bench_frames", [], "num_samples"),
+    ("bench_validation", [], "budget"),
 ]
 
 
 def command_line(command: str) -> list[str]:
-    return [command] if command.endswith(".py") else ["-m", command]
+    return [command] if command.endswith(".py") else ["-m", "sim", command]
 
 
 # runpy warns that a module it runs as __main__ was imported already (by the tests): harmless here.
@@ -40,15 +42,14 @@ def test_every_command_answers_cfg_job_and_help(command, args, key, monkeypatch,
     res = run_cmd(*command_line(command), *args, "--cfg", "job")
     assert res.returncode == 0, res.stderr[-2000:]
     assert key in OmegaConf.to_container(OmegaConf.create(res.stdout))
-    # --help takes the same path through Hydra; run as __main__ in this process, it costs no second
-    # start of Python.
-    monkeypatch.setattr(sys, "argv", [command, *args, "--help"])
+    # --help takes the same path through Hydra; run in this process, it costs no second start of Python.
     try:
         with pytest.raises(SystemExit) as exited:
             if command.endswith(".py"):
+                monkeypatch.setattr(sys, "argv", [command, *args, "--help"])
                 runpy.run_path(str(ROOT / command), run_name="__main__")
             else:
-                runpy.run_module(command, run_name="__main__")
+                sim_main([command, *args, "--help"])
     finally:
         GlobalHydra.instance().clear()
     assert exited.value.code == 0
@@ -56,10 +57,28 @@ def test_every_command_answers_cfg_job_and_help(command, args, key, monkeypatch,
     assert "== Config ==" in out and f"\n{key}:" in out
 
 
+def test_the_dispatcher_lists_every_command_and_refuses_an_unknown_one(capsys):
+    assert sim_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS_BY_NAME)
+    assert sim_main(["no_such_command"]) == 1
+    assert "unknown command 'no_such_command'" in capsys.readouterr().err
+
+
+def test_contract_paths_still_import():
+    """The import paths and command seed 000 and the contract show users."""
+    from sim.dataset import SimDataset
+    from sim.model import SimV0Model
+
+    assert SimDataset.__module__ == "sim.data.dataset" and SimV0Model.__module__ == "sim.models.model"
+    res = run_cmd("-m", "sim.cache_features", "vision=tiny", "--cfg", "job")
+    assert res.returncode == 0 and "splits" in res.stdout
+
+
 def test_benchmarks_compose_the_train_groups_with_their_own_keys():
     cfg = compose("bench", ["llm=gpt2", "llm.pretrained=false", "data=dummy", "steps=5", "reference=true"])
     assert (cfg.llm.arch.model_type, cfg.data.dataset_class_path, cfg.steps, cfg.reference) == (
-        "gpt2", "sim.dataset.DummySimDataset", 5, True)
+        "gpt2", "sim.data.dataset.DummySimDataset", 5, True)
     assert cfg.training.epochs == compose("train").training.epochs and not cfg.training.progress_bar
     assert compose("bench_validation").llm.name_or_path == "tiny-gpt2"
     with pytest.raises(ConfigError, match="bad arguments 'stpes=5'"):

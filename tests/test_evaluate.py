@@ -10,17 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PRECISIONS, TINY, make_cfg, run_cmd
-from sim import labels as L
-from sim.checkpoint import load_checkpoint, save_checkpoint
-from sim.cli import compose
-from sim.errors import CheckpointError, ConfigError, DataError
-from sim.evaluate import (check_llm_override, evaluate, expected_calibration_error,
-                          risk_high_operating_point, split_for_checkpoint, split_loader)
-from sim.metrics import METRIC_NAMES
-from sim.model import SimV0Model
-from sim.run import read_jsonl
+
+from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint, save_checkpoint
+from sim.core.cli import compose
+from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.labels import METRIC_NAMES
+from sim.core.run import read_jsonl
+from sim.evaluation.evaluate import (
+    check_llm_override,
+    evaluate,
+    expected_calibration_error,
+    risk_high_operating_point,
+    split_for_checkpoint,
+    split_loader,
+)
+from sim.models.model import SimV0Model
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def _data_option(option: str, synthetic_split: Path, frames_split: Path) -> list
 def test_evaluate_reproduces_a_run_on_every_data_option(option, precision, synthetic_split, frames_split, tmp_path):
     """The README's `python evaluate.py checkpoint=... data=cached data.train_split_path=... data.val_split_path=...`,
     and the same for raw frames and a custom dataset class, in each precision."""
-    from sim.train import train
+    from sim.training.train import train
 
     data = _data_option(option, synthetic_split, frames_split)
     result = train(make_cfg(*TINY, *PRECISIONS[precision], *data, "training.epochs=2"), run_dir=tmp_path / "run")

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cmd
-from sim import labels as L
-from sim.checkpoint import load_checkpoint
-from sim.errors import ConfigError, DataError
-from sim.cli import compose
-from sim.evaluate import split_for_checkpoint, split_loader
-from sim.model import SimV0Model
+
+from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint
+from sim.core.cli import compose
+from sim.core.errors import ConfigError, DataError
+from sim.evaluation.evaluate import split_for_checkpoint, split_loader
+from sim.models.model import SimV0Model
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_wrapper_main_on_a_foreign_checkpoint_says_so(precision_run, trained, tm
 def test_seed_readme_loading_example_works_as_written_with_a_local_llm(trained, tmp_path):
     """The seed README's "Loading Checkpoints" code, with a local directory as the LLM id (offline)."""
     best, reference, batch = trained
-    from sim.llm import build_llm
+    from sim.models.llm import build_llm
 
     meta = load_checkpoint(best)["metadata"]
     local_llm = tmp_path / "llm"
@@ -130,7 +130,7 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     best, model, batch = trained
-    from sim.export_onnx import export_and_check
+    from sim.export.onnx import export_and_check
 
     out = tmp_path / "sim.onnx"
     report = export_and_check(compose("export_onnx", [f"checkpoint={best}", f"out={out}", "quantize=true", "parity_samples=256"]))
@@ -142,7 +142,7 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in report["int8"]["label_agreement"].values())
 
     # The batch dimension is dynamic: an odd batch size the export never saw.
-    from sim.export_onnx import run_session, session
+    from sim.export.onnx import run_session, session
 
     logits = run_session(session(out), batch["vis_feats"][:3].numpy(), batch["telemetry"][:3].numpy())
     fp32 = SimV0Model.from_checkpoint(best, precision="fp32")  # the graph computes in fp32
@@ -154,7 +154,7 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
 
 
 def test_latency_benchmark_times_eager_backends(trained):
-    from sim.bench_latency import bench, format_table
+    from sim.export.latency import bench, format_table
 
     best, _, _ = trained
     report = bench(compose("bench_latency", [f"checkpoint={best}", "backends=[eager_fp32,eager_bf16]", "windows=8", "warmup=1"]))
@@ -168,8 +168,8 @@ def test_latency_benchmark_times_eager_backends(trained):
 
 
 def test_export_and_bench_commands_name_what_is_missing(tmp_path):
-    from sim.bench_latency import bench
-    from sim.export_onnx import export_and_check
+    from sim.export.latency import bench
+    from sim.export.onnx import export_and_check
 
     with pytest.raises(ConfigError, match="checkpoint must be set"):
         export_and_check(compose("export_onnx", [f"out={tmp_path / 'x.onnx'}"]))
@@ -180,6 +180,6 @@ def test_export_and_bench_commands_name_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown \['eager_fp64'\]"):
         bench(compose("bench_latency", ["llm=tiny", "backends=eager_fp64"]))
     # As users type it: a one-line error and exit status 1, and the plain comma list of backends.
-    res = run_cmd("-m", "sim.bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
+    res = run_cmd("-m", "sim", "bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
     assert res.returncode == 1 and res.stderr.strip() == (
         "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8")

@@ -7,16 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, make_cfg, run_cmd
 from hydra.utils import instantiate
 
-from conftest import TINY, make_cfg, run_cmd
-from sim import labels as L
-from sim.cache_features import PROGRESS, cache_split
-from sim.dataset import CachedSplitDataset
-from sim.errors import ConfigError, DataError
-from sim.frames import HAZARD_RGB, SyntheticFramesDataset, generate_frames
-from sim.synthetic import rules
-from sim.vision import build_encoder
+from sim.commands.cache_features import PROGRESS, cache_split
+from sim.core import labels as L
+from sim.core.errors import ConfigError, DataError
+from sim.data.dataset import CachedSplitDataset
+from sim.data.synthetic import rules
+from sim.data.synthetic_frames import (
+    HAZARD_RGB,
+    SyntheticFramesDataset,
+    generate_frames,
+)
+from sim.models.vision import build_encoder
+
 
 def sim_error(excinfo) -> BaseException:
     """The SIM error behind an exception (Hydra's instantiate wraps what a target raises)."""
@@ -26,9 +31,9 @@ def sim_error(excinfo) -> BaseException:
 
 def no_plots(monkeypatch) -> None:
     """Skip drawing training curves (tested with the run tree; here they would only cost time)."""
-    import sim.train
+    import sim.training.train
 
-    monkeypatch.setattr(sim.train, "_plot_curves", lambda root: None, raising=False)
+    monkeypatch.setattr(sim.training.train, "_plot_curves", lambda root: None, raising=False)
 
 
 TINY_VISION = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
@@ -46,7 +51,7 @@ def test_synthetic_frames_draw_the_rules():
     arrays = generate_frames(400, F=6, H=32, W=32, seed=3)
     scenes, frames = arrays["scenes"], arrays["frames"]
     assert frames.shape == (400, 6, 3, 32, 32) and frames.dtype == np.uint8
-    # Labels are sim.synthetic's rules of the latent scene.
+    # Labels are sim.data.synthetic's rules of the latent scene.
     risk, action = rules(scenes.reason, scenes.level, scenes.side, scenes.fast)
     np.testing.assert_array_equal(arrays["risk_id"], risk)
     np.testing.assert_array_equal(arrays["action_id"], action)
@@ -111,7 +116,7 @@ def test_frame_data_options_instantiate(frames_split):
 
 
 def cache_cfg(*overrides: str):
-    from sim.cli import compose
+    from sim.core.cli import compose
 
     return compose("cache_features", overrides)
 
@@ -143,7 +148,7 @@ def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
     assert "another encoder" in r.stderr and "init_seed" in r.stderr and "Traceback" not in r.stderr
     assert (out / "train" / "vis_feats.npy").read_bytes() == before
     # The same command again has nothing to do; overwrite=true recomputes the same bytes.
-    from sim.cache_features import cache_features
+    from sim.commands.cache_features import cache_features
 
     assert all(r["computed"] == 0 for r in cache_features(cache_cfg(*args)).values())
     assert cache_features(cache_cfg(*args, "overwrite=true", "splits=[train]"))["train"]["computed"] == 96
@@ -161,7 +166,7 @@ def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
     ],
 )
 def test_cache_features_refuses_bad_settings(frames_split, tmp_path, overrides, error, match):
-    from sim.cache_features import cache_features
+    from sim.commands.cache_features import cache_features
 
     cfg = cache_cfg("data=frames", f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val",
                     f"out={tmp_path / 'c'}", "progress_bar=false", *overrides)
@@ -232,8 +237,8 @@ def test_cache_refuses_a_directory_it_did_not_write(frames_split, tmp_path):
 
 
 def _setup(tmp_path, name, *overrides):
-    from sim.run import RunDir
-    from sim.trainer import Trainer
+    from sim.core.run import RunDir
+    from sim.training.trainer import Trainer
 
     trainer = Trainer(make_cfg(*TINY, "training.seed=5", "model.F=4", "model.K=2", "data.batch_size=16", *overrides), RunDir(tmp_path / name))
     trainer.setup()
@@ -290,7 +295,7 @@ def test_trainer_refuses_frames_without_an_encoder_and_features_with_one(frames_
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory):
     """vision=tiny on data=synthetic_frames with the tiny LLM: a short run that must learn from pixels."""
-    from sim.train import train
+    from sim.training.train import train
 
     run_dir = tmp_path_factory.mktemp("pixel_run")
     cfg = make_cfg(*TINY, "vision=tiny", "data=synthetic_frames", "data.train_kwargs.num_samples=512",
@@ -321,8 +326,8 @@ def test_tiny_encoder_learns_the_pixel_rules(pixel_run):
 
 
 def test_raw_frame_checkpoint_rebuilds_its_encoder(pixel_run):
-    from sim.dataset import collate_fn
-    from sim.model import SimV0Model
+    from sim.data.dataset import collate_fn
+    from sim.models.model import SimV0Model
 
     result, run_dir, cfg = pixel_run
     model = SimV0Model.from_checkpoint(run_dir / "checkpoints" / "best.pt")
@@ -339,7 +344,7 @@ def test_raw_frame_checkpoint_rebuilds_its_encoder(pixel_run):
 
 
 def test_bench_frames_reports_both_rates(tmp_path, monkeypatch):
-    from sim.bench_frames import bench
+    from sim.commands.bench_frames import bench
 
     no_plots(monkeypatch)
     r = bench(["num_samples=8", "num_val=4", "H=16", "W=16", f"out={tmp_path}", *TINY, "vision=tiny", "model.F=4",

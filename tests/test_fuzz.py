@@ -1,6 +1,6 @@
 """Property-based tests: generated malformed samples and batches against validation and collate.
 
-Every generated input is either refused with `sim.errors.DataError` (data.on_bad_sample=error),
+Every generated input is either refused with `sim.core.errors.DataError` (data.on_bad_sample=error),
 or accepted and then trains: a forward/backward/optimizer step of a tiny model (through the
 non-finite guard, as in the trainer) runs without an exception. Nothing may escape as an error from
 inside torch, NumPy or transformers. The skip policy must agree with the error policy: it drops
@@ -19,12 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sim import labels as L
-from sim.errors import DataError
-from sim.guards import NonFiniteGuard
-from sim.metrics import DEFAULT_LOSS_WEIGHTS, compute_losses
-from sim.model import SimV0Model
-from sim.validate import SKIPPED_KEY, SampleValidator, ValidatedDataset
+from sim.core import labels as L
+from sim.core.errors import DataError
+from sim.core.labels import DEFAULT_LOSS_WEIGHTS
+from sim.data.validate import SKIPPED_KEY, SampleValidator, ValidatedDataset
+from sim.evaluation.metrics import compute_losses
+from sim.models.model import SimV0Model
+from sim.training.guards import NonFiniteGuard
 
 F, DV, H = 4, 8, 8
 TINY_LLM = {"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 8,
@@ -272,7 +273,7 @@ def test_generated_raw_frame_samples_are_refused_or_train(frames_model, data, n)
 
 @pytest.fixture(scope="module")
 def frames_model():
-    from sim.vision import build_encoder
+    from sim.models.vision import build_encoder
 
     encoder = build_encoder("tiny", arch={"channels": 4, "grid": [2, 2]}, preprocessing={"image_size": H})
     model = SimV0Model(llm=TINY_LLM, F=F, K=2, use_cached_vis_feats=False, vision_encoder=encoder,

@@ -6,10 +6,10 @@ import importlib.util
 
 import pytest
 import torch
-
 from conftest import make_cfg
 from hydra.utils import instantiate
-from sim.llm import build_llm, describe, hidden_size
+
+from sim.models.llm import build_llm, describe, hidden_size
 
 
 def test_random_architecture_is_rebuilt_identically_from_its_spec():

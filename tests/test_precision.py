@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cmd
-from sim import precision as P
-from sim.checkpoint import load_checkpoint
-from sim.errors import ConfigError
-from sim.model import SimV0Model, checkpoint_precision
-from sim.precision import Precision, named_precision, resolve_precision
+
+from sim.core import precision as P
+from sim.core.checkpoint import load_checkpoint
+from sim.core.errors import ConfigError
+from sim.core.precision import Precision, named_precision, resolve_precision
+from sim.models.model import SimV0Model, checkpoint_precision
 
 
 @pytest.mark.parametrize("native", [True, False])

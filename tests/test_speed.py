@@ -1,4 +1,4 @@
-"""The fast path's decisions (not its timings: those are the benchmark's job, python -m sim.bench)."""
+"""The fast path's decisions (not its timings: those are the benchmark's job, python -m sim bench)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cmd
-from sim import precision
-from sim.bench import llm_flops_per_token
-from sim.dataset import CachedSplitDataset
+
+from sim.commands.bench import llm_flops_per_token
+from sim.core import precision
+from sim.data.dataset import CachedSplitDataset
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
@@ -41,7 +41,7 @@ def test_cached_split_reads_rows_lazily(synthetic_split):
 
 def test_bench_prints_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = run_cmd("-m", "sim.bench", "llm=tiny", "data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
+    res = run_cmd("-m", "sim", "bench", "llm=tiny", "data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
                   "data.val_kwargs.num_samples=32", "data.batch_size=16", "steps=2", "warmup=1", "reference=true", f"json={out}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "train samples/s" in res.stdout and "MFU" in res.stdout and "speed-up vs naive" in res.stdout

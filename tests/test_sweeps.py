@@ -12,9 +12,10 @@ import pytest
 from conftest import run_cmd
 from optuna.trial import TrialState
 
-from sim import ablate, compare, report
-from sim.errors import ConfigError
-from sim.sweeper import _objective_values
+from sim.core.errors import ConfigError
+from sim.evaluation import report
+from sim.experiments import ablate, compare
+from sim.experiments.sweeper import _objective_values
 
 # Tiny LLM, a small synthetic split and one epoch: a trial takes seconds.
 SMALL = ["llm=tiny", "training.progress_bar=false", "training.epochs=1",

@@ -8,16 +8,15 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, make_cfg, run_cmd
-from sim import labels as L
-from sim.checkpoint import load_checkpoint
-from sim.dataset import SimData
-from sim.metrics import METRIC_NAMES
-from sim.model import TRAINABLE_MODULES, SimV0Model
-from sim.run import RunDir, read_jsonl
-from sim.synthetic import SyntheticSimDataset
-from sim.trainer import Trainer
+
+from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint
+from sim.core.labels import METRIC_NAMES
+from sim.core.run import RunDir, read_jsonl
+from sim.data.synthetic import SyntheticSimDataset
+from sim.models.model import TRAINABLE_MODULES, SimV0Model
+from sim.training.trainer import Trainer
 
 CONTRACT_METRICS = set(METRIC_NAMES) | {"epoch", "lr", "samples_per_s"}
 
@@ -177,7 +176,7 @@ def test_train_command_on_a_cached_split_with_opt125m_architecture(synthetic_spl
 
 
 def test_dummy_and_custom_data_train(tmp_path, synthetic_split):
-    from sim.train import train
+    from sim.training.train import train
 
     for name, extra in (("dummy", ["data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
                                    "data.val_kwargs.num_samples=32"]),

