@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from sim import distributed
+from sim.callbacks import Callback
 from sim.config import validate_config
 from sim.errors import ConfigError
 from sim.run import RunDir, attach_log_file, detach_log_file, write_config, write_exports
+
+if TYPE_CHECKING:
+    from sim.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             write_exports(run)
         from sim.trainer import Trainer
 
-        trainer = Trainer(cfg, run)
-        trainer.setup()
-        result = trainer.fit()
+        callbacks = build_callbacks(cfg)
+        trainer = Trainer(cfg, run, callbacks)
+        try:
+            trainer.setup()
+            result = trainer.fit()
+        except BaseException as exc:
+            for cb in callbacks:
+                _notify_failure(cb, trainer, exc)
+            raise
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
-        if env.is_main:
-            _plot_curves(run.root)
         return result
     except Exception:
         log.exception("training failed")
@@ -85,6 +93,34 @@ def _check_ranks_agree(cfg: DictConfig) -> None:
         raise ConfigError("the torchrun processes composed different configs (a sweeper that samples per process, such "
                           "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
                           "one torchrun per trial")
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """What watches a run from outside the loop, in the order the hooks run: the curves are drawn
+    before the loggers pick them up as images.
+
+    Raises:
+        ConfigError: a bad `logger` setting.
+    """
+    from sim.loggers import build_loggers
+
+    return [TrainingCurves(), *build_loggers(cfg)]
+
+
+class TrainingCurves(Callback):
+    """`<run_dir>/training_curves.png` once training has ended (rank 0)."""
+
+    def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        if trainer.dist.is_main:
+            _plot_curves(trainer.run.root)
+
+
+def _notify_failure(cb: Callback, trainer: Trainer, exc: BaseException) -> None:
+    # The run's own error is what the user must see; a callback failing to clean up is only a warning.
+    try:
+        cb.on_exception(trainer, exc)
+    except Exception as err:  # noqa: BLE001
+        log.warning("%s could not clean up after the failure (%s: %s)", type(cb).__name__, type(err).__name__, err)
 
 
 def _plot_curves(root: Path) -> None:
