@@ -96,15 +96,16 @@ def _check_ranks_agree(cfg: DictConfig) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """What watches a run from outside the loop, in the order the hooks run: the curves are drawn
-    before the loggers pick them up as images.
+    """What watches a run from outside the loop, in the order the hooks run: early stopping decides
+    first, the curves are drawn before the loggers pick them up as images.
 
     Raises:
-        ConfigError: a bad `logger` setting.
+        ConfigError: a bad `training.early_stopping` or `logger` setting.
     """
+    from sim.early_stopping import build_early_stopping
     from sim.loggers import build_loggers
 
-    return [TrainingCurves(), *build_loggers(cfg)]
+    return [*build_early_stopping(cfg), TrainingCurves(), *build_loggers(cfg)]
 
 
 class TrainingCurves(Callback):
