@@ -100,12 +100,13 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     first, the curves are drawn before the loggers pick them up as images.
 
     Raises:
-        ConfigError: a bad `training.early_stopping` or `logger` setting.
+        ConfigError: a bad `training.early_stopping`, `debug` or `logger` setting.
     """
+    from sim.debug import build_debug_callbacks
     from sim.early_stopping import build_early_stopping
     from sim.loggers import build_loggers
 
-    return [*build_early_stopping(cfg), TrainingCurves(), *build_loggers(cfg)]
+    return [*build_early_stopping(cfg), TrainingCurves(), *build_debug_callbacks(cfg), *build_loggers(cfg)]
 
 
 class TrainingCurves(Callback):

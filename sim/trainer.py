@@ -37,6 +37,7 @@ from sim import distributed as D
 from sim import labels as L
 from sim.checkpoint import atomic_write_bytes, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from sim.dataset import SimData
+from sim.debug import limit_loaders
 from sim.errors import CheckpointError, ConfigError
 from sim.guards import NonFiniteGuard, check_finite_state
 from sim.metrics import DEFAULT_LOSS_WEIGHTS, EpochMetrics, compute_losses
@@ -192,6 +193,7 @@ class Trainer:
         self.train_sampler = D.ShardSampler(n_train, rank, world, shuffle=True, seed=self.seed, even=True)
         self.train_loader = self.data.loader("train", sampler=self.train_sampler, seed=self.seed)
         self.val_loader = self.data.loader("val", sampler=D.ShardSampler(n_val, rank, world))
+        self.train_loader, self.val_loader = limit_loaders(self.cfg, self.train_loader, self.val_loader)  # debug= modes
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.grad_accum)
         bs = int(self.data.batch_size)
         self.effective_batch_size = bs * self.grad_accum * world
