@@ -8,8 +8,8 @@ what every adapter receives, so the adapters stay thin:
   each head, `train_step/lr`, `train_step/grad_norm` (before clipping) and `train_step/samples_per_s`
   (over the steps since the last point). The step's tensors are read from the device on these steps only.
 - every epoch, at the epoch's last global step: `train/<metric>` and `val/<metric>` (the very numbers
-  of `metrics/*.jsonl`; a null metric is left out), `epoch`, and `best/<monitor>` (the monitor at the
-  best epoch so far).
+  of `metrics/*.jsonl`, in TensorBoard rounded to float32; a null metric is left out), `epoch`, and
+  `best/<monitor>` (the monitor at the best epoch so far).
 - once: the resolved config as hyperparameters, with `best/<monitor>` and `val/<monitor>` as their
   metrics (TensorBoard's HParams tab and MLflow's compare view line up the runs of a sweep by them);
   at the end, the last epoch's val confusion matrices and the training curves as images.
@@ -86,7 +86,8 @@ class LoggerAdapter:
 class TensorBoardLogger(LoggerAdapter):
     """Event files through `torch.utils.tensorboard` (`tensorboard --logdir outputs`).
 
-    Scalars are written as float64 tensors, so what TensorBoard reads back is the JSONL value exactly.
+    TensorBoard keeps scalars as float32 (its data server drops float64 ones): a point is the JSONL
+    value rounded to float32. The other loggers keep the float64 value itself.
 
     Args:
         log_dir: where the event files go (default `<run_dir>/tensorboard`).
@@ -119,7 +120,7 @@ class TensorBoardLogger(LoggerAdapter):
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
+            self.writer.add_scalar(tag, value, step)
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
         from PIL import Image
@@ -333,6 +334,7 @@ class Loggers(Callback):
         self.active: list[LoggerAdapter] = []
         self.every_n_steps, self.experiment, self.run_name, self.group = every_n_steps, str(experiment), run_name, group
         self._samples, self._seconds = 0, 0.0
+        self._evaluated = False  # whether this attempt validated an epoch (a resumed run may have nothing left)
 
     # ---- hooks --------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -369,6 +371,7 @@ class Loggers(Callback):
         self._each("logging a step", lambda a: a.log_scalars(_finite(values), step.global_step))
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool) -> None:
+        self._evaluated = True
         if not self.active:
             return
         values: dict[str, float] = {"epoch": float(epoch)}
@@ -383,7 +386,7 @@ class Loggers(Callback):
         if not self.adapters:
             return
         # Every rank takes part (torchmetrics may gather the matrices); only rank 0 draws and logs.
-        confusion = trainer.val_metrics.confusion() if trainer.history["val"] else None
+        confusion = trainer.val_metrics.confusion() if self._evaluated else None
         if self.active:
             with tempfile.TemporaryDirectory(prefix="sim-images-") as tmp:
                 images = self._images(trainer, confusion, Path(tmp))

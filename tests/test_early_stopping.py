@@ -69,7 +69,7 @@ def test_stops_when_told_logs_why_and_stops_at_the_same_epoch_after_a_resume(tmp
     assert any("nothing left to train" in r.getMessage() for r in caplog.records)
 
     # TensorBoard (the default logger) holds each epoch once, as the JSONL file does, across the resumes.
-    from test_loggers import tensorboard_scalars
+    from test_loggers import as_float32, tensorboard_scalars
 
     scalars, _ = tensorboard_scalars(run / "tensorboard")
-    assert [v for _, v in scalars["val/loss"]] == [r["loss"] for r in expected]
+    assert [v for _, v in scalars["val/loss"]] == as_float32([r["loss"] for r in expected])

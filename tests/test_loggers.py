@@ -7,6 +7,7 @@ import logging
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import CONF, TINY, make_cfg, run_cmd
@@ -43,13 +44,16 @@ def expected_series(run_dir: Path) -> dict[str, list[float]]:
 
 def tensorboard_scalars(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], object]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "images": 0})
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    scalars = {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(tag)]
-               for tag in acc.Tags()["tensors"]}
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     return scalars, acc
+
+
+def as_float32(values: list[float]) -> list[float]:
+    """What TensorBoard keeps of a float64: its float32 rounding."""
+    return [float(np.float32(v)) for v in values]
 
 
 def mlflow_db(tmp: Path) -> str:
@@ -89,7 +93,7 @@ def test_tensorboard_holds_the_jsonl_numbers_exactly(logged_run):
     expected = expected_series(run_dir)
     assert expected, "the run wrote no val metrics"
     for tag, values in expected.items():
-        assert [v for _, v in scalars[tag]] == values, tag
+        assert [v for _, v in scalars[tag]] == as_float32(values), tag
     # Epoch points sit at the epoch's last optimizer step; per-step points at every step.
     assert [s for s, _ in scalars["val/loss"]] == [2, 4, 6]
     assert [v for _, v in scalars["epoch"]] == [1.0, 2.0, 3.0]
@@ -98,7 +102,7 @@ def test_tensorboard_holds_the_jsonl_numbers_exactly(logged_run):
     # The norm is taken before clipping: a clipped norm could never exceed training.grad_clip.
     assert max(v for _, v in scalars["train_step/grad_norm"]) > cfg.training.grad_clip
     best = result["best"][MONITOR]
-    assert scalars[f"best/{MONITOR}"][-1][1] == best
+    assert scalars[f"best/{MONITOR}"][-1][1] == float(np.float32(best))
     assert set(acc.Tags()["images"]) == {"training_curves", "confusion_val/risk", "confusion_val/reason", "confusion_val/action"}
 
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -168,7 +172,7 @@ def test_a_sweep_logs_each_trial_as_a_run_of_one_experiment(tmp_path):
         assert run.data.params["training.seed"] == str(int(trial_dir.name) + 1)
         assert run.data.metrics["val/loss"] == val_records(trial_dir)[-1]["loss"]
         scalars, _ = tensorboard_scalars(trial_dir / "tensorboard")
-        assert [v for _, v in scalars["val/loss"]] == [val_records(trial_dir)[-1]["loss"]]
+        assert [v for _, v in scalars["val/loss"]] == as_float32([val_records(trial_dir)[-1]["loss"]])
 
 
 def free_port() -> int:
