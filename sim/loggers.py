@@ -160,6 +160,7 @@ class MLflowLogger(LoggerAdapter):
         self.run_id: str | None = None
 
     def open(self, run: RunInfo) -> None:
+        _require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -247,6 +248,7 @@ class WandbLogger(LoggerAdapter):
         self.run: Any = None
 
     def open(self, run: RunInfo) -> None:
+        _require("wandb", "wandb")
         import wandb
 
         directory = Path(self.dir) if self.dir else run.root
@@ -387,7 +389,8 @@ class Loggers(Callback):
             return
         # Every rank takes part (torchmetrics may gather the matrices); only rank 0 draws and logs.
         confusion = trainer.val_metrics.confusion() if self._evaluated else None
-        if self.active:
+        # Drawing takes about a second: only for backends that show images.
+        if any(type(a).log_images is not LoggerAdapter.log_images for a in self.active):
             with tempfile.TemporaryDirectory(prefix="sim-images-") as tmp:
                 images = self._images(trainer, confusion, Path(tmp))
                 if images:
@@ -514,6 +517,13 @@ def _wandb_run_id(wandb_dir: Path) -> str | None:
     except OSError:
         return None
     return name.rsplit("-", 1)[-1] if name and "-run-" in name else None
+
+
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"logger={extra} needs the {module} package: pip install -e \".[{extra}]\" (make install has it)")
 
 
 def _quietly(adapter: LoggerAdapter, ok: bool) -> None:

@@ -154,6 +154,7 @@ def test_csv_holds_the_jsonl_numbers_exactly(logged_run):
         assert [float(r["value"]) for r in rows if r["name"] == tag] == values, tag
 
 
+@pytest.mark.slow  # a multirun command: a process importing torch, two trials, a new MLflow database
 def test_a_sweep_logs_each_trial_as_a_run_of_one_experiment(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
