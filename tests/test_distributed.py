@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,8 +77,10 @@ def test_sums_are_the_identity_in_one_process():
 
 
 def _run_tree(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                  and p.name != "training_curves.png")
+    # A TensorBoard event file is named by its time, host and pid: what must match is how many there are
+    # (one: only rank 0 logs).
+    return sorted(re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", str(p.relative_to(root)))
+                  for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "training_curves.png")
 
 
 # How far a 2-process run's logged train losses may drift from one process's with the same global

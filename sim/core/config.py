@@ -135,6 +135,12 @@ def _check_training(cfg: DictConfig) -> None:
     tie = OmegaConf.select(cfg, "checkpoint.tie_breaker")
     if tie is not None and tie not in METRIC_NAMES:
         raise ConfigError(f"checkpoint.tie_breaker={tie!r}: expected null or one of {', '.join(METRIC_NAMES)}")
+    patience = OmegaConf.select(cfg, "training.early_stopping.patience")
+    if patience is not None and (not _is_int(patience) or patience < 1):
+        raise ConfigError(f"training.early_stopping.patience={patience!r} must be null (off) or an integer >= 1")
+    min_delta = OmegaConf.select(cfg, "training.early_stopping.min_delta", default=0.0)
+    if not _is_number(min_delta) or min_delta < 0:
+        raise ConfigError(f"training.early_stopping.min_delta={min_delta!r} must be a finite number >= 0")
 
 
 def _check_optim(cfg: DictConfig) -> None:
@@ -189,7 +195,7 @@ def check_data_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"split directory not found: {root} ({key})")
             if not (root / want).is_file() and (root / other).is_file():
                 hint = ("pick an encoder (vision=tiny, vision=resnet18, ...) or cache its features "
-                        "(python -m sim.cache_features)" if kind == "cached" else "use vision=cached")
+                        "(python -m sim.commands.cache_features)" if kind == "cached" else "use vision=cached")
                 raise ConfigError(f"{key}={root} holds {other}, not the {want} that vision={kind} reads; {hint}")
 
 

@@ -3,7 +3,8 @@ plug in here instead of into the loop.
 
 A callback overrides the hooks it needs. Hooks run on every rank (a callback that writes checks
 `trainer.dist.is_main`); a hook may set `trainer.should_stop = True` to end training after the
-current epoch (its checkpoints and metric lines are written first).
+current epoch (its checkpoints and metric lines are written first). `on_exception` is called by whoever
+runs `fit` (`sim.training.train.train`) when training raises, so a callback can close what it opened.
 """
 
 from __future__ import annotations
@@ -44,4 +45,7 @@ class Callback:
         pass
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        pass
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,6 +13,10 @@ from sim.core.config import validate_config
 from sim.core.errors import ConfigError
 from sim.core.run import RunDir, run_log, write_config, write_exports
 from sim.training import distributed
+from sim.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from sim.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +62,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             write_exports(run)
         from sim.training.trainer import Trainer
 
-        trainer = Trainer(cfg, run)
-        trainer.setup()
-        result = trainer.fit()
+        callbacks = build_callbacks(cfg)
+        trainer = Trainer(cfg, run, callbacks)
+        try:
+            trainer.setup()
+            result = trainer.fit()
+        except BaseException as exc:
+            for cb in callbacks:
+                _notify_failure(cb, trainer, exc)
+            raise
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
-        if env.is_main:
-            _plot_curves(run.root)
         if env.enabled:
             # Leave together: a rank whose process group is torn down while another still talks to it
             # can die in gloo's teardown after a successful run.
@@ -82,6 +90,36 @@ def _check_ranks_agree(cfg: DictConfig) -> None:
         raise ConfigError("the torchrun processes composed different configs (a sweeper that samples per process, such "
                           "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
                           "one torchrun per trial")
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """What watches a run from outside the loop, in the order the hooks run: early stopping decides
+    first, the curves are drawn before the loggers pick them up as images.
+
+    Raises:
+        ConfigError: a bad `training.early_stopping`, `debug` or `logger` setting.
+    """
+    from sim.training.debug import build_debug_callbacks
+    from sim.training.early_stopping import build_early_stopping
+    from sim.training.loggers import build_loggers
+
+    return [*build_early_stopping(cfg), TrainingCurves(), *build_debug_callbacks(cfg), *build_loggers(cfg)]
+
+
+class TrainingCurves(Callback):
+    """`<run_dir>/training_curves.png` once training has ended (rank 0)."""
+
+    def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        if trainer.dist.is_main:
+            _plot_curves(trainer.run.root)
+
+
+def _notify_failure(cb: Callback, trainer: Trainer, exc: BaseException) -> None:
+    # The run's own error is what the user must see; a callback failing to clean up is only a warning.
+    try:
+        cb.on_exception(trainer, exc)
+    except Exception as err:  # noqa: BLE001
+        log.warning("%s could not clean up after the failure (%s: %s)", type(cb).__name__, type(err).__name__, err)
 
 
 def _plot_curves(root: Path) -> None:

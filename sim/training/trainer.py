@@ -51,7 +51,8 @@ from sim.evaluation.selection import monitor_mode, rank_key
 from sim.models.build import build_model
 from sim.models.model import SimV0Model
 from sim.training import distributed as D
-from sim.training.callbacks import Callback
+from sim.training.callbacks import Callback, StepInfo
+from sim.training.debug import limit_loaders
 from sim.training.guards import NonFiniteGuard, check_finite_state
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class Trainer:
         self.run = run
         self.callbacks = list(callbacks)
         self.should_stop = False  # a callback's request to end after the current epoch
+        self._step_clock = time.perf_counter()  # when the last optimizer step ended (or its epoch began)
+        self._step_lr = 0.0
         self.history: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -201,6 +204,7 @@ class Trainer:
         self.train_sampler = D.ShardSampler(n_train, rank, world, shuffle=True, seed=self.seed, even=True)
         self.train_loader = self.data.loader("train", sampler=self.train_sampler, seed=self.seed)
         self.val_loader = self.data.loader("val", sampler=D.ShardSampler(n_val, rank, world))
+        self.train_loader, self.val_loader = limit_loaders(self.cfg, self.train_loader, self.val_loader)  # debug= modes
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.grad_accum)
         bs = int(self.data.batch_size)
         self.effective_batch_size = bs * self.grad_accum * world
@@ -289,7 +293,8 @@ class Trainer:
                 self.train_metrics.update(out, batch, losses)
             micro += 1
             if step_now:
-                self._optimizer_step()
+                grad_norm = self._optimizer_step()
+                self._step_end(epoch, losses, grad_norm, group_end - group_start, batch)
                 if self.every_n_steps and self.global_step % self.every_n_steps == 0 and micro < total_micro:
                     # Counted in what the sampler dealt, not in the samples that reached the model: the
                     # loader yields one batch per sampler batch (an empty one when all were skipped),
@@ -303,12 +308,13 @@ class Trainer:
         return {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
                 "samples_per_s": self.train_metrics.samples / max(elapsed, 1e-9), **metrics}
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> torch.Tensor:
+        """Returns the global gradient norm before clipping, left on the device (reading it waits for the device)."""
         clip = self.cfg.training.grad_clip
-        grad_norm = None
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip))
+        self.scaler.unscale_(self.optimizer)
+        # Loggers want the norm even without clipping: an infinite bound measures it and scales by exactly 1.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), float(clip) if clip else math.inf)
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the scheduler moves it below
         # A NaN/inf gradient skips the step (counted; too many in a row stop the run).
         if self.nonfinite.should_step(self.model.trainable_parameters(), grad_norm, self.scaler):
             self.scaler.step(self.optimizer)
@@ -317,6 +323,21 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
+        return grad_norm
+
+    def _step_end(self, epoch: int, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, micro_batches: int,
+                  last_batch: dict[str, Any]) -> None:
+        """Tell the callbacks about the optimizer step just taken; nothing here waits for the device."""
+        now = time.perf_counter()
+        seconds, self._step_clock = now - self._step_clock, now
+        if not self.callbacks:
+            return
+        # Only an epoch's last micro-batch can be short, so the step's others were full.
+        samples = (micro_batches - 1) * int(self.data.batch_size) + int(last_batch["weight"].shape[0])
+        info = StepInfo(global_step=self.global_step, epoch=epoch, losses={k: v.detach() for k, v in losses.items()},
+                        lr=self._step_lr, grad_norm=grad_norm.detach(), samples=samples, seconds=seconds)
+        for cb in self.callbacks:
+            cb.on_step_end(self, info)
 
     def _no_bar(self) -> bool | None:
         return None if self.cfg.training.progress_bar and self.dist.is_main else True
@@ -537,6 +558,9 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         for epoch in range(self.start_epoch, self.epochs + 1):
+            if self.should_stop:  # asked after the previous epoch, or at fit start (a resumed run that had stopped)
+                break
+            self._step_clock = time.perf_counter()  # a step's time excludes the validation before it
             train_m = self.train_epoch(epoch)
             val_m = self.evaluate(self.val_loader, "val", epoch)
             if self.dist.is_main:
@@ -558,8 +582,6 @@ class Trainer:
             )
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, train_m, val_m, is_best)
-            if self.should_stop:
-                break
         best = next((m for m in self.history["val"] if m.get("epoch") == self.best_epoch), None)
         result = {"best": best, "last": self.history["val"][-1] if self.history["val"] else None,
                   "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
