@@ -57,9 +57,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
             log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
             write_exports(run)
+        from sim.pruning import sweep_callbacks
         from sim.trainer import Trainer
 
-        trainer = Trainer(cfg, run)
+        trainer = Trainer(cfg, run, callbacks=sweep_callbacks(cfg))
         trainer.setup()
         result = trainer.fit()
         log.info("best epoch %d: %s", result["best_epoch"], result["best"])
@@ -100,7 +101,14 @@ def _plot_curves(root: Path) -> None:
 
 
 def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[float, ...]:
-    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined)."""
+    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined).
+
+    Raises:
+        optuna.TrialPruned: the sweep's pruner stopped the run (the sweeper records it as pruned).
+    """
+    from sim.pruning import raise_if_pruned
+
+    raise_if_pruned(result)
     best = result.get("best") or {}
     single = isinstance(names, str)
     values = []
