@@ -31,6 +31,7 @@ from typing import Any
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
-class SweepFailed(RuntimeError):
-    """The sweep stopped: too many failed trials, or none completed."""
+class SweepFailed(CompactHydraException):
+    """The sweep stopped: too many failed trials, or none completed. Hydra prints the message alone:
+    each trial's logs hold its traceback."""
 
 
 def _objective_values(raw: Any, n_objectives: int) -> tuple[list[float] | None, str | None]:
@@ -121,7 +123,8 @@ class OptunaSweeperImpl(Sweeper):
         return dists, fixed
 
     def _directions(self) -> list[str]:
-        items = self.direction if isinstance(self.direction, Sequence) and not isinstance(self.direction, str) else [self.direction]
+        many = isinstance(self.direction, Sequence) and not isinstance(self.direction, str)
+        items = self.direction if many else [self.direction]
         return [d.name if isinstance(d, Enum) else str(d) for d in items]
 
     def sweep(self, arguments: list[str]) -> None:

@@ -264,12 +264,35 @@ def test_objective_values_refuse_nan_and_wrong_arity():
 
 @pytest.fixture(scope="module")
 def ablation_dir(tmp_path_factory):
-    """A 2x2 F/K grid, one seed (the spread over seeds is tested on its own below); (F=2, K=4) cannot
-    work and is skipped."""
+    """A 2x2 F/K grid, one seed (the spread over seeds is tested on its own below), run by Hydra's
+    basic launcher; (F=2, K=4) cannot work and is skipped."""
     out = tmp_path_factory.mktemp("ablation")
     status = ablate.main(["F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={out}"])
     assert status == 0
     return out
+
+
+def test_the_ablation_is_a_multirun_of_sweeps_ablate_fk(ablation_dir):
+    multirun = (ablation_dir / "multirun.yaml").read_text()
+    assert "sim_grid_sweeper.SimGridSweeper" in multirun and "core_plugins.basic_launcher.BasicLauncher" in multirun
+    jobs = [json.loads(line) for line in (ablation_dir / "jobs.jsonl").read_text().splitlines()]
+    assert sorted((j["params"]["model.F"], j["params"]["model.K"], j["state"]) for j in jobs) == [
+        (2, 1, "COMPLETE"), (2, 4, "SKIPPED"), (4, 1, "COMPLETE"), (4, 4, "COMPLETE")]
+    assert not (ablation_dir / "F2_K4").exists(), "a skipped cell was launched"
+
+
+def test_a_failed_grid_job_is_recorded_while_the_others_run(tmp_path):
+    # Without skip_if_greater, the K=3 > F=2 cell is launched and fails.
+    res = run_cmd("train.py", "-m", "hydra/sweeper=sim_grid", "model.F=2", "model.K=1,3", *SMALL,
+                  f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode == 1
+    assert "1 of 2 jobs failed" in res.stderr
+    jobs = {j["params"]["model.K"]: j for j in map(json.loads, (tmp_path / "jobs.jsonl").read_text().splitlines())}
+    assert jobs[1]["state"] == "COMPLETE" and jobs[3]["state"] == "FAIL" and "K <= F" in jobs[3]["error"]
+    assert_run_tree(Path(jobs[1]["run_dir"]))
+    assert compare.main([str(tmp_path), f"out={tmp_path / 'cmp'}"]) == 0
+    cells = {r["model.K"]: r for r in read_csv(tmp_path / "cmp" / "summary.csv")}
+    assert (cells["1"]["runs"], cells["3"]["runs"], cells["3"]["failed"]) == ("1", "0", "1")
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -288,7 +311,7 @@ def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
 
     cells = {(r["model.F"], r["model.K"]): r for r in read_csv(ablation_dir / "summary.csv")}
     assert list(cells) == [("2", "1"), ("2", "4"), ("4", "1"), ("4", "4")]
-    assert cells[("2", "4")]["runs"] == "0" and "K=4 > F=2" in cells[("2", "4")]["note"]
+    assert cells[("2", "4")]["runs"] == "0" and "model.K=4 > model.F=2" in cells[("2", "4")]["note"]
     for (F, K), cell in cells.items():
         if cell["runs"] == "0":
             continue
@@ -298,7 +321,7 @@ def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
 
     table = (ablation_dir / "summary.md").read_text()
     assert "| model.F | model.K | runs | risk_high_recall | action_accuracy | macro_f1 |" in table
-    assert "| 2 | 4 | skipped: K=4 > F=2 |" in table
+    assert "| 2 | 4 | skipped: model.K=4 > model.F=2 |" in table
     f4k4 = cells[("4", "4")]
     assert "| 4 | 4 | 1 | " + " | ".join(f"{float(f4k4[f'{m}_mean']):.3f}" for m in report.KEY_METRICS) + " |" in table
     for png in ("heatmap.png", "curves.png"):
