@@ -6,7 +6,8 @@ a failed job. An ablation grid over model.F x model.K holds cells that cannot wo
 
 - composes each cell's config and skips a cell where a `skip_if_greater` pair holds (`model.K >
   model.F`), so no launcher (a Slurm array included) spends a job on it;
-- launches the rest in batches of `max_batch_size` through the configured launcher;
+- launches the rest in batches of `max_batch_size` through the configured launcher (Hydra's basic
+  sweeper's grid and batching, without its stop at the first failed batch);
 - appends one line per cell to `<sweep dir>/jobs.jsonl`: state (COMPLETE, FAIL, SKIPPED), the swept
   values as composed, the overrides, the run directory, the error or the reason for skipping;
 - raises `SweepFailed` at the end if a job failed (exit status 1), after every cell has run.
@@ -21,10 +22,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.errors import CompactHydraException
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -37,11 +41,21 @@ class SweepFailed(CompactHydraException):
     alone: the jobs' own logs hold the tracebacks."""
 
 
-class GridSweeper(BasicSweeper):
+class GridSweeper(Sweeper):
     def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None,
                  skip_if_greater: dict[str, str] | None = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
         self.skip_if_greater = dict(skip_if_greater or {})
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function,
+                                                                config=config)
 
     def _skip_reason(self, cfg: DictConfig) -> str | None:
         for big, small in self.skip_if_greater.items():
@@ -51,11 +65,17 @@ class GridSweeper(BasicSweeper):
         return None
 
     def sweep(self, arguments: list[str]) -> list[list[JobReturn]]:
+        # Imported here, not subclassed: Hydra's plugin scan executes its core plugins' modules again,
+        # so a BasicSweeper subclass defined before the scan would no longer be one after it.
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
-        parsed = OverridesParser.create(config_loader=loader).parse_overrides(self._parse_config() + list(arguments))
+        args = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
         swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-        cells = self.split_arguments(parsed, None)[0]
+        # The grid as the basic sweeper builds it: the product of the sweeps, in command-line order.
+        cells = BasicSweeper.split_arguments(parsed, None)[0]
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
