@@ -41,20 +41,26 @@ def snapshot(run_dir) -> dict[str, tuple[int, bytes]]:
     return {p: ((run_dir / p).stat().st_mtime_ns, (run_dir / p).read_bytes()) for p in RUN_TREE}
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start a command in the background, its output to `log` (a pipe nobody reads could fill and stall it)."""
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
     """Poll `condition` until it holds; fail if `proc` ends first or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            proc.wait()
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-3000:]}")
         try:
             proc.wait(timeout=0.2)  # the poll interval doubles as a check that the process is alive
         except subprocess.TimeoutExpired:
             continue
         if not condition():
-            out, err = proc.communicate()
-            pytest.fail(f"the process ended (status {proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
+            pytest.fail(f"the process ended (status {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
@@ -63,11 +69,12 @@ def test_optuna_sweep_killed_mid_trial_resumes_to_the_total(tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", "+sweeps=search", *SMALL, f"hydra.sweep.dir={sweep_dir}",
            "hydra.sweeper.n_trials=3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "first_launch.log"
+    proc = start(cmd, log)
     # Killed once trial 1 is training: trial 0 is finished, trial 1 RUNNING in the study.
-    wait_for(lambda: (sweep_dir / "1" / "config_resolved.yaml").is_file(), proc, 300, "trial 1 to start")
+    wait_for(lambda: (sweep_dir / "1" / "config_resolved.yaml").is_file(), proc, log, 300, "trial 1 to start")
     proc.kill()
-    proc.communicate()
+    proc.wait()
     trials = load_study(sweep_dir, "search").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]
     assert_run_tree(sweep_dir / "0")
@@ -158,13 +165,13 @@ def get_json(url: str):
         return json.loads(response.read())
 
 
-def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep):
+def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep, tmp_path):
     sweep_dir, _ = pruned_sweep
     dashboard = Path(sys.executable).with_name("optuna-dashboard")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(dashboard), f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "dashboard.log"
+    proc = start([str(dashboard), f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1", "--port", str(port)], log)
     try:
         def up() -> bool:
             try:
@@ -173,7 +180,7 @@ def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep):
                 return False
             return True
 
-        wait_for(up, proc, 60, f"optuna-dashboard to answer on {base}")
+        wait_for(up, proc, log, 60, f"optuna-dashboard to answer on {base}")
         studies = get_json(f"{base}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["sim"]
         detail = get_json(f"{base}/api/studies/{studies[0]['study_id']}")
@@ -181,7 +188,7 @@ def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep):
         assert {t["number"]: len(t["intermediate_values"]) for t in detail["trials"]} == {0: 2, 1: 1}
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -207,7 +214,8 @@ def compose_sweeper(*overrides: str):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    return cfg.hydra.sweeper, instantiate(cfg.hydra.sweeper).sweeper
+    built = instantiate(cfg.hydra.sweeper)
+    return cfg.hydra.sweeper, getattr(built, "sweeper", built)  # the optuna sweeper's implementation, or the sweeper
 
 
 def test_hydra_sweeper_optuna_keeps_the_plugin_keys_and_defaults():
@@ -220,6 +228,16 @@ def test_hydra_sweeper_optuna_keeps_the_plugin_keys_and_defaults():
     assert isinstance(sweeper.pruner, optuna.pruners.NopPruner)
     _, sim = compose_sweeper("+sweeps=search", "hydra.sweep.dir=x")
     assert (sim.storage, sim.study_name, sim._directions()) == ("sqlite:///x/optuna.db", "search", ["maximize"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_every_sweeps_file_composes_and_builds_its_sweeper(name):
+    conf, sweeper = compose_sweeper(f"+sweeps={name}", "hydra.sweep.dir=x")
+    assert conf._target_.startswith("hydra_plugins.sim_")
+    if hasattr(sweeper, "_search_space"):
+        assert sweeper._search_space([])[0], f"sweeps/{name}.yaml searches nothing"
+    else:
+        assert sweeper.params and sweeper.skip_if_greater == {"model.K": "model.F"}
 
 
 def test_search_space_syntax_maps_to_optuna_4_distributions():
