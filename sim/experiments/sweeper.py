@@ -1,22 +1,19 @@
-"""A resumable optuna sweeper: the study in SQLite is the sweep's memory, the requested total is a total.
+"""SIM's optuna sweeper: the study is the sweep's memory, the requested total is a total, bad trials are pruned.
 
-hydra-optuna-sweeper 1.2/1.3 asks for `n_trials` *new* trials on every launch and numbers Hydra jobs
-from 0, so re-running an interrupted sweep overshoots the total and writes its first trials into the
-directories of the earlier ones. `ResumableOptunaSweeperImpl` keeps the plugin's search-space handling
-and changes the loop:
+Hydra sees it as `hydra/sweeper=optuna` or `hydra/sweeper=sim_optuna` (hydra_plugins/sim_optuna_sweeper.py
+holds the config and the class Hydra instantiates). It takes hydra-optuna-sweeper's keys and search
+space syntax (sim/experiments/search_space.py) and runs this loop on optuna >= 4:
 
 - it counts the study's finished trials (COMPLETE, FAIL, PRUNED) and runs only what is left of
   `n_trials`; trials another live process is running count too, so two processes share one total;
 - each job's `hydra.job.num` is its optuna trial number, so `hydra.sweep.subdir: ${hydra.job.num}`
-  names a directory no resume or second process reuses;
+  names a directory no resume or second process reuses (and a job finds its trial by it);
+- with a pruner (`hydra.sweeper.pruner`), each job reports its val metric per epoch and stops when
+  the pruner says so (sim/training/pruning.py); the trial is recorded as PRUNED with its run tree as it was;
 - a failed job (any exception) or an undefined objective (NaN) is recorded as FAIL with its error,
   logged, and the sweep goes on (`max_failure_rate`, per batch as in the plugin, can stop it);
 - every finished trial is appended to `<sweep_dir>/trials.jsonl` (number, state, values, params,
   run directory, error), and `optimization_results.yaml` is written at the end as the plugin does.
-
-Hydra only instantiates sweepers from the `hydra_plugins` namespace: the class it sees is
-`hydra_plugins.sim_optuna_sweeper.SimOptunaSweeper` (config `hydra/sweeper=sim_optuna`), which
-delegates here.
 """
 
 from __future__ import annotations
@@ -25,22 +22,31 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    OptunaSweeperImpl,
-    create_params_from_overrides,
-)
-from omegaconf import OmegaConf
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import Trial, TrialState
 
-from sim.core.cli import describe_error, failed_trials_message
+from sim.core.cli import failed_trials_message, sim_error_in
 from sim.core.errors import ConfigError, SweepFailed
+from sim.experiments.search_space import (
+    distribution_from_config,
+    grid_choices,
+    params_from_overrides,
+)
+from sim.training import pruning
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +79,77 @@ def _n_counted(study: optuna.Study, stale: set[int]) -> int:
                if t.state in FINISHED or (t.state == TrialState.RUNNING and t.number not in stale))
 
 
-class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
-    """The plugin's OptunaSweeperImpl with a resumable, failure-tolerant trial loop (see module doc)."""
+class OptunaSweeperImpl(Sweeper):
+    """A resumable, failure-tolerant, pruning optuna loop (see the module doc)."""
+
+    def __init__(self, sampler: Any, direction: Any, storage: str | None, study_name: str | None, n_trials: int,
+                 n_jobs: int, max_failure_rate: float, search_space: DictConfig | None,
+                 custom_search_space: str | None, params: DictConfig | None, pruner: Any = None) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: expected a fraction in [0, 1]")
+        if n_jobs < 1:
+            raise ConfigError(f"hydra.sweeper.n_jobs={n_jobs}: expected at least 1 trial per batch")
+        self.sampler = sampler
+        self.direction = direction
+        self.storage = None if storage is None else str(storage)
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.search_space = search_space
+        self.params = params
+        self.pruner = pruning.make_pruner(pruner)
+        self.extend_search_space: Callable[[DictConfig, Trial], None] | None = (
+            instantiate({"_target_": custom_search_space, "_partial_": True}) if custom_search_space else None)
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=task_function)
+
+    def _search_space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
+        """(distributions, fixed values) from `params`, the deprecated `search_space` and the command line."""
+        dists: dict[str, BaseDistribution] = {}
+        if self.search_space is not None and self.params is None:
+            warnings.warn("hydra.sweeper.search_space is deprecated (since Hydra 1.2): write the search space in "
+                          "hydra.sweeper.params, e.g. `optim.lr: tag(log, interval(1e-4, 1e-2))`", DeprecationWarning,
+                          stacklevel=2)
+            dists = {str(k): distribution_from_config(v) for k, v in self.search_space.items()}
+        elif self.search_space is not None:
+            log.warning("both hydra.sweeper.params and hydra.sweeper.search_space are set: the search space is params")
+        args = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        from_overrides, fixed = params_from_overrides(args)
+        dists.update(from_overrides)
+        for name in fixed:
+            dists.pop(name, None)
+        return dists, fixed
+
+    def _directions(self) -> list[str]:
+        many = isinstance(self.direction, Sequence) and not isinstance(self.direction, str)
+        items = self.direction if many else [self.direction]
+        return [d.name if isinstance(d, Enum) else str(d) for d in items]
 
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
-        self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config()
-        params_conf.extend(arguments)
-        is_grid = isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler
-        override_dists, fixed_params = create_params_from_overrides(params_conf)
-        dists: dict[str, BaseDistribution] = dict(self.search_space_distributions or {})
-        dists.update(override_dists)
+        dists, fixed_params = self._search_space(arguments)
+        is_grid = isinstance(self.sampler, functools.partial) and self.sampler.func is optuna.samplers.GridSampler
         if is_grid:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in dists.items()}
+            grid = {name: grid_choices(name, d) for name, d in dists.items()}
             self.sampler = self.sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
             log.info("GridSampler: n_trials is at most the grid size, %d", self.n_trials)
-        for name in fixed_params:
-            dists.pop(name, None)
-        directions = self._get_directions()
+        directions = self._directions()
+        if len(directions) > 1 and pruning.prunes(self.pruner):
+            raise ConfigError(f"hydra.sweeper.pruner={type(self.pruner).__name__} with {len(directions)} objectives: "
+                              "optuna prunes single-objective studies only; use hydra.sweeper.pruner=none")
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         # SQLite cannot create the directory of its database file.
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    directions=directions, load_if_exists=True)
+                                    pruner=self.pruner, directions=directions, load_if_exists=True)
         self._check_study(study, directions, sweep_dir, dists, fixed_params)
 
         trials = study.get_trials(deepcopy=False)
@@ -109,20 +160,25 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             log.warning("trials %s of study %r are RUNNING: left by an interrupted sweep (or running in another "
                         "process); they do not count toward n_trials", sorted(stale), study.study_name)
         n_done = sum(t.state in FINISHED for t in trials)
-        log.info("study %r in %s: %d of n_trials=%d finished, %d to run; sweep dir %s",
-                 study.study_name, self.storage or "memory", n_done, self.n_trials,
-                 max(0, self.n_trials - n_done), sweep_dir)
+        log.info("study %r in %s: %d of n_trials=%d finished, %d to run; sampler %s, pruner %s; sweep dir %s",
+                 study.study_name, self.storage or "memory", n_done, self.n_trials, max(0, self.n_trials - n_done),
+                 type(study.sampler).__name__, type(self.pruner).__name__, sweep_dir)
 
         while (to_go := self.n_trials - _n_counted(study, stale)) > 0:
-            batch = [study.ask() for _ in range(min(to_go, self.n_jobs))]
-            overrides = self._configure_trials(batch, dists, fixed_params)
-            returns = self._launch(batch, overrides)
+            batch = [study.ask(dists) for _ in range(min(to_go, self.n_jobs))]
+            overrides = self._configure_trials(batch, fixed_params)
+            pruning.LIVE_TRIALS.update({t.number: t for t in batch})
+            try:
+                returns = self._launch(batch, overrides)
+            finally:
+                for t in batch:
+                    pruning.LIVE_TRIALS.pop(t.number, None)
             failures = []
             for trial, ovr, ret in zip(batch, overrides, returns):
                 record = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
                 if record["error"] is not None:
                     failures.append(record)
-            if len(failures) / len(returns) > self.max_failure_rate:
+            if failures and len(failures) / len(returns) > self.max_failure_rate:
                 first = failures[0]
                 why = failed_trials_message(len(failures), len(returns), _trial_name(first), first["error"],
                                             first["run_dir"])
@@ -132,6 +188,20 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         self._write_results(study, directions, sweep_dir)
 
     # ---- pieces of the loop ---------------------------------------------------------------------
+    def _configure_trials(self, trials: list[Trial], fixed_params: dict[str, str]) -> list[tuple[str, ...]]:
+        """Each trial's overrides: its sampled values (`study.ask(dists)`) and the fixed ones (the plugin's rules)."""
+        overrides = []
+        for trial in trials:
+            for name, value in fixed_params.items():
+                trial.set_user_attr(name, value)
+            if self.extend_search_space is not None:
+                self.extend_search_space(self.config, trial)
+            overlap = trial.params.keys() & trial.user_attrs.keys()
+            if overlap:
+                raise ConfigError(f"{sorted(overlap)} are both fixed and searched: give each key one value or one sweep")
+            overrides.append(tuple(f"{name}={value}" for name, value in {**trial.params, **fixed_params}.items()))
+        return overrides
+
     def _check_study(self, study: optuna.Study, directions: list[str], sweep_dir: Path,
                      dists: dict[str, BaseDistribution], fixed_params: dict[str, Any]) -> None:
         """Refuse a stored study that cannot be continued; warn where a resume changed the sweep."""
@@ -168,59 +238,69 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _finish(self, study: optuna.Study, trial: Trial, overrides: Sequence[str], ret: JobReturn,
                 directions: list[str], is_grid: bool, sweep_dir: Path) -> dict[str, Any]:
-        """Tell the study how the trial ended and record it. Returns the record (its "error" is None
-        unless the trial failed)."""
+        """Tell the study how the trial ended and record it (the record is returned, its `error` set
+        for a failed trial)."""
         values: list[float] | None = None
-        error: str | None = None
-        if ret.status == JobStatus.FAILED:
-            # Any job failure is one failed trial, not the end of the sweep. Read directly: `return_value`
-            # re-raises it after writing Hydra's own line to stderr, which the warning below makes redundant.
-            error = describe_error(ret._return_value)
+        error: Exception | None = None
+        state = TrialState.COMPLETE
+        try:
+            raw = ret.return_value  # re-raises the job's exception
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as exc:  # any job failure is one failed trial, not the end of the sweep
+            error, state = sim_error_in(exc) or exc, TrialState.FAIL
         else:
-            values, why = _objective_values(ret.return_value, len(directions))
+            values, why = _objective_values(raw, len(directions))
             if why is not None:
-                error = describe_error(ValueError(why))
+                error, state, values = ValueError(why), TrialState.FAIL, None
         run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None
         trial.set_user_attr("run_dir", run_dir)
         if error is not None:
-            trial.set_user_attr("error", error)
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
         try:
-            study.tell(trial, values=values if error is None else None,
-                       state=TrialState.COMPLETE if error is None else TrialState.FAIL)
+            study.tell(trial, values=values, state=state)
         except RuntimeError as exc:
             # GridSampler stops the study once the grid is done; outside optimize() that is reported this way.
             if not (is_grid and "Study.stop" in str(exc)):
                 raise
         objective = ret.cfg.get("objective") if ret.cfg is not None else None
         objective = OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else objective
-        record = {"trial": trial.number, "state": "COMPLETE" if error is None else "FAIL",
-                  "objective": objective, "values": values, "params": trial.params, "overrides": list(overrides),
-                  "run_dir": run_dir, "error": error}
+        record = {"trial": trial.number, "state": state.name, "objective": objective, "values": values,
+                  "params": trial.params, "overrides": list(overrides), "run_dir": run_dir,
+                  "error": None if error is None else f"{type(error).__name__}: {error}"}
+        if state == TrialState.PRUNED:
+            frozen = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.number == trial.number)
+            record["pruned_at_epoch"] = frozen.last_step
+            record["last_value"] = frozen.value
         with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if error is None:
+        if state == TrialState.COMPLETE:
             log.info("trial %d: %s = %s  (%s)", trial.number, objective, values, run_dir)
+        elif state == TrialState.PRUNED:
+            log.info("trial %d pruned after epoch %s (%s = %s)  (%s)", trial.number, record["pruned_at_epoch"],
+                     objective, record["last_value"], run_dir)
         else:
-            log.warning("trial %d failed and is recorded as FAIL; the sweep goes on. %s  (overrides: %s)",
-                        trial.number, error, " ".join(overrides))
+            log.warning("trial %d failed and is recorded as FAIL; the sweep goes on. %s: %s  (overrides: %s)",
+                        trial.number, type(error).__name__, error, " ".join(overrides))
         return record
 
     def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path) -> None:
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         n_failed = sum(t.state == TrialState.FAIL for t in trials)
+        n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
         if not complete:
             every = f"every trial: {sweep_dir / 'trials.jsonl'}"
             failed = [t for t in trials if t.state == TrialState.FAIL]
             if not failed:
-                raise SweepFailed(f"no trial of study {study.study_name!r} completed (none failed either); {every}")
+                raise SweepFailed(f"no trial of study {study.study_name!r} completed ({n_pruned} pruned); {every}")
             first = failed[0]
             # A study begun by another sweeper has no recorded error or run directory.
             why = failed_trials_message(n_failed, len(trials), _trial_name({"trial": first.number, "params": first.params}),
                                         first.user_attrs.get("error", "an unrecorded error"), first.user_attrs.get("run_dir"))
             raise SweepFailed(f"no trial of study {study.study_name!r} completed: {why}; {every}")
         summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "directions": directions,
-                                   "n_complete": len(complete), "n_failed": n_failed}
+                                   "n_complete": len(complete), "n_pruned": n_pruned, "n_failed": n_failed}
         if len(directions) < 2:
             best = study.best_trial
             summary.update(best_trial=best.number, best_params=best.params, best_value=best.value,

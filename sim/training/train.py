@@ -102,8 +102,11 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     from sim.training.debug import build_debug_callbacks
     from sim.training.early_stopping import build_early_stopping
     from sim.training.loggers import build_loggers
+    from sim.training.pruning import sweep_callbacks
 
-    return [*build_early_stopping(cfg), TrainingCurves(), *build_debug_callbacks(cfg), *build_loggers(cfg)]
+    # Pruning decides after early stopping and before the loggers, which then record the last epoch.
+    return [*build_early_stopping(cfg), *sweep_callbacks(cfg), TrainingCurves(), *build_debug_callbacks(cfg),
+            *build_loggers(cfg)]
 
 
 class TrainingCurves(Callback):
@@ -135,7 +138,14 @@ def _plot_curves(root: Path) -> None:
 
 
 def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[float, ...]:
-    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined)."""
+    """The value(s) a sweeper optimizes: best-epoch val metrics by name (NaN where undefined).
+
+    Raises:
+        optuna.TrialPruned: the sweep's pruner stopped the run (the sweeper records it as pruned).
+    """
+    from sim.training.pruning import raise_if_pruned
+
+    raise_if_pruned(result)
     best = result.get("best") or {}
     single = isinstance(names, str)
     values = []
