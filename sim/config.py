@@ -24,6 +24,8 @@ FEATURES_ONLY = {"sim.synthetic.SyntheticSimDataset"}
 FRAMES_ONLY = {"sim.frames.SyntheticFramesDataset"}
 CACHED_SPLIT = "sim.dataset.CachedSplitDataset"
 AMP_DTYPES = ("auto", *DTYPES)
+# A floor is a minimum: on a lower-is-better metric (losses, the miss rate) it would favour worse epochs.
+FLOOR_METRICS = tuple(m for m in METRIC_NAMES if not m.startswith("loss") and m != "risk_high_fn_rate")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -135,6 +137,14 @@ def _check_training(cfg: DictConfig) -> None:
     tie = OmegaConf.select(cfg, "checkpoint.tie_breaker")
     if tie is not None and tie not in METRIC_NAMES:
         raise ConfigError(f"checkpoint.tie_breaker={tie!r}: expected null or one of {', '.join(METRIC_NAMES)}")
+    floors = OmegaConf.select(cfg, "checkpoint.min_metrics")
+    if floors is not None and not isinstance(floors, DictConfig):
+        raise ConfigError(f"checkpoint.min_metrics={floors!r}: expected {{metric: floor, ...}} or null")
+    for name, floor in (floors or {}).items():
+        if name not in FLOOR_METRICS:
+            raise ConfigError(f"checkpoint.min_metrics.{name}: expected one of {', '.join(FLOOR_METRICS)}")
+        if floor is not None and not _is_number(floor):
+            raise ConfigError(f"checkpoint.min_metrics.{name}={floor!r} must be a finite number or null (no floor)")
 
 
 def _check_optim(cfg: DictConfig) -> None:
