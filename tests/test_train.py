@@ -57,12 +57,17 @@ def test_run_tree_is_complete(tiny_run):
 def test_best_checkpoint_follows_the_monitor(tiny_run):
     run_dir, result, cfg = tiny_run
     val = read_jsonl(run_dir / "metrics/val_metrics.jsonl")
+    floors = cfg.checkpoint.min_metrics
+    eligible = [m for m in val if all(m[name] >= floor for name, floor in floors.items())]
+    assert eligible, f"no epoch met checkpoint.min_metrics {dict(floors)}"
     key = lambda m: (m["risk_high_recall"], m["macro_f1"])  # noqa: E731
-    best = max(val, key=key)
-    assert result["best_epoch"] == min(m["epoch"] for m in val if key(m) == key(best))
+    best = max(eligible, key=key)
+    assert result["best_epoch"] == min(m["epoch"] for m in eligible if key(m) == key(best))
     ckpt = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     assert ckpt["epoch"] == result["best_epoch"]
     assert ckpt["metrics"]["risk_high_recall"] == best["risk_high_recall"]
+    # What a user ships is best.pt, so it, not only the last epoch, must have learned the rules.
+    assert best["action_accuracy"] >= 0.9 and best["risk_high_recall"] >= 0.95, best
 
 
 def test_checkpoint_loads_safely_and_rebuilds_the_same_predictions(tiny_run):

@@ -24,6 +24,8 @@ FEATURES_ONLY = {"sim.data.synthetic.SyntheticSimDataset"}
 FRAMES_ONLY = {"sim.data.synthetic_frames.SyntheticFramesDataset"}
 CACHED_SPLIT = "sim.data.dataset.CachedSplitDataset"
 AMP_DTYPES = ("auto", *DTYPES)
+# A floor is a minimum: on a lower-is-better metric (losses, the miss rate) it would favour worse epochs.
+FLOOR_METRICS = tuple(m for m in METRIC_NAMES if not m.startswith("loss") and m != "risk_high_fn_rate")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -141,6 +143,14 @@ def _check_training(cfg: DictConfig) -> None:
     min_delta = OmegaConf.select(cfg, "training.early_stopping.min_delta", default=0.0)
     if not _is_number(min_delta) or min_delta < 0:
         raise ConfigError(f"training.early_stopping.min_delta={min_delta!r} must be a finite number >= 0")
+    floors = OmegaConf.select(cfg, "checkpoint.min_metrics")
+    if floors is not None and not isinstance(floors, DictConfig):
+        raise ConfigError(f"checkpoint.min_metrics={floors!r}: expected {{metric: floor, ...}} or null")
+    for name, floor in (floors or {}).items():
+        if name not in FLOOR_METRICS:
+            raise ConfigError(f"checkpoint.min_metrics.{name}: expected one of {', '.join(FLOOR_METRICS)}")
+        if floor is not None and not _is_number(floor):
+            raise ConfigError(f"checkpoint.min_metrics.{name}={floor!r} must be a finite number or null (no floor)")
 
 
 def _check_optim(cfg: DictConfig) -> None:

@@ -2,7 +2,7 @@
 
 A run is any directory holding the contract's `metrics/val_metrics.jsonl`; its config comes from
 `config_resolved.yaml` beside it. Each run is scored at its best epoch, chosen the way the trainer
-chose best.pt (checkpoint.monitor, checkpoint.mode, checkpoint.tie_breaker of that run). Runs that
+chose best.pt (checkpoint.monitor, .mode, .tie_breaker and .min_metrics of that run). Runs that
 differ only in `training.seed` form one group (an ablation cell, or one sweep trial), reported as the
 mean and spread over its runs.
 
@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from sim.core.run import read_jsonl
-from sim.evaluation.selection import monitor_mode, rank_key
+from sim.evaluation.selection import BestEpochRule
 
 KEY_METRICS: tuple[str, ...] = ("risk_high_recall", "action_accuracy", "macro_f1")
 CURVE_METRICS: tuple[str, ...] = ("loss",) + KEY_METRICS
@@ -108,10 +108,10 @@ def best_epoch(val: list[dict[str, Any]], config: dict[str, Any]) -> tuple[int |
     """The epoch best.pt holds: the first with the highest rank under the run's checkpoint settings."""
     if not val:
         return None, None
-    monitor = config.get("checkpoint.monitor", "risk_high_recall")
-    mode = monitor_mode(monitor, config.get("checkpoint.mode", "auto"))
-    tie = config.get("checkpoint.tie_breaker", "macro_f1")
-    best = max(val, key=lambda m: rank_key(m, monitor, tie, mode))  # max() keeps the first of equals
+    floors = {k.removeprefix("checkpoint.min_metrics."): v for k, v in config.items() if k.startswith("checkpoint.min_metrics.")}
+    rule = BestEpochRule(config.get("checkpoint.monitor", "risk_high_recall"), config.get("checkpoint.mode", "auto"),
+                         config.get("checkpoint.tie_breaker", "macro_f1"), floors)
+    best = max(val, key=rule.key)  # max() keeps the first of equals, as the trainer does
     return int(best.get("epoch", val.index(best) + 1)), best
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from sim.core.errors import ConfigError
+from sim.evaluation.selection import monitor_mode
 from sim.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ class EarlyStopping(Callback):
 
 def build_early_stopping(cfg: DictConfig) -> list[EarlyStopping]:
     """`training.early_stopping` as a callback, or none when `patience` is null."""
-    from sim.training.trainer import monitor_mode
-
     section = OmegaConf.select(cfg, "training.early_stopping")
     if section is None or section.get("patience") is None:
         return []

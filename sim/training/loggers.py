@@ -344,7 +344,7 @@ class Loggers(Callback):
             return
         run = RunInfo(root=trainer.run.root, name=self.run_name or _short(trainer.run.root), experiment=self.experiment,
                       group=self.group, resumed=trainer.global_step > 0, global_step=trainer.global_step,
-                      monitor=trainer.monitor, config=OmegaConf.to_container(trainer.cfg, resolve=True))
+                      monitor=trainer.best_rule.monitor, config=OmegaConf.to_container(trainer.cfg, resolve=True))
         self.active = list(self.adapters)
         self._each("starting", lambda a: a.open(run))
         hparams = flatten(run.config)
@@ -380,8 +380,8 @@ class Loggers(Callback):
         for split, metrics in (("train", train), ("val", val)):
             values.update({f"{split}/{k}": float(v) for k, v in metrics.items() if k != "epoch" and v is not None})
         best = next((m for m in trainer.history["val"] if m.get("epoch") == trainer.best_epoch), None)
-        if best is not None and best.get(trainer.monitor) is not None:
-            values[f"best/{trainer.monitor}"] = float(best[trainer.monitor])
+        if best is not None and best.get(trainer.best_rule.monitor) is not None:
+            values[f"best/{trainer.best_rule.monitor}"] = float(best[trainer.best_rule.monitor])
         self._each("logging an epoch", lambda a: a.log_scalars(_finite(values), trainer.global_step))
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ from sim.data.dataset import SimData
 from sim.data.validate import telemetry_stats
 from sim.evaluation.loop import evaluate_batches, to_device
 from sim.evaluation.metrics import EpochMetrics, compute_losses
-from sim.evaluation.selection import monitor_mode, rank_key
+from sim.evaluation.selection import BestEpochRule
 from sim.models.build import build_model
 from sim.models.model import SimV0Model
 from sim.training import distributed as D
@@ -171,11 +171,9 @@ class Trainer:
             torch.compile(self.model) if cfg.training.compile else self.model)
         self.train_metrics = EpochMetrics()
         self.val_metrics = EpochMetrics()
-        self.monitor = str(cfg.checkpoint.monitor)
-        self.mode = monitor_mode(self.monitor, str(cfg.checkpoint.mode))
-        self.tie_breaker = cfg.checkpoint.get("tie_breaker")
+        self.best_rule = BestEpochRule.from_config(cfg.checkpoint)
         self.start_epoch = 1
-        self.best_key: tuple[float, float] = (-math.inf, -math.inf)
+        self.best_key: tuple[float, ...] = ()  # BestEpochRule.key of the best epoch (none before the first)
         self.best_epoch = 0
         self.global_step = 0
         self.every_n_steps = int(cfg.checkpoint.get("every_n_steps") or 0)
@@ -325,12 +323,14 @@ class Trainer:
         self.global_step += 1
         return grad_norm
 
-    def _step_end(self, epoch: int, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, micro_batches: int,
-                  last_batch: dict[str, Any]) -> None:
-        """Tell the callbacks about the optimizer step just taken; nothing here waits for the device."""
+    def _step_end(self, epoch: int, losses: dict[str, torch.Tensor] | None, grad_norm: torch.Tensor,
+                  micro_batches: int, last_batch: dict[str, Any]) -> None:
+        """Tell the callbacks about the optimizer step just taken; nothing here waits for the device.
+
+        A step whose last micro-batch lost every sample (data.on_bad_sample=skip) has no losses to report."""
         now = time.perf_counter()
         seconds, self._step_clock = now - self._step_clock, now
-        if not self.callbacks:
+        if not self.callbacks or losses is None:
             return
         # Only an epoch's last micro-batch can be short, so the step's others were full.
         samples = (micro_batches - 1) * int(self.data.batch_size) + int(last_batch["weight"].shape[0])
@@ -555,6 +555,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train all epochs (or until a callback sets `should_stop`); returns {"best": val metrics of the
         best epoch, "last": ..., "best_epoch", "run_dir"}."""
+        rule = self.best_rule
+        best = self._val_of(self.best_epoch)
+        if self.best_epoch and len(self.best_key) != len(rule.key({})):
+            # A checkpoint from before the floors: rank its best epoch anew (unknown: the next epoch wins).
+            self.best_key = rule.key(best) if best is not None else ()
         for cb in self.callbacks:
             cb.on_fit_start(self)
         for epoch in range(self.start_epoch, self.epochs + 1):
@@ -568,10 +573,9 @@ class Trainer:
                 append_jsonl(self.run.metrics_file("val"), val_m)
             self.history["train"].append(train_m)
             self.history["val"].append(val_m)
-            key = rank_key(val_m, self.monitor, self.tie_breaker, self.mode)
-            is_best = key > self.best_key or self.best_epoch == 0
+            is_best, key, why = rule.judge(epoch, val_m, self.best_key, self.best_epoch, best)
             if is_best:
-                self.best_key, self.best_epoch = key, epoch
+                self.best_key, self.best_epoch, best = key, epoch, val_m
             self.save(epoch, val_m, is_best)
             log.info(
                 "epoch %d/%d  train loss %.4f | val loss %.4f  risk_high_recall %s  action_accuracy %s  macro_f1 %s  "
@@ -580,14 +584,17 @@ class Trainer:
                 _fmt(val_m["action_accuracy"]), _fmt(val_m["macro_f1"]), train_m["samples_per_s"],
                 "  (best)" if is_best else "",
             )
+            log.log(logging.WARNING if is_best and rule.shortfalls(val_m) else logging.INFO, "%s", why)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, train_m, val_m, is_best)
-        best = next((m for m in self.history["val"] if m.get("epoch") == self.best_epoch), None)
-        result = {"best": best, "last": self.history["val"][-1] if self.history["val"] else None,
+        result = {"best": self._val_of(self.best_epoch), "last": self.history["val"][-1] if self.history["val"] else None,
                   "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result
+
+    def _val_of(self, epoch: int) -> dict[str, Any] | None:
+        return next((m for m in self.history["val"] if m.get("epoch") == epoch), None)
 
 
 # Config keys a resumed run may change, and what changing them does.
@@ -604,6 +611,7 @@ RESUME_WARNINGS = {
     "training.amp": "the new value applies from here on",
     "model.loss_weights": "the new weights apply from here on",
     "model.class_weights": "the new weights apply from here on",
+    "checkpoint.min_metrics": "later epochs are judged by the new floors against the best epoch so far as it was ranked then",
 }
 
 
