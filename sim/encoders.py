@@ -158,8 +158,6 @@ def build_efficientnet_lite(name_or_path: str | None, pretrained: bool, arch: Ma
             net.load_state_dict(state)
         except (RuntimeError, OSError, ValueError) as exc:
             raise LLMLoadError(f"{name_or_path} does not hold {variant} weights: {str(exc).splitlines()[0]}") from exc
-    elif sha256:
-        raise ConfigError("vision.sha256 is set but vision.pretrained=false builds random weights; drop one of them")
     # The classifier is never read: drop it so its weights neither load into memory twice nor count.
     net._fc = nn.Identity()
     return EfficientNetLiteFeatures(net), int(net._bn1.num_features), identity

@@ -433,9 +433,10 @@ def build_encoder(
                 backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
             else:
                 backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256)
+            # The checksum of the file actually read, so a checkpoint or cache pins these weights (none
+            # for random weights: the seed is their identity).
+            spec["sha256"] = None if weights is None else weights["sha256"]
             if weights is not None:
-                # The checksum of the file actually read, so a checkpoint or cache pins these weights.
-                spec["sha256"] = weights["sha256"]
                 log.info("vision weights %s (package %s %s, sha256 %s...)", weights["file"], weights["package"],
                          weights["version"], weights["sha256"][:16])
         else:
