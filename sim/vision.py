@@ -62,7 +62,7 @@ FILE_KINDS = ("efficientnet_lite", "onnx")  # weights read from a file whose che
 KINDS = ("cached", "tiny", "torchvision", *HF_KINDS, *FILE_KINDS)
 
 # Keys that change how the encoder runs, not what it computes: left out of its identity.
-RUNTIME_KEYS = ("frame_batch_size",)
+RUNTIME_KEYS = ("frame_batch_size", "runtime")
 
 
 def cached(**spec: object) -> None:
@@ -217,22 +217,25 @@ class FrozenVisionEncoder(nn.Module):
         A backbone that is not a torch module's weights (ONNX) gives its file's checksum instead.
         """
         own = getattr(self.backbone, "sim_fingerprint", None)
-        if own:
-            return str(own)
-        h = hashlib.sha256()
-        for name, t in self.backbone.state_dict().items():
-            flat = t.detach().reshape(-1).cpu()
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(flat[::step].float().numpy().tobytes())
-            if t.is_floating_point():
-                h.update(repr(round(float(flat.double().sum()), 6)).encode())
-        return h.hexdigest()[:16]
+        return str(own) if own else weights_fingerprint(self.backbone)
 
     def identity(self) -> dict[str, Any]:
         """What determines this encoder's features: its spec (without runtime keys) and fingerprint."""
         spec = {k: v for k, v in self.sim_spec.items() if k not in RUNTIME_KEYS}
         return {"spec": spec, "fingerprint": self.fingerprint()}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's weights (names, shapes, a strided sample of values, sums)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1).cpu()
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].float().numpy().tobytes())
+        if t.is_floating_point():
+            h.update(repr(round(float(flat.double().sum()), 6)).encode())
+    return h.hexdigest()[:16]
 
 
 def describe(spec: Mapping[str, Any]) -> str:
@@ -339,6 +342,7 @@ def vision_spec(
     frame_batch_size: int = 256,
     sha256: str | None = None,
     onnx: Mapping[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """The plain-dict identity of an encoder, stored in checkpoints to rebuild it."""
     spec = {
@@ -356,6 +360,8 @@ def vision_spec(
         spec["sha256"] = sha256
     if kind == "onnx":
         spec["onnx"] = json.loads(json.dumps(dict(onnx or {})))
+    if kind == "efficientnet_lite":
+        spec["runtime"] = str(runtime)
     return spec
 
 
@@ -371,6 +377,7 @@ def build_encoder(
     device: str | torch.device = "cpu",
     sha256: str | None = None,
     onnx: Mapping[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> FrozenVisionEncoder | None:
     """Build the frozen encoder a `vision` option describes (its `_target_`).
 
@@ -386,6 +393,8 @@ def build_encoder(
             file and records its checksum in the spec, so checkpoints and caches pin it.
         onnx: (onnx) input, output (any tensor of the graph), pooling (cls | mean | avg | flatten),
             layout (NCHW | NHWC), threads; see `sim.encoders`.
+        runtime: (efficientnet_lite) torch, or onnxruntime (the same network exported in memory;
+            much faster on CPUs, same features to ~1e-5). Not part of the encoder's identity.
 
     Returns:
         A `FrozenVisionEncoder` in eval mode with every parameter frozen, or None for `cached`.
@@ -403,8 +412,10 @@ def build_encoder(
     # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
     if kind not in FILE_KINDS and (sha256 or onnx):
         raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
+    if runtime != "torch" and kind != "efficientnet_lite":
+        raise ConfigError(f"vision.runtime={runtime!r} is for kind efficientnet_lite, not {kind}")
     spec = vision_spec(kind, name_or_path, pretrained, dtype_name(torch_dtype), arch, init_seed, preprocessing,
-                       frame_batch_size, sha256, onnx)
+                       frame_batch_size, sha256, onnx, runtime)
     image_size, mean, std, resize = _preprocessing(preprocessing)
     arch = dict(arch or {})
     if pretrained:
@@ -432,7 +443,10 @@ def build_encoder(
                     raise ConfigError(f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32")
                 backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
             else:
-                backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256)
+                if runtime == "onnxruntime" and torch_dtype != torch.float32:
+                    raise ConfigError(f"vision.dtype={dtype} with vision.runtime=onnxruntime: the export runs in float32")
+                backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256, runtime,
+                                                                         image_size, weights_fingerprint)
             # The checksum of the file actually read, so a checkpoint or cache pins these weights (none
             # for random weights: the seed is their identity).
             spec["sha256"] = None if weights is None else weights["sha256"]

@@ -65,6 +65,13 @@ def test_pretrained_weights_are_pinned_and_missing_packages_are_named():
 
     spec = OmegaConf.to_container(make_cfg("vision=efficientnet_lite0").vision)
     spec.pop("_target_")
+    # The runtime changes how fast, not what: same identity, same features (to float rounding).
+    fast, slow = build_encoder(**{**spec, "runtime": "onnxruntime"}), build_encoder(**{**spec, "runtime": "torch"})
+    assert fast.identity() == slow.identity() and list(fast.parameters()) == []
+    photo = real_photos()[:1]
+    torch.testing.assert_close(fast(photo), slow(photo), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="runtime"):
+        build_encoder(**{**spec, "runtime": "tensorrt"})
     with pytest.raises(LLMLoadError, match="SHA-256"):
         build_encoder(**{**spec, "sha256": "0" * 64})
     with pytest.raises(LLMLoadError, match="not installed"):
