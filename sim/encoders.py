@@ -280,6 +280,8 @@ class OnnxBackbone(nn.Module):
         # Frames are encoded while the LLM waits: use the threads torch would, not onnxruntime's guess.
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.log_severity_level = 3
+        # Idle pool threads must not spin: between frames the LLM runs on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime reports bad graphs with its own exception types

@@ -87,7 +87,7 @@ class OverlayPainter:
         u, H = self.unit, self.height
         lines = [f"reason  {decision['reason']['label']}",
                  f"action  {decision['action']['label']}   conf {decision['confidence']:.2f}"]
-        top = H - int(u * 2.2) - len(lines) * int(u * 1.25)
+        top = H - int(u * 2.6) - len(lines) * int(u * 1.25)
         width = int(max(d.textlength(s, font=self.font) for s in lines)) + u
         d.rectangle([0, top - u // 3, width, top + len(lines) * int(u * 1.25)], fill=(0, 0, 0, 150))
         for i, s in enumerate(lines):
@@ -128,7 +128,9 @@ class OverlayPainter:
             x0 = u // 2 + int(i * cell)
             d.rectangle([x0, top + int(h * (1 - max(p, 0.08))), x0 + max(1, int(cell) - 1), top + h],
                         fill=(*RISK_RGB[dec["risk"]["label"]], 255))
-        d.text((u // 2 + 2, top - 1), "risk timeline", font=self.small, fill=(255, 255, 255, 200), anchor="lb")
+        # Drawn last, inside the strip's right end: the cells grow from the left towards it.
+        d.text((u // 2 + int(cell * n) - 3, top + h // 2), "risk timeline", font=self.small,
+               fill=(255, 255, 255, 220), anchor="rm")
 
 
 class OverlayWriter:

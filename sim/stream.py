@@ -468,11 +468,8 @@ def stream(cfg: DictConfig) -> dict[str, Any]:
     info = video_info(cfg.video)
     runner = load_runner(cfg.checkpoint, device, cfg.precision, vision, int(cfg.stride), cfg.fps,
                          cfg.risk_high_threshold, float(cfg.max_telemetry_age_s))
-    telemetry = None
-    if cfg.telemetry:
-        telemetry = TelemetryTrack(cfg.telemetry)
-    else:
-        log.warning("no telemetry=FILE.csv: every decision uses the training set's mean telemetry (telemetry=fallback)")
+    # Without a file the runner warns once and falls back to the training set's mean telemetry.
+    telemetry = TelemetryTrack(cfg.telemetry) if cfg.telemetry else None
     frames = read_video(cfg.video)
     if cfg.max_frames:
         frames = (f for f in frames if f[0] < int(cfg.max_frames))
