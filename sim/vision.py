@@ -214,7 +214,8 @@ class FrozenVisionEncoder(nn.Module):
 
         Two encoders with the same spec but other weights (a local directory whose files changed)
         get other fingerprints, so a feature cache can tell them apart without hashing every byte.
-        A backbone that is not a torch module's weights (ONNX) gives its file's checksum instead.
+        A backbone that carries its own (`sim_fingerprint`) gives that instead: an ONNX file's
+        checksum, or, for a network exported to onnxruntime, the fingerprint of its torch weights.
         """
         own = getattr(self.backbone, "sim_fingerprint", None)
         return str(own) if own else weights_fingerprint(self.backbone)
