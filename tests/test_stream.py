@@ -153,6 +153,48 @@ def test_a_corrupt_frame_mid_stream_is_skipped_and_counted(real_run):
     assert runner.push(frames[1], t=1.0) is not None
 
 
+def test_the_file_loop_skips_undecodable_and_broken_frames_in_decisions_and_overlay(real_run, tmp_path):
+    import av
+
+    from sim.stream import load_runner, read_video, run_stream
+
+    ckpt, _ = real_run
+    n = 16
+
+    def frames():
+        for index, t, frame in read_video(clip("carphone_pristine.mp4")):
+            if index == n:
+                return
+            # Frame 6 did not decode; frame 9 arrives cut short.
+            yield index, t, None if index == 6 else frame[:40] if index == 9 else frame
+
+    summary = run_stream(load_runner(ckpt, stride=2), frames(), tmp_path, rate=30.0)
+    assert summary["frames_in"] == n and summary["frames_refused"] == 2 and summary["frames_used"] == n - 2
+    assert summary["decisions"] == 1 + (n - 2 - F) // 2 == len((tmp_path / "decisions.jsonl").read_text().splitlines())
+    with av.open(str(tmp_path / "overlay.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == summary["frames_drawn"] == n - 2
+    assert json.loads((tmp_path / "summary.json").read_text())["refused_reasons"]
+
+
+def test_a_raw_frame_checkpoint_streams_through_its_own_encoder(frames_split, tmp_path):
+    from sim.stream import load_runner
+    from sim.train import train
+
+    run = train(make_cfg("llm=tiny", "training.progress_bar=false", "vision=tiny", "data=frames",
+                         f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val",
+                         f"model.F={F}", f"model.K={K}", "training.epochs=1", "training.device=cpu",
+                         "llm.dtype=float32", "training.amp=false"),
+                run_dir=tmp_path / "run")
+    runner = load_runner(Path(run["run_dir"]) / "checkpoints" / "best.pt", stride=1)
+    assert runner.encoder is runner.model.vision and runner.encoder.sim_spec["kind"] == "tiny"
+    decisions = [runner.push(f, t=i / 30) for i, f in enumerate(decode("carphone_pristine.mp4", limit=F + 1))]
+    assert [d is not None for d in decisions] == [False] * (F - 1) + [True, True]
+    # The same window through the model's own frames path gives the same decision.
+    window = torch.from_numpy(np.stack(decode("carphone_pristine.mp4", limit=F + 1)[1:])).permute(0, 3, 1, 2)
+    direct = runner.model.predict_json({"frames": window.unsqueeze(0), "telemetry": runner.model.tel_mean[None]})[0]
+    assert direct["risk"]["probs"] == pytest.approx(decisions[-1]["risk"]["probs"], abs=1e-5)
+
+
 def test_telemetry_is_matched_by_timestamp_and_bad_rows_are_skipped(real_run, tmp_path, caplog):
     from sim.stream import TelemetryTrack, load_runner
 
