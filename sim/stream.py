@@ -462,6 +462,9 @@ def stream(cfg: DictConfig) -> dict[str, Any]:
     from sim.precision import resolve_device
 
     device = resolve_device(cfg.device)
+    if cfg.get("threads"):
+        # Before any encoder is built: onnxruntime sessions take torch's thread count.
+        torch.set_num_threads(int(cfg.threads))
     vision = None
     if cfg.get("vision") is not None:
         vision = instantiate(cfg.vision, _convert_="all")
