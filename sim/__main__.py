@@ -17,6 +17,7 @@ COMMANDS = {
     "check_data": "sim.commands.check_data",
     "export_onnx": "sim.export.onnx",
     "bench_latency": "sim.export.latency",
+    "stream": "sim.export.stream",
     "ablate": "sim.experiments.ablate",
     "compare": "sim.experiments.compare",
     "bench": "sim.commands.bench",

@@ -1,6 +1,6 @@
 """Run a frozen vision encoder once over raw frames and write cached-feature splits.
 
-    python -m sim.cache_features vision=clip_vit_b32 data=frames \\
+    python -m sim.commands.cache_features vision=clip_vit_b32 data=frames \\
         data.train_split_path=data/frames/train data.val_split_path=data/frames/val out=data/clip
 
 writes `out/train` and `out/val` in the cached-feature format (vis_feats.npy float16 by default,

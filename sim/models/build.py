@@ -28,12 +28,16 @@ def config_precision(cfg: DictConfig, device: torch.device) -> Precision:
                              training.get("amp_dtype", "bfloat16"), device)
 
 
-def build_model(cfg: DictConfig, data_dv: int | None, device: torch.device) -> SimV0Model:
+def build_model(cfg: DictConfig, data_dv: int | None, device: torch.device,
+                features_of: dict | None = None) -> SimV0Model:
     """The model `cfg` describes: its frozen LLM (and vision encoder, for raw frames), built on
     `device` in the run's precision.
 
     Args:
         data_dv: the width of the data's cached features (None for raw frames: the encoder gives dv).
+        features_of: the identity of the encoder that cached the features (the split's meta.json
+            `encoder`), recorded in the checkpoint so that frames can later go through that same
+            encoder (`python -m sim.stream`).
 
     Raises:
         ConfigError: a typed `model.dv` or `model.d` that disagrees with the data, encoder or LLM.
@@ -49,6 +53,8 @@ def build_model(cfg: DictConfig, data_dv: int | None, device: torch.device) -> S
         model_dv = data_dv if data_dv is not None else model_dv
         vision_spec = OmegaConf.to_container(cfg.vision, resolve=True)
         vision_spec.pop("_target_", None)
+        if features_of is not None:
+            vision_spec["features_of"] = features_of
     else:
         encoder = encoder.to(device)
         vision_spec = dict(encoder.sim_spec)

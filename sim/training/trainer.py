@@ -40,7 +40,7 @@ from sim.core.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from sim.core.errors import CheckpointError, ConfigError
+from sim.core.errors import CheckpointError, ConfigError, DataError
 from sim.core.labels import DEFAULT_LOSS_WEIGHTS
 from sim.core.run import RunDir, append_jsonl, read_jsonl
 from sim.data.dataset import SimData
@@ -147,7 +147,8 @@ class Trainer:
         self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
-        self.model = build_model(cfg, dv_data if self.use_cached else None, self.device)
+        self.model = build_model(cfg, dv_data if self.use_cached else None, self.device,
+                                 features_of=self._feature_encoder() if self.use_cached else None)
         self.precision = self.model.precision
         self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
@@ -232,6 +233,21 @@ class Trainer:
                               f"{list(shape)} per sample; for cached features use vision=cached")
         # dv of cached features; for raw frames the encoder gives dv and this value is unused.
         return int(shape[-1])
+
+    def _feature_encoder(self) -> dict[str, Any] | None:
+        """The encoder identity the cached splits record (`sim.commands.cache_features` writes it), or None.
+
+        Raises:
+            DataError: train and val features come from different encoders (the heads would be
+                validated on features they never saw).
+        """
+        found = {split: (getattr(self.data.split(split), "meta", None) or {}).get("encoder") for split in ("train", "val")}
+        if found["train"] and found["val"] and found["train"] != found["val"]:
+            from sim.models.vision import describe
+
+            raise DataError(f"the train split's features come from {describe(found['train'].get('spec', {}))} but the "
+                            f"val split's from {describe(found['val'].get('spec', {}))}; cache both with one encoder")
+        return found["train"]
 
     def _class_weights(self) -> dict[str, torch.Tensor] | None:
         spec = self.cfg.model.class_weights
