@@ -73,7 +73,7 @@ def test_overfit_says_so_when_the_loss_does_not_fall(tmp_path, caplog):
     cfg = make_cfg(*DEBUG, "debug=overfit", "logger=none", "training.epochs=2", "optim.lr=1e-7")
     with caplog.at_level(logging.WARNING, logger="sim.training.debug"):
         train(cfg, run_dir=tmp_path)
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "sim.training.debug"]
     assert "cannot even memorize" in warning and "optim.lr" in warning
 
 
