@@ -31,7 +31,7 @@ from sim.core import labels as L
 from sim.core.cli import CONF_DIR, fail_cleanly
 from sim.core.config import check_data_config
 from sim.core.errors import ConfigError, SimError
-from sim.data.dataset import import_class
+from sim.data.dataset import open_split
 from sim.data.validate import BadSample, SampleValidator
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,6 @@ class _Moments:
             out.append({"mean": mean, "std": std, "min": float(self.min[c]) if n else None,
                         "max": float(self.max[c]) if n else None, "nonfinite": int(self.nonfinite[c])})
         return out
-
-
-def open_split(cfg: DictConfig, split: str, use_cached: bool) -> Any:
-    """The split's dataset, built as `sim.data.dataset.build_data` builds it (one split at a time, so one
-    that cannot be opened does not hide the other)."""
-    spec = OmegaConf.to_container(cfg.data, resolve=True)
-    cls = import_class(spec["dataset_class_path"])
-    kwargs = {**(spec.get("dataset_kwargs") or {}), **(spec.get(f"{split}_kwargs") or {})}
-    return cls(spec.get(f"{split}_split_path"), use_cached_vis_feats=use_cached, **kwargs)
 
 
 def expected_shape(dataset: Any, video_key: str, F: int | None, dv: int | None) -> tuple[tuple[int | None, ...], list[str]]:
@@ -197,7 +188,7 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
         entry: dict[str, Any] = {"problems": []}
         report["splits"][split] = entry
         try:
-            dataset = open_split(cfg, split, use_cached)
+            dataset = open_split(cfg.data, split, use_cached)
         except SimError as exc:
             entry["problems"].append(f"cannot open the split: {exc}")
             continue

@@ -42,6 +42,7 @@ from sim.core.checkpoint import (
 )
 from sim.core.errors import CheckpointError, ConfigError, DataError
 from sim.core.labels import DEFAULT_LOSS_WEIGHTS
+from sim.core.precision import Precision
 from sim.core.run import RunDir, append_jsonl, read_jsonl
 from sim.data.dataset import SimData
 from sim.data.validate import telemetry_stats
@@ -149,7 +150,6 @@ class Trainer:
 
         self.model = build_model(cfg, dv_data if self.use_cached else None, self.device,
                                  features_of=self._feature_encoder() if self.use_cached else None)
-        self.precision = self.model.precision
         self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
@@ -188,6 +188,11 @@ class Trainer:
             self._resume(str(cfg.training.resume))
         else:
             self._restart_metric_files()
+
+    @property
+    def precision(self) -> Precision:
+        """How the model computes (its own, so the trainer never holds a stale copy)."""
+        return self.model.precision
 
     def _setup_loaders(self) -> None:
         """Shard the splits over the ranks and size the epoch in optimizer steps."""
