@@ -1,10 +1,10 @@
 """Train a Spatial Intent Model.
 
-    python train.py                                  # defaults: SmolLM2-135M (offline GGUF), synthetic data
-    python train.py llm=opt125m data=cached data.train_split_path=... data.val_split_path=...
-    python train.py training.epochs=3 model.K=2      # any key
-    python train.py -m optim.lr=1e-3,3e-4            # a multirun sweep
-    torchrun --nproc_per_node=2 train.py ...         # DDP over 2 processes, one run directory
+python train.py                                  # defaults: SmolLM2-135M (offline GGUF), synthetic data
+python train.py llm=opt125m data=cached data.train_split_path=... data.val_split_path=...
+python train.py training.epochs=3 model.K=2      # any key
+python train.py -m optim.lr=1e-3,3e-4            # a multirun sweep
+torchrun --nproc_per_node=2 train.py ...         # DDP over 2 processes, one run directory
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ each job's traceback is in its own logs/stdout.log. Config `hydra/sweeper=sim_ba
 runs it as `basic`, Hydra's default (`use_as_basic`).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
@@ -43,21 +44,22 @@ def use_as_basic() -> None:
 class SimBasicSweeper(BasicSweeper):
     """BasicSweeper whose failed jobs end the sweep with one `error:` line (see the module doc)."""
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         from sim.core.cli import sweep_fails_cleanly
 
         with sweep_fails_cleanly():
             return self._sweep(arguments)
 
-    def _sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
+    def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        self.overrides = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]),
-                                              self.max_batch_size)
+        self.overrides = self.split_arguments(
+            parser.parse_overrides([*self._parse_config(), *arguments]), self.max_batch_size
+        )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        returns: List[Sequence[JobReturn]] = []
+        returns: list[Sequence[JobReturn]] = []
         n_launched = 0
         while not self.is_done():
             batch = self.get_job_batch()
@@ -71,7 +73,7 @@ class SimBasicSweeper(BasicSweeper):
         return returns
 
 
-def _sweep_failed(failed: List[JobReturn], n_launched: int) -> Exception:
+def _sweep_failed(failed: list[JobReturn], n_launched: int) -> Exception:
     from sim.core.cli import describe_error, failed_trials_message
     from sim.core.errors import SweepFailed
 

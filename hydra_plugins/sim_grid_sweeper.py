@@ -9,7 +9,6 @@ the others run. Every cell's outcome goes to `<sweep dir>/jobs.jsonl`.
 # No `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in
 # sys.modules, and dataclasses resolve string annotations through sys.modules.
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -20,12 +19,12 @@ from sim.experiments.grid_sweeper import GridSweeper
 class SimGridSweeperConf:
     _target_: str = "hydra_plugins.sim_grid_sweeper.SimGridSweeper"
     # Jobs handed to the launcher at once (null: the whole grid; a Slurm array of that size).
-    max_batch_size: Optional[int] = None
+    max_batch_size: int | None = None
     # {key: "a,b,c"}: the grid, as on the command line.
-    params: Optional[Dict[str, str]] = None
+    params: dict[str, str] | None = None
     # {key_a: key_b}: a cell whose composed config has key_a > key_b is skipped and recorded, not run
     # (model.K: model.F, since K visual tokens are segment means of F frames).
-    skip_if_greater: Dict[str, str] = field(default_factory=dict)
+    skip_if_greater: dict[str, str] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="sim_grid", node=SimGridSweeperConf, provider="sim")

@@ -21,7 +21,7 @@ this module on every start: optuna itself is imported only when a sweep starts.
 # sys.modules, and dataclasses resolve string annotations through sys.modules.
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, NoReturn
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
@@ -46,17 +46,19 @@ class DistributionConfig:
 
     type: DistributionType
     # int and float: the bounds, log scale and an optional step.
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
-    step: Optional[float] = None
+    step: float | None = None
     # categorical: the choices.
-    choices: Optional[List[Any]] = None
+    choices: list[Any] | None = None
 
 
 def motpe_removed(*args: Any, **kwargs: Any) -> NoReturn:
-    raise ValueError("hydra/sweeper/sampler=motpe: MOTPESampler was removed in optuna 4; use hydra/sweeper/sampler=tpe, "
-                     "which optimizes several objectives too")
+    raise ValueError(
+        "hydra/sweeper/sampler=motpe: MOTPESampler was removed in optuna 4; use hydra/sweeper/sampler=tpe, "
+        "which optimizes several objectives too"
+    )
 
 
 # ---- samplers: the plugin's configs, with the arguments optuna >= 4 still takes -------------------
@@ -70,28 +72,28 @@ class GridSamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.GridSampler"
     # The grid is built from the search space when the sweep starts.
     _partial_: bool = True
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
 class TPESamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.TPESampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     # None leaves optuna's own default: some of these are deprecated in optuna 4 and passing them warns.
-    consider_prior: Optional[bool] = None
-    prior_weight: Optional[float] = None
-    consider_magic_clip: Optional[bool] = None
-    consider_endpoints: Optional[bool] = None
+    consider_prior: bool | None = None
+    prior_weight: float | None = None
+    consider_magic_clip: bool | None = None
+    consider_endpoints: bool | None = None
     n_startup_trials: int = 10
     n_ei_candidates: int = 24
     multivariate: bool = False
-    warn_independent_sampling: Optional[bool] = None
+    warn_independent_sampling: bool | None = None
 
 
 @dataclass
 class RandomSamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.RandomSampler"
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
@@ -99,27 +101,27 @@ class CmaEsSamplerConfig(SamplerConfig):
     """Needs the `cmaes` package."""
 
     _target_: str = "optuna.samplers.CmaEsSampler"
-    seed: Optional[int] = None
-    x0: Optional[Dict[str, Any]] = None
-    sigma0: Optional[float] = None
-    independent_sampler: Optional[Any] = None
+    seed: int | None = None
+    x0: dict[str, Any] | None = None
+    sigma0: float | None = None
+    independent_sampler: Any | None = None
     warn_independent_sampling: bool = True
     consider_pruned_trials: bool = False
-    restart_strategy: Optional[Any] = None
+    restart_strategy: Any | None = None
     inc_popsize: int = -1
     use_separable_cma: bool = False
-    source_trials: Optional[Any] = None
+    source_trials: Any | None = None
 
 
 @dataclass
 class NSGAIISamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.NSGAIISampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     population_size: int = 50
-    mutation_prob: Optional[float] = None
+    mutation_prob: float | None = None
     crossover_prob: float = 0.9
     swapping_prob: float = 0.5
-    constraints_func: Optional[Any] = None
+    constraints_func: Any | None = None
 
 
 @dataclass
@@ -130,10 +132,10 @@ class MOTPESamplerConfig(SamplerConfig):
 @dataclass
 class QMCSamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.QMCSampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     qmc_type: str = "sobol"
     scramble: bool = False
-    independent_sampler: Optional[Any] = None
+    independent_sampler: Any | None = None
     warn_asynchronous_seeding: bool = True
     warn_independent_sampling: bool = True
 
@@ -143,11 +145,11 @@ class GPSamplerConfig(SamplerConfig):
     """Needs scipy (and torch, which SIM has)."""
 
     _target_: str = "optuna.samplers.GPSampler"
-    seed: Optional[int] = None
-    independent_sampler: Optional[Any] = None
+    seed: int | None = None
+    independent_sampler: Any | None = None
     n_startup_trials: int = 10
     deterministic_objective: bool = False
-    constraints_func: Optional[Any] = None
+    constraints_func: Any | None = None
     warn_independent_sampling: bool = True
 
 
@@ -185,7 +187,7 @@ class HyperbandPrunerConfig(PrunerConfig):
     bootstrap_count: int = 0
 
 
-PRUNERS: Dict[str, Any] = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig}
+PRUNERS: dict[str, Any] = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig}
 
 
 # ---- the sweepers -------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class OptunaSweeperConf:
     """The hydra-optuna-sweeper plugin's keys and defaults, plus `pruner`."""
 
     _target_: str = "hydra_plugins.sim_optuna_sweeper.SimOptunaSweeper"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
 
     sampler: Any = MISSING
     # A pruner config (hydra/sweeper/pruner=median), or its name: none | median | hyperband.
@@ -202,19 +204,19 @@ class OptunaSweeperConf:
     # Union[Direction, List[Direction]]: one per value the Hydra main returns.
     direction: Any = Direction.minimize
     # e.g. sqlite:///path/optuna.db; None keeps the study in memory (no resume).
-    storage: Optional[Any] = None
-    study_name: Optional[str] = None
+    storage: Any | None = None
+    study_name: str | None = None
     n_trials: int = 20
     # Trials launched together (the launcher may run them in parallel).
     n_jobs: int = 2
     # Failed fraction of a batch above which the sweep stops.
     max_failure_rate: float = 0.0
     # Deprecated since Hydra 1.2: {name: DistributionConfig}; `params` is the way.
-    search_space: Optional[Dict[str, Any]] = None
+    search_space: dict[str, Any] | None = None
     # {key: "interval(...)" | "choice(...)" | "range(...)" | "tag(log, interval(...))" | fixed value}
-    params: Optional[Dict[str, str]] = None
+    params: dict[str, str] | None = None
     # An instantiate-style path to a Callable[[DictConfig, optuna.trial.Trial], None] that suggests more.
-    custom_search_space: Optional[str] = None
+    custom_search_space: str | None = None
 
 
 @dataclass
@@ -225,8 +227,8 @@ class SimOptunaSweeperConf(OptunaSweeperConf):
 
     # The Hydra main returns the objective metric(s); every default one (risk_high_recall) is higher-better.
     direction: Any = "maximize"
-    storage: Optional[Any] = "sqlite:///${hydra.sweep.dir}/optuna.db"
-    study_name: Optional[str] = "sim"
+    storage: Any | None = "sqlite:///${hydra.sweep.dir}/optuna.db"
+    study_name: str | None = "sim"
     n_jobs: int = 1
     max_failure_rate: float = 1.0
 
@@ -234,9 +236,16 @@ class SimOptunaSweeperConf(OptunaSweeperConf):
 _store = ConfigStore.instance()
 _store.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="sim")
 _store.store(group="hydra/sweeper", name="sim_optuna", node=SimOptunaSweeperConf, provider="sim")
-for _name, _node in {"tpe": TPESamplerConfig, "random": RandomSamplerConfig, "cmaes": CmaEsSamplerConfig,
-                     "nsgaii": NSGAIISamplerConfig, "motpe": MOTPESamplerConfig, "grid": GridSamplerConfig,
-                     "qmc": QMCSamplerConfig, "gp": GPSamplerConfig}.items():
+for _name, _node in {
+    "tpe": TPESamplerConfig,
+    "random": RandomSamplerConfig,
+    "cmaes": CmaEsSamplerConfig,
+    "nsgaii": NSGAIISamplerConfig,
+    "motpe": MOTPESamplerConfig,
+    "grid": GridSamplerConfig,
+    "qmc": QMCSamplerConfig,
+    "gp": GPSamplerConfig,
+}.items():
     _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="sim")
 for _name, _node in PRUNERS.items():
     _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="sim")
@@ -245,18 +254,40 @@ for _name, _node in PRUNERS.items():
 class SimOptunaSweeper(Sweeper):
     """Hydra's side of the sweeper; sim.experiments.sweeper.OptunaSweeperImpl runs the study."""
 
-    def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
-                 n_trials: int, n_jobs: int, max_failure_rate: float, search_space: Optional[DictConfig],
-                 custom_search_space: Optional[str], params: Optional[DictConfig], pruner: Any = None) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        search_space: DictConfig | None,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        pruner: Any = None,
+    ) -> None:
         from sim.experiments.sweeper import OptunaSweeperImpl
 
-        self.sweeper = OptunaSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-                                         search_space, custom_search_space, params, pruner)
+        self.sweeper = OptunaSweeperImpl(
+            sampler,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            search_space,
+            custom_search_space,
+            params,
+            pruner,
+        )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         from sim.core.cli import sweep_fails_cleanly
 
         # A sweep that cannot go on (its trials failed) ends with one `error:` line, as a run does.

@@ -32,7 +32,9 @@ def make_cfg(*overrides: str) -> DictConfig:
 def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project command (e.g. train.py ...) with this interpreter, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 # Each precision a run can compute in, forced whatever `auto` picks on this machine: tests that
@@ -44,8 +46,9 @@ PRECISIONS = {
 }
 
 
-def write_cached_split(root: Path, n_train: int, n_val: int, nan_telemetry: list[int] = (), F: int = 8,
-                       dv: int = 16) -> list[str]:
+def write_cached_split(
+    root: Path, n_train: int, n_val: int, nan_telemetry: list[int] = (), F: int = 8, dv: int = 16
+) -> list[str]:
     """A generated split on disk (root/train, root/val) whose train samples `nan_telemetry` are bad
     (a NaN in their telemetry); returns the overrides that train on it."""
     import numpy as np

@@ -39,8 +39,20 @@ from sim.training.train import train
 F, DV = 8, 16
 BASE = [*TINY, "data.batch_size=16"]
 SMALL = [*BASE, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32"]  # data=synthetic
-TINY_LLM = {"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 8,
-                     "bos_token_id": 0, "eos_token_id": 0}, "pretrained": False, "dtype": "float32"}
+TINY_LLM = {
+    "arch": {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 32,
+        "n_positions": 16,
+        "vocab_size": 8,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+    "pretrained": False,
+    "dtype": "float32",
+}
 
 
 class ListSplit(SimDataset):
@@ -59,8 +71,14 @@ class ListSplit(SimDataset):
 
 def good_sample(i: int) -> dict:
     g = torch.Generator().manual_seed(i)
-    return {"vis_feats": torch.randn(F, DV, generator=g), "telemetry": torch.randn(8, generator=g),
-            "risk_id": i % 4, "reason_id": i % 4, "action_id": i % 6, "sample_id": f"x{i}"}
+    return {
+        "vis_feats": torch.randn(F, DV, generator=g),
+        "telemetry": torch.randn(8, generator=g),
+        "risk_id": i % 4,
+        "reason_id": i % 4,
+        "action_id": i % 6,
+        "sample_id": f"x{i}",
+    }
 
 
 def loader_of(samples, **kw):
@@ -82,22 +100,38 @@ def cached(root: Path) -> list[str]:
 def _set(key, value):
     def mutate(s):
         s[key] = value(s) if callable(value) else value
+
     return mutate
 
 
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (_set("telemetry", lambda s: torch.tensor([0, 0, 0, 0, 0, 0, math.nan, 0.0])),
-         r"sample 5 \(sample_id 'x5'\): telemetry has 1 non-finite value \(nan\) in v; expected 8 finite numbers"),
-        (lambda s: s.__setitem__("video", s.pop("vis_feats")),
-         r"sample 5 \(sample_id 'x5'\): vis_feats is missing; expected keys vis_feats, telemetry, risk_id"),
-        (_set("vis_feats", torch.zeros(F - 1, DV)), r"sample 5 \(sample_id 'x5'\): vis_feats has shape \[7, 16\]; expected \[F=8, dv=16\]"),
+        (
+            _set("telemetry", lambda s: torch.tensor([0, 0, 0, 0, 0, 0, math.nan, 0.0])),
+            r"sample 5 \(sample_id 'x5'\): telemetry has 1 non-finite value \(nan\) in v; expected 8 finite numbers",
+        ),
+        (
+            lambda s: s.__setitem__("video", s.pop("vis_feats")),
+            r"sample 5 \(sample_id 'x5'\): vis_feats is missing; expected keys vis_feats, telemetry, risk_id",
+        ),
+        (
+            _set("vis_feats", torch.zeros(F - 1, DV)),
+            r"sample 5 \(sample_id 'x5'\): vis_feats has shape \[7, 16\]; expected \[F=8, dv=16\]",
+        ),
         (_set("vis_feats", torch.zeros(F, DV + 1)), r"vis_feats has shape \[8, 17\]; expected \[F=8, dv=16\]"),
-        (_set("vis_feats", torch.zeros(F, DV, dtype=torch.int64)), r"vis_feats has dtype int64; expected floating point"),
-        (_set("vis_feats", lambda s: s["vis_feats"].index_fill(0, torch.tensor([2]), math.inf)),
-         r"vis_feats has 16 non-finite values \(inf\); expected finite"),
-        (_set("risk_id", 4), r"sample 5 \(sample_id 'x5'\): risk_id is 4; expected an integer in 0..3 \(none, low, medium, high\)"),
+        (
+            _set("vis_feats", torch.zeros(F, DV, dtype=torch.int64)),
+            r"vis_feats has dtype int64; expected floating point",
+        ),
+        (
+            _set("vis_feats", lambda s: s["vis_feats"].index_fill(0, torch.tensor([2]), math.inf)),
+            r"vis_feats has 16 non-finite values \(inf\); expected finite",
+        ),
+        (
+            _set("risk_id", 4),
+            r"sample 5 \(sample_id 'x5'\): risk_id is 4; expected an integer in 0..3 \(none, low, medium, high\)",
+        ),
         (_set("action_id", 2.0), r"action_id is 2.0; expected an integer in 0..5"),
         (_set("reason_id", None), r"reason_id is None \(NoneType\); expected an integer in 0..3"),
         (_set("weight", -1.0), r"weight is -1.0; expected a finite float >= 0"),
@@ -135,7 +169,9 @@ def test_a_bad_row_of_a_cached_split_is_named_by_index_and_sample_id(tmp_path):
 
     data = instantiate(cfg.data, use_cached_vis_feats=True, _convert_="all")
     assert sum(len(b["sample_id"]) for b in data.loader("val")) == 32
-    with pytest.raises(DataError, match=r"sample 9 \(sample_id 'synth-train-0-000009'\): vis_feats has 1 non-finite value \(inf\)"):
+    with pytest.raises(
+        DataError, match=r"sample 9 \(sample_id 'synth-train-0-000009'\): vis_feats has 1 non-finite value \(inf\)"
+    ):
         for _ in data.loader("train", shuffle=True):
             pass
 
@@ -147,7 +183,10 @@ def test_the_message_from_a_loader_worker_is_the_message_not_a_traceback():
         for _ in loader_of(samples, num_workers=1):
             pass
     text = str(info.value)
-    assert text.startswith("bad sample of the train split: sample 4 (sample_id 'x4'): risk_id is 7") and "Traceback" not in text
+    assert (
+        text.startswith("bad sample of the train split: sample 4 (sample_id 'x4'): risk_id is 7")
+        and "Traceback" not in text
+    )
 
 
 def test_skip_drops_bad_samples_and_empties_whole_bad_batches_and_counts_them(tmp_path):
@@ -178,7 +217,9 @@ def test_training_with_skip_lists_skipped_ids_in_the_run_logs(tmp_path):
         train(make_cfg(*BASE, *cached(root), "training.epochs=1"), run_dir=tmp_path / "strict")
     assert not list((tmp_path / "strict" / "checkpoints").glob("*.pt"))
 
-    result = train(make_cfg(*BASE, *cached(root), "training.epochs=1", "data.on_bad_sample=skip"), run_dir=tmp_path / "run")
+    result = train(
+        make_cfg(*BASE, *cached(root), "training.epochs=1", "data.on_bad_sample=skip"), run_dir=tmp_path / "run"
+    )
     assert result["best_epoch"] == 1
     listed = (tmp_path / "run" / "logs" / "skipped_samples.txt").read_text()
     assert "synth-train-0-000003\ttelemetry" in listed and "synth-train-0-000007\ttelemetry" in listed
@@ -197,8 +238,12 @@ def test_telemetry_statistics_leave_out_non_finite_rows():
 
 
 def test_a_validator_checks_f_and_dv_of_the_config():
-    batch = {"vis_feats": torch.zeros(2, F, DV), "telemetry": torch.zeros(2, 8),
-             **{f"{h}_id": torch.zeros(2, dtype=torch.long) for h in L.HEADS}, "sample_id": ["a", "b"]}
+    batch = {
+        "vis_feats": torch.zeros(2, F, DV),
+        "telemetry": torch.zeros(2, 8),
+        **{f"{h}_id": torch.zeros(2, dtype=torch.long) for h in L.HEADS},
+        "sample_id": ["a", "b"],
+    }
     checked = SampleValidator("vis_feats", F=F, dv=32).check_batch(batch, [10, 11])
     assert checked.batch is None
     assert [b.describe() for b in checked.bad] == [
@@ -217,7 +262,9 @@ def compose_check(*overrides: str):
 def test_check_data_reports_a_clean_split_without_training():
     from sim.commands.check_data import check_data, format_report
 
-    report = check_data(compose_check("data.train_kwargs.num_samples=50", "data.val_kwargs.num_samples=20", "split=train"))
+    report = check_data(
+        compose_check("data.train_kwargs.num_samples=50", "data.val_kwargs.num_samples=20", "split=train")
+    )
     assert report["ok"] and list(report["splits"]) == ["train"]
     train_r = report["splits"]["train"]
     assert train_r["samples"] == train_r["good"] == 50 and train_r["bad"] == 0
@@ -259,8 +306,11 @@ def test_guard_skips_and_counts_non_finite_steps_and_stops_after_too_many_in_a_r
     assert not step(math.nan) and not step(math.inf)
     assert step(1.0) and guard.consecutive == 0 and guard.skipped == 2  # a good step resets the run of faults
     assert not step(math.nan) and not step(math.nan)
-    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) in 3 consecutive steps \(training.max_nonfinite_steps=3; "
-                                             r"5 of 7 steps skipped"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite loss \(nan\) in 3 consecutive steps \(training.max_nonfinite_steps=3; "
+        r"5 of 7 steps skipped",
+    ):
         step(math.nan)
     with pytest.raises(ConfigError, match="training.max_nonfinite_steps=0"):
         NonFiniteGuard(0)
@@ -316,7 +366,9 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate_then_ruin)
-    with pytest.raises(NonFiniteError, match=r"refusing to write the checkpoint: 1 tensor\(s\) hold NaN or inf \(vis_proj.weight\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"refusing to write the checkpoint: 1 tensor\(s\) hold NaN or inf \(vis_proj.weight\)"
+    ):
         train(make_cfg(*SMALL, "training.epochs=2"), run_dir=tmp_path)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model_state_dict"].values())
@@ -352,9 +404,18 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch)
         ("training.amp_dtype=int8", "training.amp_dtype='int8'"),
         ("checkpoint.mode=up", "checkpoint.mode='up'"),
         ("checkpoint.tie_breaker=accuracy", "checkpoint.tie_breaker='accuracy'"),
-        ("vision=tiny", "vision=tiny encodes raw frames but data.dataset_class_path=sim.data.synthetic.SyntheticSimDataset"),
-        ("data=synthetic_frames", "vision=cached reads cached features but data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset"),
-        ("data=cached|data.train_split_path=no/such/dir", r"split directory not found: no/such/dir \(data.train_split_path\)"),
+        (
+            "vision=tiny",
+            "vision=tiny encodes raw frames but data.dataset_class_path=sim.data.synthetic.SyntheticSimDataset",
+        ),
+        (
+            "data=synthetic_frames",
+            "vision=cached reads cached features but data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset",
+        ),
+        (
+            "data=cached|data.train_split_path=no/such/dir",
+            r"split directory not found: no/such/dir \(data.train_split_path\)",
+        ),
     ],
 )
 def test_a_config_that_cannot_work_is_refused_naming_the_key(override, message):
@@ -366,7 +427,9 @@ def test_cached_split_of_raw_frames_with_vision_cached_is_refused(tmp_path):
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
         np.save(tmp_path / split / "frames.npy", np.zeros((1, 1, 3, 2, 2), np.uint8))
-    with pytest.raises(ConfigError, match=r"data.train_split_path=.* holds frames.npy, not the vis_feats.npy that vision=cached reads"):
+    with pytest.raises(
+        ConfigError, match=r"data.train_split_path=.* holds frames.npy, not the vis_feats.npy that vision=cached reads"
+    ):
         validate_config(make_cfg(*TINY, *cached(tmp_path)))
 
 
@@ -375,7 +438,9 @@ def test_config_errors_come_before_anything_heavy_loads(tmp_path):
     with pytest.raises(ConfigError, match="optim.lr=0"):
         train(make_cfg("llm=gpt2", "optim.lr=0"), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    validate_config(make_cfg("llm=gpt2"))  # without the bad key it is the LLM's turn (LLMLoadError, tests/test_errors.py)
+    validate_config(
+        make_cfg("llm=gpt2")
+    )  # without the bad key it is the LLM's turn (LLMLoadError, tests/test_errors.py)
 
 
 # ---- checkpoints: damaged, foreign, unsafe, another architecture ---------------------------------
@@ -416,13 +481,35 @@ def _flip(data: bytes, at: float) -> bytes:
         (lambda good: b"", "is truncated or corrupt"),
         (lambda good: _flip(good, 0.5), r"is corrupt: .* does not match its checksum"),  # damage inside tensor data
         (lambda good: os.urandom(4096), "corrupt"),
-        (lambda good: _torch_bytes({"state_dict": {"w": torch.zeros(2)}}), r"is not a SIM checkpoint: expected keys \['model_state_dict', 'metadata'\], found \['state_dict'\]"),
+        (
+            lambda good: _torch_bytes({"state_dict": {"w": torch.zeros(2)}}),
+            r"is not a SIM checkpoint: expected keys \['model_state_dict', 'metadata'\], found \['state_dict'\]",
+        ),
         (lambda good: _torch_bytes(torch.zeros(3)), "is not a SIM checkpoint: .* found Tensor"),
-        (lambda good: _torch_bytes({"model_state_dict": {}, "metadata": {"format": "other.v1"}}), "metadata.format is 'other.v1', expected 'sim.v0'"),
-        (lambda good: _torch_bytes({"model_state_dict": {}, "metadata": NotPlainData()}), "only load with weights_only=False"),
-        (lambda good: _torch_bytes({"model_state_dict": {"w": np.zeros(3)}, "metadata": {}}), "only load with weights_only=False"),
+        (
+            lambda good: _torch_bytes({"model_state_dict": {}, "metadata": {"format": "other.v1"}}),
+            "metadata.format is 'other.v1', expected 'sim.v0'",
+        ),
+        (
+            lambda good: _torch_bytes({"model_state_dict": {}, "metadata": NotPlainData()}),
+            "only load with weights_only=False",
+        ),
+        (
+            lambda good: _torch_bytes({"model_state_dict": {"w": np.zeros(3)}, "metadata": {}}),
+            "only load with weights_only=False",
+        ),
     ],
-    ids=["truncated", "empty", "bit-flip", "random-bytes", "foreign-dict", "bare-tensor", "other-format", "python-object", "numpy-array"],
+    ids=[
+        "truncated",
+        "empty",
+        "bit-flip",
+        "random-bytes",
+        "foreign-dict",
+        "bare-tensor",
+        "other-format",
+        "python-object",
+        "numpy-array",
+    ],
 )
 def test_a_bad_checkpoint_is_a_clear_checkpoint_error(tmp_path, good_checkpoint, make, message):
     path = tmp_path / "bad.pt"
@@ -439,8 +526,11 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, good_checkpoi
     path.write_bytes(good_checkpoint)
     ckpt = load_checkpoint(path)
     other = tiny_model(dv=DV * 2)
-    with pytest.raises(CheckpointError, match=r"another architecture: vis_proj.weight has shape \[32, 16\] in the checkpoint, "
-                                              r"this model \(dv=32, d=32\) expects \[32, 32\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another architecture: vis_proj.weight has shape \[32, 16\] in the checkpoint, "
+        r"this model \(dv=32, d=32\) expects \[32, 32\]",
+    ):
         other.load_state_dict(ckpt["model_state_dict"])
     with pytest.raises(CheckpointError, match="does not fit this model: missing"):
         tiny_model().load_state_dict({k: v for k, v in ckpt["model_state_dict"].items() if not k.startswith("heads")})
@@ -474,7 +564,10 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, 
     path = tmp_path / "last.pt"
     path.write_bytes(good_checkpoint)
     monkeypatch.setattr(sim.core.checkpoint.os, "fdopen", _FullDisk)
-    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*last.pt: No space left on device; the previous file is intact"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"could not write checkpoint .*last.pt: No space left on device; the previous file is intact",
+    ):
         save_checkpoint(path, {"model_state_dict": {}, "metadata": {}})
     assert path.read_bytes() == good_checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
@@ -482,7 +575,10 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, 
 
 def test_an_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    with pytest.raises(CheckpointError, match="could not write checkpoint .*: File exists \\(a part of the path is a file, not a directory\\)"):
+    with pytest.raises(
+        CheckpointError,
+        match="could not write checkpoint .*: File exists \\(a part of the path is a file, not a directory\\)",
+    ):
         save_checkpoint(tmp_path / "file" / "last.pt", {"a": 1})
     import sim.core.checkpoint
 

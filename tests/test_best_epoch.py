@@ -87,12 +87,16 @@ def test_the_log_says_why_each_epoch_won_or_lost():
     best, why = _judge_all(DEFAULT, RUN)
     assert best == 6
     assert why[0] == "epoch 1 is best (the first epoch): risk_high_recall 0.9300; macro_f1 0.8100 >= 0.8 required"
-    assert why[1] == ("epoch 2 is not best: risk_high_recall 0.9900 vs 0.9300 of epoch 1, but it misses the floors "
-                      "(macro_f1 0.3900 < 0.8 required)")
+    assert why[1] == (
+        "epoch 2 is not best: risk_high_recall 0.9900 vs 0.9300 of epoch 1, but it misses the floors "
+        "(macro_f1 0.3900 < 0.8 required)"
+    )
     assert why[2].startswith("epoch 3 is not best: risk_high_recall 0.9800 vs 0.9300 of epoch 1, but it misses")
     assert why[3] == "epoch 4 is best: risk_high_recall 0.9500 > 0.9300 of epoch 1; macro_f1 0.8500 >= 0.8 required"
-    assert why[4] == ("epoch 5 is best: risk_high_recall 0.9500 ties 0.9500 of epoch 4, macro_f1 0.8800 vs 0.8500 "
-                      "decides (a full tie keeps the earlier epoch); macro_f1 0.8800 >= 0.8 required")
+    assert why[4] == (
+        "epoch 5 is best: risk_high_recall 0.9500 ties 0.9500 of epoch 4, macro_f1 0.8800 vs 0.8500 "
+        "decides (a full tie keeps the earlier epoch); macro_f1 0.8800 >= 0.8 required"
+    )
     assert why[6].startswith("epoch 7 is not best: risk_high_recall 0.9600 < 0.9700 of epoch 6;")
     assert best_epoch(RUN, FLOORS) == (6, RUN[5])
     assert best_epoch(RUN[:3], FLOORS)[0] == 1
@@ -102,23 +106,30 @@ def test_the_log_says_why_each_epoch_won_or_lost():
 def test_until_an_epoch_meets_the_floors_the_closest_one_is_kept():
     rule = BestEpochRule("risk_high_recall", tie_breaker="macro_f1", min_metrics={"macro_f1": 0.9})
     best, why = _judge_all(rule, RUN[:6])
-    assert why[0] == ("epoch 1 is best (the first epoch, for now): risk_high_recall 0.9300; "
-                      "macro_f1 0.8100 < 0.9 required")
-    assert why[3] == ("epoch 4 is best for now: no epoch has met the floors yet and it comes closest "
-                      "(macro_f1 0.8500 < 0.9 required)")
-    assert best == 6 and why[5].startswith("epoch 6 is best: the first epoch to meet the floors; risk_high_recall 0.9700;")
+    assert why[0] == (
+        "epoch 1 is best (the first epoch, for now): risk_high_recall 0.9300; macro_f1 0.8100 < 0.9 required"
+    )
+    assert why[3] == (
+        "epoch 4 is best for now: no epoch has met the floors yet and it comes closest (macro_f1 0.8500 < 0.9 required)"
+    )
+    assert best == 6 and why[5].startswith(
+        "epoch 6 is best: the first epoch to meet the floors; risk_high_recall 0.9700;"
+    )
     # Undefined metrics rank last, and the mode turns the monitor around.
     assert rule.key({"macro_f1": None}) < rule.key({"macro_f1": 0.0})
     by_loss = BestEpochRule("loss", tie_breaker="macro_f1")
     assert by_loss.key({"loss": 0.2}) > by_loss.key({"loss": 0.3}) > by_loss.key({"loss": None})
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+checkpoint.min_metrics.accuracy=0.5", "checkpoint.min_metrics.accuracy: expected one of"),
-    ("+checkpoint.min_metrics.loss=0.5", "checkpoint.min_metrics.loss: expected one of"),
-    ("checkpoint.min_metrics.macro_f1=high", "checkpoint.min_metrics.macro_f1='high' must be a finite number"),
-    ("checkpoint.min_metrics=0.5", "checkpoint.min_metrics=0.5: expected"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+checkpoint.min_metrics.accuracy=0.5", "checkpoint.min_metrics.accuracy: expected one of"),
+        ("+checkpoint.min_metrics.loss=0.5", "checkpoint.min_metrics.loss: expected one of"),
+        ("checkpoint.min_metrics.macro_f1=high", "checkpoint.min_metrics.macro_f1='high' must be a finite number"),
+        ("checkpoint.min_metrics=0.5", "checkpoint.min_metrics=0.5: expected"),
+    ],
+)
 def test_bad_floors_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(make_cfg(*TINY, override))
@@ -148,7 +159,8 @@ def test_the_trainer_skips_the_collapsed_epoch_and_resumes_its_choice_exactly(tm
     _fit(tmp_path / "resumed", "training.epochs=4")  # stops after epoch 4, then continues to 7
     trainer, resumed = _fit(tmp_path / "resumed", "training.epochs=7", "training.resume=auto")
     assert trainer.start_epoch == 5 and resumed["best_epoch"] == 6
-    whole, again = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["state"]
-                    for d in ("whole", "resumed"))
+    whole, again = (
+        torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["state"] for d in ("whole", "resumed")
+    )
     assert again["best_key"] == whole["best_key"] and again["best_epoch"] == whole["best_epoch"] == 6
     assert [r["epoch"] for r in read_jsonl(tmp_path / "resumed" / "metrics" / "val_metrics.jsonl")] == list(range(1, 8))

@@ -8,8 +8,13 @@ from sim.core.run import RunDir, read_jsonl
 from sim.training.callbacks import Callback
 from sim.training.trainer import Trainer
 
-SMALL = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=32",
-         "training.epochs=4"]
+SMALL = [
+    *TINY,
+    "data.train_kwargs.num_samples=64",
+    "data.val_kwargs.num_samples=32",
+    "data.batch_size=32",
+    "training.epochs=4",
+]
 
 
 class Recorder(Callback):

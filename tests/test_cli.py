@@ -78,7 +78,11 @@ def test_contract_paths_still_import():
 def test_benchmarks_compose_the_train_groups_with_their_own_keys():
     cfg = compose("bench", ["llm=gpt2", "llm.pretrained=false", "data=dummy", "steps=5", "reference=true"])
     assert (cfg.llm.arch.model_type, cfg.data.dataset_class_path, cfg.steps, cfg.reference) == (
-        "gpt2", "sim.data.dataset.DummySimDataset", 5, True)
+        "gpt2",
+        "sim.data.dataset.DummySimDataset",
+        5,
+        True,
+    )
     assert cfg.training.epochs == compose("train").training.epochs and not cfg.training.progress_bar
     assert compose("bench_validation").llm.name_or_path == "tiny-gpt2"
     with pytest.raises(ConfigError, match="bad arguments 'stpes=5'"):
@@ -87,7 +91,11 @@ def test_benchmarks_compose_the_train_groups_with_their_own_keys():
 
 def test_a_plain_comma_list_of_backends_is_one_list_not_a_sweep():
     argv = ["backends=eager_fp32,onnx_fp32", "backends=[eager_fp32]", "windows=5", "data.x=a,b"]
-    assert comma_lists(argv, ["backends"]) == ["backends=[eager_fp32,onnx_fp32]", "backends=[eager_fp32]", "windows=5",
-                                               "data.x=a,b"]
+    assert comma_lists(argv, ["backends"]) == [
+        "backends=[eager_fp32,onnx_fp32]",
+        "backends=[eager_fp32]",
+        "windows=5",
+        "data.x=a,b",
+    ]
     cfg = compose("bench_latency", comma_lists(["llm=tiny", "backends=eager_fp32,onnx_fp32"], ["backends"]))
     assert list(cfg.backends) == ["eager_fp32", "onnx_fp32"]

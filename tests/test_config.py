@@ -49,7 +49,9 @@ def test_vision_option_instantiates(option):
 
 
 # Raw-frame options (frames, synthetic_frames) are instantiated in tests/test_frames.py.
-@pytest.mark.parametrize("option", [o for o in options("data") if o not in ("cached", "custom", "frames", "synthetic_frames")])
+@pytest.mark.parametrize(
+    "option", [o for o in options("data") if o not in ("cached", "custom", "frames", "synthetic_frames")]
+)
 def test_data_option_instantiates(option):
     cfg = make_cfg(f"data={option}")
     data = instantiate(cfg.data, use_cached_vis_feats=True, _convert_="all")
@@ -59,14 +61,20 @@ def test_data_option_instantiates(option):
 
 
 def test_cached_data_option_instantiates(synthetic_split):
-    cfg = make_cfg("data=cached", f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val")
+    cfg = make_cfg(
+        "data=cached", f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val"
+    )
     data = instantiate(cfg.data, use_cached_vis_feats=True, _convert_="all")
     assert len(data.train) == 256 and len(data.val) == 128
 
 
 def test_custom_data_option_instantiates(synthetic_split):
-    cfg = make_cfg("data=custom", "data.dataset_class_path=custom_dataset.NpzRoverDataset",
-                   f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val")
+    cfg = make_cfg(
+        "data=custom",
+        "data.dataset_class_path=custom_dataset.NpzRoverDataset",
+        f"data.train_split_path={synthetic_split}/train",
+        f"data.val_split_path={synthetic_split}/val",
+    )
     data = instantiate(cfg.data, use_cached_vis_feats=True, _convert_="all")
     assert len(data.train) == 256
 

@@ -73,12 +73,16 @@ def test_overfit_says_so_when_the_loss_does_not_fall(tmp_path, caplog):
     cfg = make_cfg(*DEBUG, "debug=overfit", "logger=none", "training.epochs=2", "optim.lr=1e-7")
     with caplog.at_level(logging.WARNING, logger="sim.training.debug"):
         train(cfg, run_dir=tmp_path)
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "sim.training.debug"]
+    (warning,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "sim.training.debug"
+    ]
     assert "cannot even memorize" in warning and "optim.lr" in warning
 
 
 def test_overfit_trains_on_the_same_batches_every_epoch(tmp_path):
-    trainer = Trainer(make_cfg(*DEBUG, "debug=overfit", "debug.overfit_batches=2", "data.batch_size=16"), RunDir(tmp_path))
+    trainer = Trainer(
+        make_cfg(*DEBUG, "debug=overfit", "debug.overfit_batches=2", "data.batch_size=16"), RunDir(tmp_path)
+    )
     trainer.setup()
     assert trainer.steps_per_epoch == 2
     ids = []
@@ -88,10 +92,17 @@ def test_overfit_trains_on_the_same_batches_every_epoch(tmp_path):
     assert ids[0] == ids[1]
 
 
-@pytest.mark.parametrize("limit, expected", [("0.25", lambda n: math.floor(0.25 * n)), ("3", lambda n: 3), ("1.0", lambda n: n)])
+@pytest.mark.parametrize(
+    "limit, expected", [("0.25", lambda n: math.floor(0.25 * n)), ("3", lambda n: 3), ("1.0", lambda n: n)]
+)
 def test_limit_takes_a_fraction_or_a_count_of_the_batches(tmp_path, limit, expected):
-    cfg = make_cfg(*DEBUG, "debug=limit", f"debug.limit_train_batches={limit}", f"debug.limit_val_batches={limit}",
-                   "data.batch_size=32")
+    cfg = make_cfg(
+        *DEBUG,
+        "debug=limit",
+        f"debug.limit_train_batches={limit}",
+        f"debug.limit_val_batches={limit}",
+        "data.batch_size=32",
+    )
     trainer = Trainer(cfg, RunDir(tmp_path))
     trainer.setup()
     n_train = math.ceil(cfg.data.train_kwargs.num_samples / 32)
@@ -101,13 +112,16 @@ def test_limit_takes_a_fraction_or_a_count_of_the_batches(tmp_path, limit, expec
     assert len(list(trainer.train_loader)) == expected(n_train)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("debug.limit_train_batches=0", "debug.limit_train_batches"),
-    ("debug.limit_val_batches=1.5", "debug.limit_val_batches"),
-    ("debug.limit_train_batches=true", "debug.limit_train_batches"),
-    ("debug.overfit_batches=-1", "debug.overfit_batches"),
-    ("debug.profiler.active=0", "debug.profiler.active"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("debug.limit_train_batches=0", "debug.limit_train_batches"),
+        ("debug.limit_val_batches=1.5", "debug.limit_val_batches"),
+        ("debug.limit_train_batches=true", "debug.limit_train_batches"),
+        ("debug.overfit_batches=-1", "debug.overfit_batches"),
+        ("debug.profiler.active=0", "debug.profiler.active"),
+    ],
+)
 def test_bad_debug_settings_are_refused_naming_the_key(override, key):
     base = "debug=profiler" if "profiler" in override else "debug=limit"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -79,8 +79,11 @@ def test_sums_are_the_identity_in_one_process():
 def _run_tree(root):
     # A TensorBoard event file is named by its time, host and pid: what must match is how many there are
     # (one: only rank 0 logs).
-    return sorted(re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", str(p.relative_to(root)))
-                  for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "training_curves.png")
+    return sorted(
+        re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents.*", str(p.relative_to(root)))
+        for p in root.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.name != "training_curves.png"
+    )
 
 
 # How far a 2-process run's logged train losses may drift from one process's with the same global
@@ -97,9 +100,23 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
     """The real command: 2 gloo processes, no hydra.run.dir given (each rank resolves the default)."""
     common = [*TINY, *PRECISIONS[precision], *DATA]
     # Same samples per optimizer step: 2 ranks x 8 against 1 process x 16.
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(ROOT / "train.py"), *common, "data.batch_size=8"],
-                           cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ddp = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *common,
+            "data.batch_size=8",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         single_run = tmp_path / "single"
         train(make_cfg(*common, "data.batch_size=16"), run_dir=single_run)
@@ -119,7 +136,10 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
 
     # DDP averages the two ranks' gradients: the same steps as one process with the whole batch.
     for split in ("train", "val"):
-        a, b = read_jsonl(run / f"metrics/{split}_metrics.jsonl"), read_jsonl(single_run / f"metrics/{split}_metrics.jsonl")
+        a, b = (
+            read_jsonl(run / f"metrics/{split}_metrics.jsonl"),
+            read_jsonl(single_run / f"metrics/{split}_metrics.jsonl"),
+        )
         assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
         for ra, rb in zip(a, b):
             for k in LOSSES:
@@ -148,15 +168,37 @@ def test_torchrun_rank_losing_a_whole_batch_to_skipped_samples_keeps_in_step(tmp
     # Rank 0's third batch of epoch 1 is all bad: without its (empty) micro-step rank 0 would take one
     # optimizer step fewer, and rank 1 would wait for it in DDP's gradient all-reduce.
     bad = list(rank0)[2 * batch : 3 * batch]
-    common = [*TINY, *write_cached_split(tmp_path / "data", n, 32, bad), "data.on_bad_sample=skip",
-              f"data.batch_size={batch}", f"training.seed={seed}", "training.epochs=2", "checkpoint.every_n_steps=3",
-              "llm.dtype=float32", "training.amp=false"]
+    common = [
+        *TINY,
+        *write_cached_split(tmp_path / "data", n, 32, bad),
+        "data.on_bad_sample=skip",
+        f"data.batch_size={batch}",
+        f"training.seed={seed}",
+        "training.epochs=2",
+        "checkpoint.every_n_steps=3",
+        "llm.dtype=float32",
+        "training.amp=false",
+    ]
     run = tmp_path / "run"
     # A session of its own, so that a hung run's ranks can be stopped with their launcher.
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(ROOT / "train.py"), *common, f"hydra.run.dir={run}"], cwd=tmp_path,
-                           env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    ddp = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *common,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = ddp.communicate(timeout=240)
     finally:
@@ -181,8 +223,16 @@ def test_slurm_launcher_config_composes_and_builds():
 
     from sim.core.cli import compose
 
-    cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.tasks_per_node=4",
-                            "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+    cfg = compose(
+        "train",
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.tasks_per_node=4",
+            "hydra.launcher.gpus_per_node=4",
+        ],
+        return_hydra_config=True,
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.tasks_per_node, launcher.max_num_timeout) == ("gpu", 4, 3)
@@ -195,8 +245,16 @@ def test_a_slurm_task_becomes_a_torchrun_rank(monkeypatch):
     from sim.training import distributed
 
     env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS and not k.startswith("SLURM_")}
-    env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="8", SLURM_JOB_NUM_NODES="2",
-               SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_PROCID="5", SLURM_LOCALID="1")
+    env.update(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="8",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NODEID="1",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+    )
     monkeypatch.setattr(os, "environ", env)
     distributed._export_slurm_env()
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "8", "1", "gpu07")

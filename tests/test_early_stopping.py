@@ -22,12 +22,15 @@ def history(*values):
     return [{"epoch": i + 1, "m": v} for i, v in enumerate(values)]
 
 
-@pytest.mark.parametrize("mode, values, min_delta, best, best_epoch, stale", [
-    ("max", (0.5, 0.6, 0.6, 0.55), 0.0, 0.6, 2, 2),
-    ("max", (0.5, 0.55, 0.58), 0.1, 0.5, 1, 2),        # improvements within min_delta do not count
-    ("min", (1.0, 0.8, 0.9, 0.7), 0.0, 0.7, 4, 0),
-    ("max", (None, None, 0.2, None), 0.0, 0.2, 3, 1),  # an undefined value never improves
-])
+@pytest.mark.parametrize(
+    "mode, values, min_delta, best, best_epoch, stale",
+    [
+        ("max", (0.5, 0.6, 0.6, 0.55), 0.0, 0.6, 2, 2),
+        ("max", (0.5, 0.55, 0.58), 0.1, 0.5, 1, 2),  # improvements within min_delta do not count
+        ("min", (1.0, 0.8, 0.9, 0.7), 0.0, 0.7, 4, 0),
+        ("max", (None, None, 0.2, None), 0.0, 0.2, 3, 1),  # an undefined value never improves
+    ],
+)
 def test_the_rule_counts_epochs_since_a_real_improvement(mode, values, min_delta, best, best_epoch, stale):
     state = EarlyStopping("m", mode, patience=3, min_delta=min_delta).standing(history(*values))
     assert (state.best, state.best_epoch, state.stale) == (best, best_epoch, stale)
@@ -37,7 +40,10 @@ def test_off_by_default_and_bad_settings_are_refused():
     assert build_early_stopping(make_cfg()) == []
     (es,) = build_early_stopping(make_cfg(*STOPS_AT_3))
     assert (es.monitor, es.mode, es.patience, es.min_delta) == ("loss", "min", 2, 1.0)
-    for override, key in (("training.early_stopping.patience=0", "patience"), ("training.early_stopping.min_delta=-1", "min_delta")):
+    for override, key in (
+        ("training.early_stopping.patience=0", "patience"),
+        ("training.early_stopping.min_delta=-1", "min_delta"),
+    ):
         with pytest.raises(ConfigError, match=f"training\\.early_stopping\\.{key}"):
             validate_config(make_cfg(override))
 

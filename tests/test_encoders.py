@@ -34,7 +34,9 @@ def real_photos() -> torch.Tensor:
     from PIL import Image
 
     bikes = decode("bikes.mp4", every=5, limit=10)
-    car = [np.asarray(Image.fromarray(f).resize((640, 272))) for f in decode("carphone_pristine.mp4", every=6, limit=12)]
+    car = [
+        np.asarray(Image.fromarray(f).resize((640, 272))) for f in decode("carphone_pristine.mp4", every=6, limit=12)
+    ]
     return torch.from_numpy(np.stack([*bikes, *car])).permute(0, 3, 1, 2).contiguous()
 
 
@@ -94,8 +96,11 @@ def write_onnx(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w = {"conv_w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "conv_b": rng.normal(size=4).astype(np.float32),
-         "head_w": rng.normal(size=(4, 2)).astype(np.float32)}
+    w = {
+        "conv_w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "conv_b": rng.normal(size=4).astype(np.float32),
+        "head_w": rng.normal(size=(4, 2)).astype(np.float32),
+    }
     nodes = [
         helper.make_node("Conv", ["pixels", "conv_w", "conv_b"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["conv"], ["act"]),
@@ -104,9 +109,12 @@ def write_onnx(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
         helper.make_node("MatMul", ["embedding", "head_w"], ["logits"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        [numpy_helper.from_array(v, k) for k, v in w.items()])
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
     # IR 8 / opset 17: what any onnxruntime of the last years runs (the newest onnx writes a newer IR).
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return w
@@ -119,17 +127,32 @@ def test_onnx_encoder_reads_any_tensor_of_the_graph(tmp_path):
     path = tmp_path / "perception.onnx"
     w = write_onnx(path)
     x = torch.randint(0, 256, (2, 3, 3, 20, 30), dtype=torch.uint8)
-    enc = build_encoder(kind="onnx", name_or_path=str(path), pretrained=True, preprocessing=ONNX_PRE,
-                        onnx={"output": "act", "pooling": "avg"})
+    enc = build_encoder(
+        kind="onnx",
+        name_or_path=str(path),
+        pretrained=True,
+        preprocessing=ONNX_PRE,
+        onnx={"output": "act", "pooling": "avg"},
+    )
     assert enc.dv == 4 and list(enc.parameters()) == []
-    ref = Fn.conv2d(enc.preprocess(x.flatten(0, 1)), torch.from_numpy(w["conv_w"]), torch.from_numpy(w["conv_b"]),
-                    stride=2, padding=1).relu().mean(dim=(2, 3))
+    ref = (
+        Fn.conv2d(
+            enc.preprocess(x.flatten(0, 1)),
+            torch.from_numpy(w["conv_w"]),
+            torch.from_numpy(w["conv_b"]),
+            stride=2,
+            padding=1,
+        )
+        .relu()
+        .mean(dim=(2, 3))
+    )
     torch.testing.assert_close(enc(x), ref.reshape(2, 3, 4), rtol=1e-5, atol=1e-5)
     # The graph's own output when none is named; the head after "embedding" runs only then.
     head = build_encoder(kind="onnx", name_or_path=str(path), pretrained=True, preprocessing=ONNX_PRE)
     torch.testing.assert_close(head(x), ref.reshape(2, 3, 4) @ torch.from_numpy(w["head_w"]), rtol=1e-5, atol=1e-5)
-    emb = build_encoder(kind="onnx", name_or_path=str(path), pretrained=True, preprocessing=ONNX_PRE,
-                        onnx={"output": "embedding"})
+    emb = build_encoder(
+        kind="onnx", name_or_path=str(path), pretrained=True, preprocessing=ONNX_PRE, onnx={"output": "embedding"}
+    )
     torch.testing.assert_close(emb(x), enc(x), rtol=1e-5, atol=1e-5)
     # Its identity is the file's checksum: a rebuild from the spec pins it.
     assert len(enc.sim_spec["sha256"]) == 64 and enc.fingerprint() == enc.sim_spec["sha256"][:16]
@@ -174,8 +197,15 @@ def test_cache_and_training_run_through_an_onnx_encoder(frames_split, tmp_path):
 
     path = tmp_path / "perception.onnx"
     write_onnx(path)
-    vision = ["vision=onnx", f"vision.name_or_path={path}", "vision.sha256=null", "vision.onnx.input=pixels",
-              "vision.onnx.output=act", "vision.onnx.pooling=avg", "vision.preprocessing.image_size=16"]
+    vision = [
+        "vision=onnx",
+        f"vision.name_or_path={path}",
+        "vision.sha256=null",
+        "vision.onnx.input=pixels",
+        "vision.onnx.output=act",
+        "vision.onnx.pooling=avg",
+        "vision.preprocessing.image_size=16",
+    ]
     data = ["data=frames", f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val"]
     from conftest import CONF
     from hydra import compose, initialize_config_dir
@@ -187,8 +217,19 @@ def test_cache_and_training_run_through_an_onnx_encoder(frames_split, tmp_path):
     assert meta["dv"] == 4 and meta["encoder"]["spec"]["onnx"]["output"] == "act"
     assert meta["encoder"]["fingerprint"] == meta["encoder"]["spec"]["sha256"][:16]
 
-    run = train(make_cfg("llm=tiny", "training.progress_bar=false", *vision, *data, "model.F=4", "model.K=2",
-                         "training.epochs=1", "training.device=cpu"), run_dir=tmp_path / "run")
+    run = train(
+        make_cfg(
+            "llm=tiny",
+            "training.progress_bar=false",
+            *vision,
+            *data,
+            "model.F=4",
+            "model.K=2",
+            "training.epochs=1",
+            "training.device=cpu",
+        ),
+        run_dir=tmp_path / "run",
+    )
     ckpt = Path(run["run_dir"]) / "checkpoints" / "best.pt"
     model = SimV0Model.from_checkpoint(ckpt)
     assert model.vision.sim_spec["sha256"] == meta["encoder"]["spec"]["sha256"]

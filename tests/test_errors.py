@@ -56,8 +56,16 @@ def test_typed_dv_that_disagrees_with_the_data(tmp_path):
 
 def test_data_f_that_disagrees_with_model_f(tmp_path, synthetic_split):
     with pytest.raises(ConfigError, match="F=8 frames per sample but model.F=4"):
-        train(make_cfg(*TINY, "model.F=4", "data=cached", f"data.train_split_path={synthetic_split}/train",
-                       f"data.val_split_path={synthetic_split}/val"), run_dir=tmp_path)
+        train(
+            make_cfg(
+                *TINY,
+                "model.F=4",
+                "data=cached",
+                f"data.train_split_path={synthetic_split}/train",
+                f"data.val_split_path={synthetic_split}/val",
+            ),
+            run_dir=tmp_path,
+        )
 
 
 def test_label_out_of_range_names_file_and_sample(tmp_path, synthetic_split):
@@ -73,8 +81,14 @@ def test_label_out_of_range_names_file_and_sample(tmp_path, synthetic_split):
 
 
 def test_missing_split_directory_is_named(tmp_path):
-    res = run_cmd("train.py", *TINY, "data=cached", f"data.train_split_path={tmp_path}/nope",
-                  f"data.val_split_path={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run")
+    res = run_cmd(
+        "train.py",
+        *TINY,
+        "data=cached",
+        f"data.train_split_path={tmp_path}/nope",
+        f"data.val_split_path={tmp_path}/nope",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     assert res.returncode == 1
     assert f"split directory not found: {tmp_path}/nope" in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error:") or "\nerror:" in res.stderr
@@ -101,8 +115,15 @@ def test_llm_that_cannot_be_loaded_says_how_to_run_offline():
 
 def test_raw_frames_without_an_encoder_is_refused():
     with pytest.raises(ConfigError, match="need a vision encoder"):
-        SimV0Model(llm={"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 8},
-                        "pretrained": False, "dtype": "float32"}, dv=16, use_cached_vis_feats=False)
+        SimV0Model(
+            llm={
+                "arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 8},
+                "pretrained": False,
+                "dtype": "float32",
+            },
+            dv=16,
+            use_cached_vis_feats=False,
+        )
 
 
 def test_feature_data_with_a_frames_encoder_is_refused_cleanly(tmp_path):
@@ -143,10 +164,15 @@ def _unfinished_cache(root):
 
 AFTER_START_UP = {
     "offline-hub-id": (lambda root: ["llm=gpt2"], "could not load LLM 'gpt2'"),
-    "model.d": (lambda root: ["model.d=7", "data.train_kwargs.num_samples=32", "data.val_kwargs.num_samples=16"],
-                "model.d=7 but the LLM tiny-gpt2"),
+    "model.d": (
+        lambda root: ["model.d=7", "data.train_kwargs.num_samples=32", "data.val_kwargs.num_samples=16"],
+        "model.d=7 but the LLM tiny-gpt2",
+    ),
     "data-f": (_data_of_other_f, "F=8 frames per sample but model.F=4"),
-    "nan-sample": (_nan_telemetry, "sample 3 (sample_id 'synth-train-0-000003'): telemetry has 1 non-finite value (nan)"),
+    "nan-sample": (
+        _nan_telemetry,
+        "sample 3 (sample_id 'synth-train-0-000003'): telemetry has 1 non-finite value (nan)",
+    ),
     "resume-other-k": (_resume_with_other_k, "K is 2 there, 4 in this config"),
     "unfinished-cache": (_unfinished_cache, "is an unfinished feature cache"),
 }
@@ -157,8 +183,15 @@ def test_an_error_after_start_up_is_one_line_on_screen_and_a_traceback_in_the_lo
     overrides, message = AFTER_START_UP[case]
     llm = [] if case == "offline-hub-id" else ["llm=tiny"]
     run_dir = tmp_path / "run"
-    res = run_cmd("train.py", *llm, "training.progress_bar=false", "data.batch_size=16", *overrides(tmp_path),
-                  f"hydra.run.dir={run_dir}", env={"HF_HUB_OFFLINE": "1"})
+    res = run_cmd(
+        "train.py",
+        *llm,
+        "training.progress_bar=false",
+        "data.batch_size=16",
+        *overrides(tmp_path),
+        f"hydra.run.dir={run_dir}",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     log = (run_dir / "logs" / "stdout.log").read_text()
     logged, traceback = log.split("training failed: ", 1)[1].split("\nTraceback (most recent call last):\n", 1)
@@ -187,13 +220,23 @@ def test_run_log_shows_a_traceback_on_the_console_only_for_errors_that_are_not_s
     assert "Traceback" in (tmp_path / "b.log").read_text()
 
 
-@pytest.mark.parametrize("sweeper", [[], ["hydra/sweeper=sim_optuna", "hydra.sweeper.n_trials=2"]],
-                         ids=["basic", "sim_optuna"])
+@pytest.mark.parametrize(
+    "sweeper", [[], ["hydra/sweeper=sim_optuna", "hydra.sweeper.n_trials=2"]], ids=["basic", "sim_optuna"]
+)
 def test_a_sweep_whose_trials_all_fail_ends_in_one_error_line(tmp_path, sweeper):
     sweep_dir = tmp_path / "sweep"
     k = "model.K=choice(1,2)" if sweeper else "model.K=1,2"
-    res = run_cmd("train.py", "-m", *sweeper, *TINY, "model.d=7", k, "data.train_kwargs.num_samples=32",
-                  "data.val_kwargs.num_samples=16", f"hydra.sweep.dir={sweep_dir}")
+    res = run_cmd(
+        "train.py",
+        "-m",
+        *sweeper,
+        *TINY,
+        "model.d=7",
+        k,
+        "data.train_kwargs.num_samples=32",
+        "data.val_kwargs.num_samples=16",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     last = res.stderr.splitlines()[-1]
     assert last.startswith("error: ") and "all 2 trials failed; the first, trial 0 (" in last, res.stderr
@@ -206,8 +249,11 @@ def test_a_sweep_whose_trials_all_fail_ends_in_one_error_line(tmp_path, sweeper)
 def test_predict_json_takes_numpy_arrays_and_lists_as_well_as_tensors():
     model = tiny_model()
     samples = [good_sample(i) for i in range(3)]
-    batch = {"vis_feats": torch.stack([s["vis_feats"] for s in samples]),
-             "telemetry": torch.stack([s["telemetry"] for s in samples]), "sample_id": [s["sample_id"] for s in samples]}
+    batch = {
+        "vis_feats": torch.stack([s["vis_feats"] for s in samples]),
+        "telemetry": torch.stack([s["telemetry"] for s in samples]),
+        "sample_id": [s["sample_id"] for s in samples],
+    }
     expected = model.predict_json(batch)
     as_numpy = {**batch, "vis_feats": batch["vis_feats"].numpy(), "telemetry": batch["telemetry"].double().numpy()}
     assert model.predict_json(as_numpy) == expected

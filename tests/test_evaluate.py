@@ -34,19 +34,24 @@ def evaluation(precision_run, tmp_path_factory):
     """`python evaluate.py checkpoint=<tiny run>/checkpoints/best.pt` as a user runs it (each precision)."""
     run_dir, result, _ = precision_run
     out = tmp_path_factory.mktemp("eval")
-    res = run_cmd("evaluate.py", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={out}",
-                  "progress_bar=false")
+    res = run_cmd(
+        "evaluate.py", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={out}", "progress_bar=false"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir, result, out, json.loads((out / "metrics.json").read_text())
 
 
 def same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=0, abs_tol=1e-6))
+    return (a is None and b is None) or (
+        a is not None and b is not None and math.isclose(a, b, rel_tol=0, abs_tol=1e-6)
+    )
 
 
 def test_evaluate_reproduces_the_val_metrics_of_the_best_epoch(evaluation):
     run_dir, result, _, report = evaluation
-    logged = next(r for r in read_jsonl(run_dir / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"])
+    logged = next(
+        r for r in read_jsonl(run_dir / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"]
+    )
     assert report["epoch"] == result["best_epoch"]
     for name in METRIC_NAMES:
         assert same(report[name], logged[name]), f"{name}: evaluate.py {report[name]} vs logged {logged[name]}"
@@ -55,8 +60,13 @@ def test_evaluate_reproduces_the_val_metrics_of_the_best_epoch(evaluation):
 
 def _data_option(option: str, synthetic_split: Path, frames_split: Path) -> list[str]:
     if option == "frames":
-        return ["vision=tiny", "data=frames", "model.F=4", f"data.train_split_path={frames_split}/train",
-                f"data.val_split_path={frames_split}/val"]
+        return [
+            "vision=tiny",
+            "data=frames",
+            "model.F=4",
+            f"data.train_split_path={frames_split}/train",
+            f"data.val_split_path={frames_split}/val",
+        ]
     paths = [f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val"]
     if option == "custom":
         return ["data=custom", "data.dataset_class_path=custom_dataset.NpzRoverDataset", *paths]
@@ -81,9 +91,13 @@ def test_evaluate_reproduces_a_run_on_every_data_option(option, precision, synth
         report = json.loads((out / "metrics.json").read_text())
     else:
         report = evaluate(compose("evaluate", [*eval_args, "progress_bar=false"]), out)
-    logged = next(r for r in read_jsonl(tmp_path / "run" / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"])
+    logged = next(
+        r for r in read_jsonl(tmp_path / "run" / "metrics" / "val_metrics.jsonl") if r["epoch"] == result["best_epoch"]
+    )
     for name in METRIC_NAMES:
-        assert same(report[name], logged[name]), f"{option}/{precision} {name}: evaluate.py {report[name]} vs logged {logged[name]}"
+        assert same(report[name], logged[name]), (
+            f"{option}/{precision} {name}: evaluate.py {report[name]} vs logged {logged[name]}"
+        )
     assert report["evaluation"]["precision"] == load_checkpoint(best)["metadata"]["precision"]
 
 
@@ -159,8 +173,15 @@ def test_high_risk_operating_point_on_known_cases():
 
 def test_evaluate_on_the_train_split(tiny_run, tmp_path):
     run_dir = tiny_run[0]
-    cfg = compose("evaluate", [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "split=train",
-                          "data.train_kwargs.num_samples=64", "progress_bar=false"])
+    cfg = compose(
+        "evaluate",
+        [
+            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+            "split=train",
+            "data.train_kwargs.num_samples=64",
+            "progress_bar=false",
+        ],
+    )
     report = evaluate(cfg, tmp_path)
     assert report["evaluation"]["split"] == "train" and report["evaluation"]["num_samples"] == 64
     assert json.loads((tmp_path / "metrics.json").read_text())["action_accuracy"] == report["action_accuracy"]
@@ -174,16 +195,23 @@ def test_an_llm_other_than_the_checkpoints_is_refused(tiny_run, tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
     meta_llm = load_checkpoint(best)["metadata"]["llm"]
     # The same LLM in another dtype is the same LLM: the precision is the checkpoint's (or precision=...).
-    check_llm_override(compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.dtype=bfloat16"]).llm, meta_llm, best)
+    check_llm_override(
+        compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.dtype=bfloat16"]).llm, meta_llm, best
+    )
     with pytest.raises(CheckpointError, match="init_seed"):
-        check_llm_override(compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.init_seed=1"]).llm, meta_llm, best)
+        check_llm_override(
+            compose("evaluate", [f"checkpoint={best}", "llm=tiny", "llm.init_seed=1"]).llm, meta_llm, best
+        )
 
 
-@pytest.mark.parametrize("override, error, match", [
-    ("data.dataset_kwargs.dv=32", DataError, r"dv=64.*data\.dataset_kwargs\.dv=64"),
-    ("model.F=6", ConfigError, r"model\.F=6 .*F=8"),
-    ("split=test", ConfigError, "split='test'"),
-])
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ("data.dataset_kwargs.dv=32", DataError, r"dv=64.*data\.dataset_kwargs\.dv=64"),
+        ("model.F=6", ConfigError, r"model\.F=6 .*F=8"),
+        ("split=test", ConfigError, "split='test'"),
+    ],
+)
 def test_data_that_does_not_fit_the_checkpoint_is_refused(tiny_run, tmp_path, override, error, match):
     cfg = compose("evaluate", [f"checkpoint={tiny_run[0] / 'checkpoints' / 'best.pt'}", override])
     with pytest.raises(error, match=match):

@@ -31,8 +31,11 @@ def trained(precision_run):
 
 
 def one_window(batch: dict, i: int) -> dict:
-    return {"vis_feats": batch["vis_feats"][i : i + 1], "telemetry": batch["telemetry"][i : i + 1],
-            "sample_id": [batch["sample_id"][i]]}
+    return {
+        "vis_feats": batch["vis_feats"][i : i + 1],
+        "telemetry": batch["telemetry"][i : i + 1],
+        "sample_id": [batch["sample_id"][i]],
+    }
 
 
 def load_wrapper(run_dir: Path):
@@ -45,8 +48,12 @@ def load_wrapper(run_dir: Path):
 def test_wrapper_script_prints_what_predict_json_returns(precision_run, trained, tmp_path):
     best, model, batch = trained
     window = tmp_path / "window.npz"
-    np.savez(window, telemetry=batch["telemetry"][0].numpy(), vis_feats=batch["vis_feats"][0].numpy(),
-             sample_id=np.array(batch["sample_id"][0]))
+    np.savez(
+        window,
+        telemetry=batch["telemetry"][0].numpy(),
+        vis_feats=batch["vis_feats"][0].numpy(),
+        sample_id=np.array(batch["sample_id"][0]),
+    )
     # Run from elsewhere: the wrapper finds ../checkpoints/best.pt from its own location.
     res = run_cmd(str(precision_run[0] / "export" / "sim_v0_infer.py"), str(window), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -61,10 +68,15 @@ def test_wrapper_imports_applies_the_threshold_and_takes_batches(precision_run, 
     metrics.write_text(json.dumps({"risk_high_threshold": 0.05}))
     infer = wrapper.SimInference(risk_high_threshold=metrics)
     assert infer.checkpoint.resolve() == best.resolve() and infer.risk_high_threshold == 0.05
-    single = infer(batch["telemetry"][1].numpy(), vis_feats=batch["vis_feats"][1].numpy(), sample_id=batch["sample_id"][1])
+    single = infer(
+        batch["telemetry"][1].numpy(), vis_feats=batch["vis_feats"][1].numpy(), sample_id=batch["sample_id"][1]
+    )
     assert single == model.predict_json(one_window(batch, 1), risk_high_threshold=0.05)[0]
-    many = infer(batch["telemetry"].numpy(), vis_feats=batch["vis_feats"].numpy().astype(np.float16),
-                 sample_id=list(batch["sample_id"]))
+    many = infer(
+        batch["telemetry"].numpy(),
+        vis_feats=batch["vis_feats"].numpy().astype(np.float16),
+        sample_id=list(batch["sample_id"]),
+    )
     expected = model.predict_json({**batch, "vis_feats": batch["vis_feats"].half().float()}, risk_high_threshold=0.05)
     assert many == expected
     # A low threshold turns more decisions to "high", never fewer.
@@ -133,7 +145,9 @@ def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     from sim.export.onnx import export_and_check
 
     out = tmp_path / "sim.onnx"
-    report = export_and_check(compose("export_onnx", [f"checkpoint={best}", f"out={out}", "quantize=true", "parity_samples=256"]))
+    report = export_and_check(
+        compose("export_onnx", [f"checkpoint={best}", f"out={out}", "quantize=true", "parity_samples=256"])
+    )
     assert report["fp32"]["num_samples"] == 256
     assert report["fp32"]["max_abs_logit_diff_all"] < 1e-4
     assert all(v == 1.0 for v in report["fp32"]["label_agreement"].values())
@@ -157,7 +171,9 @@ def test_latency_benchmark_times_eager_backends(trained):
     from sim.export.latency import bench, format_table
 
     best, _, _ = trained
-    report = bench(compose("bench_latency", [f"checkpoint={best}", "backends=[eager_fp32,eager_bf16]", "windows=8", "warmup=1"]))
+    report = bench(
+        compose("bench_latency", [f"checkpoint={best}", "backends=[eager_fp32,eager_bf16]", "windows=8", "warmup=1"])
+    )
     assert set(report["backends"]) == {"eager_fp32", "eager_bf16"} and report["windows"] == 8
     fp32, bf16 = report["backends"]["eager_fp32"], report["backends"]["eager_bf16"]
     assert fp32["ms_median"] > 0 and bf16["ms_median"] > 0
@@ -182,4 +198,5 @@ def test_export_and_bench_commands_name_what_is_missing(tmp_path):
     # As users type it: a one-line error and exit status 1, and the plain comma list of backends.
     res = run_cmd("-m", "sim", "bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
     assert res.returncode == 1 and res.stderr.strip() == (
-        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8")
+        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8"
+    )

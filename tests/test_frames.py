@@ -36,8 +36,15 @@ def no_plots(monkeypatch) -> None:
     monkeypatch.setattr(sim.training.train, "_plot_curves", lambda root: None, raising=False)
 
 
-TINY_VISION = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
-                   arch={"channels": 16, "grid": [2, 2]}, preprocessing={"image_size": 32})
+TINY_VISION = dict(
+    kind="tiny",
+    name_or_path="tiny-cnn",
+    pretrained=False,
+    dtype="float32",
+    init_seed=0,
+    arch={"channels": 16, "grid": [2, 2]},
+    preprocessing={"image_size": 32},
+)
 
 
 def hazard_area(frames: np.ndarray, reason: np.ndarray) -> np.ndarray:
@@ -104,7 +111,9 @@ def test_bad_frame_splits_are_refused_naming_the_file(frames_split, tmp_path):
 
 
 def test_frame_data_options_instantiate(frames_split):
-    cfg = make_cfg("data=frames", f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val")
+    cfg = make_cfg(
+        "data=frames", f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val"
+    )
     data = instantiate(cfg.data, use_cached_vis_feats=False, _convert_="all")
     assert next(iter(data.loader("train")))["frames"].shape[1:] == (4, 3, 24, 32)
     cfg = make_cfg("data=synthetic_frames", "data.train_kwargs.num_samples=16", "data.val_kwargs.num_samples=8")
@@ -123,8 +132,15 @@ def cache_cfg(*overrides: str):
 
 def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
     out = tmp_path / "cache"
-    args = ["vision=tiny", "data=frames", f"data.train_split_path={frames_split}/train",
-            f"data.val_split_path={frames_split}/val", f"out={out}", "progress_bar=false", "data.batch_size=16"]
+    args = [
+        "vision=tiny",
+        "data=frames",
+        f"data.train_split_path={frames_split}/train",
+        f"data.val_split_path={frames_split}/val",
+        f"out={out}",
+        "progress_bar=false",
+        "data.batch_size=16",
+    ]
     r = run_cmd("-m", "sim.cache_features", *args, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "frames/s" in r.stdout
@@ -168,8 +184,14 @@ def test_cache_features_command_writes_a_cached_split(frames_split, tmp_path):
 def test_cache_features_refuses_bad_settings(frames_split, tmp_path, overrides, error, match):
     from sim.commands.cache_features import cache_features
 
-    cfg = cache_cfg("data=frames", f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val",
-                    f"out={tmp_path / 'c'}", "progress_bar=false", *overrides)
+    cfg = cache_cfg(
+        "data=frames",
+        f"data.train_split_path={frames_split}/train",
+        f"data.val_split_path={frames_split}/val",
+        f"out={tmp_path / 'c'}",
+        "progress_bar=false",
+        *overrides,
+    )
     with pytest.raises(error, match=match):
         cache_features(cfg)
 
@@ -208,7 +230,13 @@ def test_cache_resumes_after_an_interruption_without_recomputing(frames_split, t
         CachedSplitDataset(tmp_path / "part")
     # Another encoder may not finish it.
     with pytest.raises(DataError, match="another encoder"):
-        cache_split(frames, build_encoder(**{**TINY_VISION, "init_seed": 1}), tmp_path / "part", batch_size=16, progress_bar=False)
+        cache_split(
+            frames,
+            build_encoder(**{**TINY_VISION, "init_seed": 1}),
+            tmp_path / "part",
+            batch_size=16,
+            progress_bar=False,
+        )
 
     # Stopped before its first batch: starts over cleanly.
     with pytest.raises(KeyboardInterrupt):
@@ -240,20 +268,43 @@ def _setup(tmp_path, name, *overrides):
     from sim.core.run import RunDir
     from sim.training.trainer import Trainer
 
-    trainer = Trainer(make_cfg(*TINY, "training.seed=5", "model.F=4", "model.K=2", "data.batch_size=16", *overrides), RunDir(tmp_path / name))
+    trainer = Trainer(
+        make_cfg(*TINY, "training.seed=5", "model.F=4", "model.K=2", "data.batch_size=16", *overrides),
+        RunDir(tmp_path / name),
+    )
     trainer.setup()
     return trainer
 
 
 def test_training_on_the_cache_sees_what_training_on_frames_sees(frames_split, tmp_path):
-    cache_split(CachedSplitDataset(frames_split / "train", use_cached_vis_feats=False), build_encoder(**TINY_VISION),
-                tmp_path / "cache" / "train", progress_bar=False)
-    cache_split(CachedSplitDataset(frames_split / "val", use_cached_vis_feats=False), build_encoder(**TINY_VISION),
-                tmp_path / "cache" / "val", progress_bar=False)
-    raw = _setup(tmp_path, "raw", "vision=tiny", "data=frames", f"data.train_split_path={frames_split}/train",
-                 f"data.val_split_path={frames_split}/val")
-    cached = _setup(tmp_path, "cached", "vision=cached", "data=cached", f"data.train_split_path={tmp_path}/cache/train",
-                    f"data.val_split_path={tmp_path}/cache/val")
+    cache_split(
+        CachedSplitDataset(frames_split / "train", use_cached_vis_feats=False),
+        build_encoder(**TINY_VISION),
+        tmp_path / "cache" / "train",
+        progress_bar=False,
+    )
+    cache_split(
+        CachedSplitDataset(frames_split / "val", use_cached_vis_feats=False),
+        build_encoder(**TINY_VISION),
+        tmp_path / "cache" / "val",
+        progress_bar=False,
+    )
+    raw = _setup(
+        tmp_path,
+        "raw",
+        "vision=tiny",
+        "data=frames",
+        f"data.train_split_path={frames_split}/train",
+        f"data.val_split_path={frames_split}/val",
+    )
+    cached = _setup(
+        tmp_path,
+        "cached",
+        "vision=cached",
+        "data=cached",
+        f"data.train_split_path={tmp_path}/cache/train",
+        f"data.val_split_path={tmp_path}/cache/val",
+    )
     assert raw.model.dv == cached.model.dv == 64
     cached.model.load_state_dict(raw.model.trainable_state_dict())
     for a, b in zip(raw.train_loader, cached.train_loader):
@@ -280,15 +331,38 @@ class ChannelsLastFrames(SyntheticFramesDataset):
 
 
 def test_trainer_refuses_frames_without_an_encoder_and_features_with_one(frames_split, synthetic_split, tmp_path):
-    with pytest.raises(ConfigError, match=r"vision=tiny encodes raw frames \[F, 3, H, W\] but the data yields \[4, 32, 32, 3\]"):
-        _setup(tmp_path, "a", "vision=tiny", "data=synthetic_frames", "data.dataset_class_path=test_frames.ChannelsLastFrames",
-               "data.train_kwargs.num_samples=8", "data.val_kwargs.num_samples=8")
+    with pytest.raises(
+        ConfigError, match=r"vision=tiny encodes raw frames \[F, 3, H, W\] but the data yields \[4, 32, 32, 3\]"
+    ):
+        _setup(
+            tmp_path,
+            "a",
+            "vision=tiny",
+            "data=synthetic_frames",
+            "data.dataset_class_path=test_frames.ChannelsLastFrames",
+            "data.train_kwargs.num_samples=8",
+            "data.val_kwargs.num_samples=8",
+        )
     with pytest.raises(DataError, match="has no 'frames'"):
-        _setup(tmp_path, "c", "vision=tiny", "data=custom", "data.dataset_class_path=custom_dataset.NpzRoverDataset",
-               f"data.train_split_path={synthetic_split}/train", f"data.val_split_path={synthetic_split}/val", "model.F=8")
+        _setup(
+            tmp_path,
+            "c",
+            "vision=tiny",
+            "data=custom",
+            "data.dataset_class_path=custom_dataset.NpzRoverDataset",
+            f"data.train_split_path={synthetic_split}/train",
+            f"data.val_split_path={synthetic_split}/val",
+            "model.F=8",
+        )
     with pytest.raises(Exception) as excinfo:
-        _setup(tmp_path, "b", "vision=cached", "data=frames", f"data.train_split_path={frames_split}/train",
-               f"data.val_split_path={frames_split}/val")
+        _setup(
+            tmp_path,
+            "b",
+            "vision=cached",
+            "data=frames",
+            f"data.train_split_path={frames_split}/train",
+            f"data.val_split_path={frames_split}/val",
+        )
     assert isinstance(sim_error(excinfo), DataError) and "vis_feats.npy is missing" in str(sim_error(excinfo))
 
 
@@ -298,9 +372,17 @@ def pixel_run(tmp_path_factory):
     from sim.training.train import train
 
     run_dir = tmp_path_factory.mktemp("pixel_run")
-    cfg = make_cfg(*TINY, "vision=tiny", "data=synthetic_frames", "data.train_kwargs.num_samples=512",
-                   "data.val_kwargs.num_samples=256", "data.batch_size=32", "training.epochs=5", "optim.lr=3e-3",
-                   "checkpoint.monitor=macro_f1")
+    cfg = make_cfg(
+        *TINY,
+        "vision=tiny",
+        "data=synthetic_frames",
+        "data.train_kwargs.num_samples=512",
+        "data.val_kwargs.num_samples=256",
+        "data.batch_size=32",
+        "training.epochs=5",
+        "optim.lr=3e-3",
+        "checkpoint.monitor=macro_f1",
+    )
     # Models this small run several times faster on one thread than on two contended ones.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -347,8 +429,25 @@ def test_bench_frames_reports_both_rates(tmp_path, monkeypatch):
     from sim.commands.bench_frames import bench
 
     no_plots(monkeypatch)
-    r = bench(["num_samples=8", "num_val=4", "H=16", "W=16", f"out={tmp_path}", *TINY, "vision=tiny", "model.F=4",
-               "model.K=2", "training.epochs=1", "data.batch_size=8"])
-    assert r["cache_frames_per_s"] > 0 and r["train_from_frames_samples_per_s"] > 0 and r["train_from_cache_samples_per_s"] > 0
+    r = bench(
+        [
+            "num_samples=8",
+            "num_val=4",
+            "H=16",
+            "W=16",
+            f"out={tmp_path}",
+            *TINY,
+            "vision=tiny",
+            "model.F=4",
+            "model.K=2",
+            "training.epochs=1",
+            "data.batch_size=8",
+        ]
+    )
+    assert (
+        r["cache_frames_per_s"] > 0
+        and r["train_from_frames_samples_per_s"] > 0
+        and r["train_from_cache_samples_per_s"] > 0
+    )
     assert json.loads((tmp_path / "bench.json").read_text())["frames"] == [4, 3, 16, 16]
     assert CachedSplitDataset(tmp_path / "cache" / "train").meta["encoder"]["spec"]["kind"] == "tiny"

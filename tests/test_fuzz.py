@@ -28,15 +28,43 @@ from sim.models.model import SimV0Model
 from sim.training.guards import NonFiniteGuard
 
 F, DV, H = 4, 8, 8
-TINY_LLM = {"arch": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 8,
-                     "bos_token_id": 0, "eos_token_id": 0}, "pretrained": False, "dtype": "float32"}
+TINY_LLM = {
+    "arch": {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 32,
+        "n_positions": 16,
+        "vocab_size": 8,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+    "pretrained": False,
+    "dtype": "float32",
+}
 KEYS = ("vis_feats", "telemetry", "risk_id", "reason_id", "action_id", "weight", "sample_id")
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 RAN: Counter[str] = Counter()  # cases per property, reported at the end of the module
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
-          torch.int8, torch.bool, torch.complex64, torch.uint16]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.int8,
+    torch.bool,
+    torch.complex64,
+    torch.uint16,
+]
 SPECIAL = [math.nan, math.inf, -math.inf, 1e38, -1e38, 1e300, 0.0]
 
 # ---- strategies ---------------------------------------------------------------------------------
@@ -51,15 +79,23 @@ def weird_tensor(draw) -> torch.Tensor:
 
 
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=4), st.binary(max_size=4),
-    st.lists(st.floats(), max_size=9), st.lists(st.integers(-5, 9), max_size=9),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=4),
+    st.binary(max_size=4),
+    st.lists(st.floats(), max_size=9),
+    st.lists(st.integers(-5, 9), max_size=9),
     st.lists(st.lists(st.integers(0, 3), max_size=3), max_size=3),  # ragged nesting
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.builds(lambda s: np.array(s, dtype=object), st.lists(st.integers(), max_size=3)),
     st.builds(lambda s: np.array(s), st.lists(st.text(max_size=2), min_size=1, max_size=3)),
     st.composite(lambda draw: weird_tensor(draw))(),
-    st.builds(lambda x: np.float64(x), st.floats()), st.builds(lambda x: np.int64(x), st.integers(-10, 10)),
-    st.builds(lambda x: torch.tensor(x), st.integers(-10, 10)), st.builds(lambda x: torch.tensor([x]), st.floats(width=32)),
+    st.builds(lambda x: np.float64(x), st.floats()),
+    st.builds(lambda x: np.int64(x), st.integers(-10, 10)),
+    st.builds(lambda x: torch.tensor(x), st.integers(-10, 10)),
+    st.builds(lambda x: torch.tensor([x]), st.floats(width=32)),
 )
 
 
@@ -86,7 +122,9 @@ def valid_sample(draw, i: int = 0, video_key: str = "vis_feats") -> dict:
 def mutated_sample(draw, i: int = 0, video_key: str = "vis_feats"):
     s = dict(draw(valid_sample(i, video_key)))
     for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["drop", "junk", "poison", "label", "shape", "dtype", "layout", "container", "sample"]))
+        kind = draw(
+            st.sampled_from(["drop", "junk", "poison", "label", "shape", "dtype", "layout", "container", "sample"])
+        )
         key = draw(st.sampled_from([video_key if k == "vis_feats" else k for k in KEYS] + ["extra"]))
         if kind == "drop":
             s.pop(key, None)
@@ -100,8 +138,16 @@ def mutated_sample(draw, i: int = 0, video_key: str = "vis_feats"):
         elif kind == "label":
             head = draw(st.sampled_from(L.HEADS))
             n = L.NUM_CLASSES[head]
-            s[f"{head}_id"] = draw(st.one_of(st.integers(-10, -1), st.integers(n, n + 10), st.just(float(n - 1)),
-                                             st.just(np.int64(n - 1)), st.just(torch.tensor(n - 1)), st.just(True)))
+            s[f"{head}_id"] = draw(
+                st.one_of(
+                    st.integers(-10, -1),
+                    st.integers(n, n + 10),
+                    st.just(float(n - 1)),
+                    st.just(np.int64(n - 1)),
+                    st.just(torch.tensor(n - 1)),
+                    st.just(True),
+                )
+            )
         elif kind == "shape" and torch.is_tensor(s.get(video_key)):
             shape = list(s[video_key].shape)
             axis = draw(st.integers(0, len(shape) - 1))
@@ -262,8 +308,13 @@ def test_generated_collated_batches_are_refused_or_train(tiny, case):
     RAN[f"collated batches: {outcome}"] += 1
 
 
-@settings(max_examples=50, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=50,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data(), n=st.integers(1, 3))
 def test_generated_raw_frame_samples_are_refused_or_train(frames_model, data, n):
     samples = [data.draw(st.one_of(valid_sample(i, "frames"), mutated_sample(i, "frames"))) for i in range(n)]
@@ -276,8 +327,9 @@ def frames_model():
     from sim.models.vision import build_encoder
 
     encoder = build_encoder("tiny", arch={"channels": 4, "grid": [2, 2]}, preprocessing={"image_size": H})
-    model = SimV0Model(llm=TINY_LLM, F=F, K=2, use_cached_vis_feats=False, vision_encoder=encoder,
-                       telemetry_hidden=16, head_hidden=0)
+    model = SimV0Model(
+        llm=TINY_LLM, F=F, K=2, use_cached_vis_feats=False, vision_encoder=encoder, telemetry_hidden=16, head_hidden=0
+    )
     opt = torch.optim.SGD(model.trainable_parameters(), lr=1e-3)
     return model, opt, NonFiniteGuard(max_consecutive=10**9)
 
@@ -292,4 +344,6 @@ def test_the_properties_ran_many_cases():
     assert samples >= 150 and collated >= 150, dict(RAN)
     for prefix in ("samples", "collated batches"):
         assert RAN[f"{prefix}: accepted and trained"] > 0, f"no {prefix} case was accepted: the strategy is too hostile"
-        assert RAN[f"{prefix}: refused"] + RAN[f"{prefix}: refused, the good rest trained"] > 0, f"no {prefix} case was refused"
+        assert RAN[f"{prefix}: refused"] + RAN[f"{prefix}: refused, the good rest trained"] > 0, (
+            f"no {prefix} case was refused"
+        )

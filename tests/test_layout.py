@@ -7,7 +7,16 @@ from pathlib import Path
 
 import sim
 
-ORDER = {"core": 0, "data": 1, "models": 2, "evaluation": 3, "training": 4, "experiments": 5, "export": 5, "commands": 6}
+ORDER = {
+    "core": 0,
+    "data": 1,
+    "models": 2,
+    "evaluation": 3,
+    "training": 4,
+    "experiments": 5,
+    "export": 5,
+    "commands": 6,
+}
 PACKAGE = Path(sim.__file__).parent
 
 

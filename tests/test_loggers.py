@@ -26,8 +26,13 @@ from sim.training.loggers import (
 from sim.training.train import train
 
 # 3 epochs of 2 optimizer steps with the tiny LLM: a few seconds.
-SMALL = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=32",
-         "training.epochs=3"]
+SMALL = [
+    *TINY,
+    "data.train_kwargs.num_samples=64",
+    "data.val_kwargs.num_samples=32",
+    "data.batch_size=32",
+    "training.epochs=3",
+]
 ALL = "logger=[tensorboard,mlflow,wandb,csv]"
 MONITOR = "risk_high_recall"
 
@@ -74,8 +79,13 @@ def logged_run(tmp_path_factory):
     pytest.importorskip("mlflow")
     wandb = pytest.importorskip("wandb")
     tmp = tmp_path_factory.mktemp("logged_run")
-    cfg = make_cfg(*SMALL, ALL, "logger.every_n_steps=1", f"logger.mlflow.tracking_uri={mlflow_db(tmp)}",
-                   "logger.experiment=logged")
+    cfg = make_cfg(
+        *SMALL,
+        ALL,
+        "logger.every_n_steps=1",
+        f"logger.mlflow.tracking_uri={mlflow_db(tmp)}",
+        "logger.experiment=logged",
+    )
     run_dir = tmp / "run"
     result = train(cfg, run_dir=run_dir)
     yield run_dir, result, cfg, mlflow_db(tmp)
@@ -111,7 +121,12 @@ def test_tensorboard_holds_the_jsonl_numbers_exactly(logged_run):
     assert max(v for _, v in scalars["train_step/grad_norm"]) > cfg.training.grad_clip
     best = result["best"][MONITOR]
     assert scalars[f"best/{MONITOR}"][-1][1] == float(np.float32(best))
-    assert set(acc.Tags()["images"]) == {"training_curves", "confusion_val/risk", "confusion_val/reason", "confusion_val/action"}
+    assert set(acc.Tags()["images"]) == {
+        "training_curves",
+        "confusion_val/risk",
+        "confusion_val/reason",
+        "confusion_val/action",
+    }
 
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -168,8 +183,16 @@ def test_a_sweep_logs_each_trial_as_a_run_of_one_experiment(tmp_path):
     from mlflow.tracking import MlflowClient
 
     sweep_dir = tmp_path / "sweep"
-    res = run_cmd("train.py", "-m", "training.seed=1,2", *SMALL, "training.epochs=1", "logger=[tensorboard,mlflow]",
-                  f"logger.mlflow.tracking_uri={mlflow_db(tmp_path)}", f"hydra.sweep.dir={sweep_dir}")
+    res = run_cmd(
+        "train.py",
+        "-m",
+        "training.seed=1,2",
+        *SMALL,
+        "training.epochs=1",
+        "logger=[tensorboard,mlflow]",
+        f"logger.mlflow.tracking_uri={mlflow_db(tmp_path)}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=mlflow_db(tmp_path))
@@ -211,9 +234,15 @@ def test_broken_loggers_warn_once_and_the_run_completes(tmp_path, caplog, monkey
         monkeypatch.delenv(var, raising=False)  # restored after the test: the adapter sets them
     blocker = tmp_path / "a_file"
     blocker.write_text("a file where a directory should be")
-    cfg = make_cfg(*SMALL, "logger=[tensorboard,mlflow,csv]", "logger.every_n_steps=1",
-                   f"logger.tensorboard.log_dir={blocker / 'tensorboard'}", f"logger.csv.path={blocker / 'scalars.csv'}",
-                   f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}", "logger.mlflow.request_retries=0")
+    cfg = make_cfg(
+        *SMALL,
+        "logger=[tensorboard,mlflow,csv]",
+        "logger.every_n_steps=1",
+        f"logger.tensorboard.log_dir={blocker / 'tensorboard'}",
+        f"logger.csv.path={blocker / 'scalars.csv'}",
+        f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
+        "logger.mlflow.request_retries=0",
+    )
     import sim.training.train
 
     flaky = FailsMidRun()
@@ -280,8 +309,10 @@ def test_flatten_gives_the_types_hyperparameter_views_accept():
     assert flat == {"a.b": 1, "a.c": "[1, 2]", "d": "null", "e": True, "f": "x", "g": 0.5}
 
 
-@pytest.mark.parametrize("override, key", [("logger.every_n_steps=0", "logger.every_n_steps"),
-                                           ("logger.wandb.mode=sometimes", "logger.wandb.mode")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("logger.every_n_steps=0", "logger.every_n_steps"), ("logger.wandb.mode=sometimes", "logger.wandb.mode")],
+)
 def test_bad_logger_settings_are_refused_naming_the_key(override, key):
     from sim.core.errors import ConfigError
 

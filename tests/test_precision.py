@@ -38,7 +38,11 @@ def test_precision_rules_refuse_what_cannot_work():
 
 
 def test_precision_survives_a_checkpoint_round_trip():
-    for p in (Precision(torch.float32, None), Precision(torch.float32, torch.bfloat16), Precision(torch.bfloat16, torch.bfloat16)):
+    for p in (
+        Precision(torch.float32, None),
+        Precision(torch.float32, torch.bfloat16),
+        Precision(torch.bfloat16, torch.bfloat16),
+    ):
         assert Precision.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
@@ -70,7 +74,9 @@ def test_an_explicit_precision_overrides_the_checkpoints_and_is_reported(tiny_ru
     best = run_dir / "checkpoints" / "best.pt"
     model = SimV0Model.from_checkpoint(best, precision="fp32")
     assert model.precision == named_precision("fp32") and model.llm_dtype == torch.float32
-    res = run_cmd("evaluate.py", f"checkpoint={best}", "precision=fp32", f"hydra.run.dir={tmp_path}", "progress_bar=false")
+    res = run_cmd(
+        "evaluate.py", f"checkpoint={best}", "precision=fp32", f"hydra.run.dir={tmp_path}", "progress_bar=false"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["evaluation"]["precision"] == {"weights": "float32", "autocast": None}

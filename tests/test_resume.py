@@ -27,15 +27,27 @@ from sim.training.trainer import Trainer, rng_state, set_rng_state
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # With 192 train samples: 3 epochs of 12 optimizer steps (2 micro-batches of 8 each), a cosine schedule
 # with warm-up, and a mid-epoch last.pt every 4 steps.
-RESUME_STEPS = ["data.batch_size=8", "training.grad_accum=2", "training.epochs=3", "checkpoint.every_n_steps=4",
-                "optim.schedule=cosine", "optim.warmup_steps=3"]
+RESUME_STEPS = [
+    "data.batch_size=8",
+    "training.grad_accum=2",
+    "training.epochs=3",
+    "checkpoint.every_n_steps=4",
+    "optim.schedule=cosine",
+    "optim.warmup_steps=3",
+]
 RESUME_RUN = [*TINY, "data.train_kwargs.num_samples=192", "data.val_kwargs.num_samples=64", *RESUME_STEPS]
 PRECISIONS = {"fp32": ["llm.dtype=float32", "training.amp=false"], "bf16": ["llm.dtype=bfloat16", "training.amp=true"]}
 
 
 def _train(run_dir: Path, *overrides: str, base: list[str] = RESUME_RUN) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *base, f"hydra.run.dir={run_dir}", *overrides],
-                            cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *base, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -62,7 +74,9 @@ def _kill_inside_epoch_2(victim: subprocess.Popen, last: Path) -> dict:
         seen = None
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            assert victim.poll() is None, "the run finished before it could be killed:\n" + victim.communicate()[0][-2000:]
+            assert victim.poll() is None, (
+                "the run finished before it could be killed:\n" + victim.communicate()[0][-2000:]
+            )
             stamp = last.stat().st_mtime_ns if last.exists() else None
             if stamp != seen:
                 seen = stamp
@@ -75,7 +89,9 @@ def _kill_inside_epoch_2(victim: subprocess.Popen, last: Path) -> dict:
     finally:
         victim.kill()
     progress = _progress(last)
-    assert progress is not None and progress["epoch"] == 2, f"not killed inside epoch 2 (checkpoint progress {progress})"
+    assert progress is not None and progress["epoch"] == 2, (
+        f"not killed inside epoch 2 (checkpoint progress {progress})"
+    )
     return progress
 
 
@@ -95,8 +111,10 @@ def _assert_same_as_uninterrupted(ref_dir: Path, run_dir: Path) -> None:
         b = read_jsonl(run_dir / "metrics" / f"{split}_metrics.jsonl")
         assert [r["epoch"] for r in b] == [1, 2, 3], "duplicated or lost metric lines"
         assert _without_timing(b) == _without_timing(a), f"{split} metrics differ from the uninterrupted run"
-    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == \
-        torch.load(ref_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+    assert (
+        torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+        == torch.load(ref_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"]
+    )
 
 
 @pytest.mark.slow  # several processes, each importing torch and transformers
@@ -129,8 +147,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_skipped_samples(tmp
     # Epoch 2 (micro-batches of 8, 2 per step) loses its second micro-batch whole, then both of its
     # third step, before its first checkpoint; elsewhere these samples only thin out their batches.
     bad = order[8:16] + order[32:48]
-    base = [*TINY, *write_cached_split(tmp_path / "data", 192, 64, bad), "data.on_bad_sample=skip",
-            f"training.seed={seed}", *RESUME_STEPS, *PRECISIONS[precision]]
+    base = [
+        *TINY,
+        *write_cached_split(tmp_path / "data", 192, 64, bad),
+        "data.on_bad_sample=skip",
+        f"training.seed={seed}",
+        *RESUME_STEPS,
+        *PRECISIONS[precision],
+    ]
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     reference = _train(ref_dir, base=base)
     last = run_dir / "checkpoints" / "last.pt"
@@ -143,8 +167,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical_with_skipped_samples(tmp
     assert "resumed from" in out and "data.on_bad_sample=skip: skipped" in out
     _finish(reference)
     _assert_same_as_uninterrupted(ref_dir, run_dir)
-    assert sorted(int(line.split("\t")[1]) for line in (ref_dir / "logs" / "skipped_samples.txt").read_text().splitlines()[1:]) \
-        == sorted(bad)
+    assert sorted(
+        int(line.split("\t")[1]) for line in (ref_dir / "logs" / "skipped_samples.txt").read_text().splitlines()[1:]
+    ) == sorted(bad)
 
 
 # Runs train.py with os.replace stalled for last.pt once a previous last.pt exists: the new checkpoint
@@ -169,16 +194,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.slow  # several processes, each importing torch and transformers
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_last_pt(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "stalled"
-    overrides = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=16",
-                 "training.epochs=2", "checkpoint.every_n_steps=1"]
-    proc = subprocess.Popen([sys.executable, "-c", STALL_IN_SAVE, str(ROOT / "train.py"), *overrides,
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            env={**os.environ, **ENV, "STALLED_MARKER": str(marker)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = [
+        *TINY,
+        "data.train_kwargs.num_samples=64",
+        "data.val_kwargs.num_samples=32",
+        "data.batch_size=16",
+        "training.epochs=2",
+        "checkpoint.every_n_steps=1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL_IN_SAVE, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, **ENV, "STALLED_MARKER": str(marker)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
-            assert proc.poll() is None, "the run ended without writing a second checkpoint:\n" + proc.communicate()[0][-2000:]
+            assert proc.poll() is None, (
+                "the run ended without writing a second checkpoint:\n" + proc.communicate()[0][-2000:]
+            )
             assert time.monotonic() < deadline, "no checkpoint write stalled"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -210,8 +247,13 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     assert (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist()) == expected
 
 
-SMALL = [*TINY, "data.train_kwargs.num_samples=64", "data.val_kwargs.num_samples=32", "data.batch_size=32",
-         "training.epochs=1"]
+SMALL = [
+    *TINY,
+    "data.train_kwargs.num_samples=64",
+    "data.val_kwargs.num_samples=32",
+    "data.batch_size=32",
+    "training.epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +269,14 @@ def _resume(run_dir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.K=2", "K is 4 there, 2 in this config"),
-    ("model.head_hidden=64", "head_hidden is 256 there, 64"),
-    ("llm.arch.n_layer=3", "trained on another LLM"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.K=2", "K is 4 there, 2 in this config"),
+        ("model.head_hidden=64", "head_hidden is 256 there, 64"),
+        ("llm.arch.n_layer=3", "trained on another LLM"),
+    ],
+)
 def test_resume_refuses_what_cannot_continue(one_epoch_run, override, message):
     with pytest.raises(CheckpointError, match=message):
         _resume(one_epoch_run, override)
@@ -261,7 +306,8 @@ def test_resume_from_another_run_directory_brings_its_history(one_epoch_run, tmp
     trainer = _resume(tmp_path / "continued", f"training.resume={one_epoch_run}", "training.epochs=2")
     assert trainer.start_epoch == 2
     for split in ("train", "val"):
-        assert read_jsonl(tmp_path / "continued" / "metrics" / f"{split}_metrics.jsonl") == \
-            read_jsonl(one_epoch_run / "metrics" / f"{split}_metrics.jsonl")
+        assert read_jsonl(tmp_path / "continued" / "metrics" / f"{split}_metrics.jsonl") == read_jsonl(
+            one_epoch_run / "metrics" / f"{split}_metrics.jsonl"
+        )
     assert trainer.fit()["best_epoch"] in (1, 2)
     assert [r["epoch"] for r in read_jsonl(tmp_path / "continued" / "metrics" / "val_metrics.jsonl")] == [1, 2]

@@ -41,8 +41,21 @@ def test_cached_split_reads_rows_lazily(synthetic_split):
 
 def test_bench_prints_the_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = run_cmd("-m", "sim", "bench", "llm=tiny", "data=dummy", "data.dataset_kwargs.dv=32", "data.train_kwargs.num_samples=64",
-                  "data.val_kwargs.num_samples=32", "data.batch_size=16", "steps=2", "warmup=1", "reference=true", f"json={out}")
+    res = run_cmd(
+        "-m",
+        "sim",
+        "bench",
+        "llm=tiny",
+        "data=dummy",
+        "data.dataset_kwargs.dv=32",
+        "data.train_kwargs.num_samples=64",
+        "data.val_kwargs.num_samples=32",
+        "data.batch_size=16",
+        "steps=2",
+        "warmup=1",
+        "reference=true",
+        f"json={out}",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "train samples/s" in res.stdout and "MFU" in res.stdout and "speed-up vs naive" in res.stdout
     result = json.loads(out.read_text())

@@ -27,7 +27,9 @@ def clip(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
 
 
-def decode(name: str, every: int = 1, limit: int | None = None, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+def decode(
+    name: str, every: int = 1, limit: int | None = None, size: tuple[int, int] | None = None
+) -> list[np.ndarray]:
     from PIL import Image
 
     from sim.export.stream import read_video
@@ -50,7 +52,9 @@ def write_split(root: Path, windows: list[np.ndarray], labels: list[tuple[int, i
     np.save(root / "telemetry.npy", rng.normal(size=(n, 8)).astype(np.float32))
     for h, column in zip(L.HEADS, np.asarray(labels).T):
         np.save(root / f"{h}_id.npy", column.astype(np.int64))
-    (root / "meta.json").write_text(json.dumps({"format_version": 1, "F": F, "H": SIZE[0], "W": SIZE[1], "labels": L.LABELS}))
+    (root / "meta.json").write_text(
+        json.dumps({"format_version": 1, "F": F, "H": SIZE[0], "W": SIZE[1], "labels": L.LABELS})
+    )
     return root
 
 
@@ -65,7 +69,7 @@ def real_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real_run")
     bikes = decode("bikes.mp4", every=6, limit=6 * F * 3, size=SIZE)
     car = decode("carphone_pristine.mp4", every=6, limit=6 * F * 3)
-    windows = [np.stack(c[i * F:(i + 1) * F]) for c in (bikes, car) for i in range(3)]
+    windows = [np.stack(c[i * F : (i + 1) * F]) for c in (bikes, car) for i in range(3)]
     labels = [(3, 0, 1)] * 3 + [(0, 3, 0)] * 3
     pick = {"train": [0, 1, 3, 4], "val": [2, 5]}
     for split, idx in pick.items():
@@ -74,13 +78,32 @@ def real_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cache_cfg = compose("cache_features", overrides=[
-            "vision=efficientnet_lite0", f"data.train_split_path={tmp}/frames/train",
-            f"data.val_split_path={tmp}/frames/val", f"out={tmp}/cache", "progress_bar=false", "device=cpu"])
+        cache_cfg = compose(
+            "cache_features",
+            overrides=[
+                "vision=efficientnet_lite0",
+                f"data.train_split_path={tmp}/frames/train",
+                f"data.val_split_path={tmp}/frames/val",
+                f"out={tmp}/cache",
+                "progress_bar=false",
+                "device=cpu",
+            ],
+        )
     cache_features(cache_cfg)
-    cfg = make_cfg("llm=tiny", "training.progress_bar=false", "data=cached", f"data.train_split_path={tmp}/cache/train",
-                   f"data.val_split_path={tmp}/cache/val", f"model.F={F}", f"model.K={K}", "training.epochs=3",
-                   "data.batch_size=4", "llm.dtype=float32", "training.amp=false", "training.device=cpu")
+    cfg = make_cfg(
+        "llm=tiny",
+        "training.progress_bar=false",
+        "data=cached",
+        f"data.train_split_path={tmp}/cache/train",
+        f"data.val_split_path={tmp}/cache/val",
+        f"model.F={F}",
+        f"model.K={K}",
+        "training.epochs=3",
+        "data.batch_size=4",
+        "llm.dtype=float32",
+        "training.amp=false",
+        "training.device=cpu",
+    )
     run = train(cfg, run_dir=tmp / "run")
     return Path(run["run_dir"]) / "checkpoints" / "best.pt", tmp / "cache"
 
@@ -104,8 +127,16 @@ def test_checkpoint_trained_on_cached_features_streams_a_real_clip(real_run, tmp
 
     out = tmp_path / "out"
     frames = 45
-    summary = stream(stream_cfg(f"checkpoint={ckpt}", f"video={clip('carphone_pristine.mp4')}", f"out={out}",
-                                "stride=2", "fps=10", f"max_frames={frames}"))
+    summary = stream(
+        stream_cfg(
+            f"checkpoint={ckpt}",
+            f"video={clip('carphone_pristine.mp4')}",
+            f"out={out}",
+            "stride=2",
+            "fps=10",
+            f"max_frames={frames}",
+        )
+    )
     lines = [json.loads(s) for s in (out / "decisions.jsonl").read_text().splitlines()]
     # 30 fps resampled to 10: 15 frames encoded; the first window is full at the 4th, then every 2nd.
     assert summary["frames_in"] == frames and summary["frames_used"] == 15 and summary["frames_refused"] == 0
@@ -141,8 +172,11 @@ def test_a_corrupt_frame_mid_stream_is_skipped_and_counted(real_run):
     for i, frame in enumerate(frames):
         decisions.append(runner.push(bad.get(i, frame), t=i * 0.1))
     assert runner.refused == 3 and runner.frames_used == len(frames) - 3
-    assert set(runner.refused_reasons) == {"size 176x50 differs from the stream's 176x144", "it could not be decoded",
-                                           "shape [144, 176, 3] dtype float32, expected [H, W, 3] uint8"}
+    assert set(runner.refused_reasons) == {
+        "size 176x50 differs from the stream's 176x144",
+        "it could not be decoded",
+        "shape [144, 176, 3] dtype float32, expected [H, W, 3] uint8",
+    }
     # The window fills from the good frames only and the stream goes on deciding after the bad ones.
     made = [i for i, d in enumerate(decisions) if d is not None]
     assert made == [4, 7] and runner.decisions == 2
@@ -178,11 +212,23 @@ def test_a_raw_frame_checkpoint_streams_through_its_own_encoder(frames_split, tm
     from sim.export.stream import load_runner
     from sim.training.train import train
 
-    run = train(make_cfg("llm=tiny", "training.progress_bar=false", "vision=tiny", "data=frames",
-                         f"data.train_split_path={frames_split}/train", f"data.val_split_path={frames_split}/val",
-                         f"model.F={F}", f"model.K={K}", "training.epochs=1", "training.device=cpu",
-                         "llm.dtype=float32", "training.amp=false"),
-                run_dir=tmp_path / "run")
+    run = train(
+        make_cfg(
+            "llm=tiny",
+            "training.progress_bar=false",
+            "vision=tiny",
+            "data=frames",
+            f"data.train_split_path={frames_split}/train",
+            f"data.val_split_path={frames_split}/val",
+            f"model.F={F}",
+            f"model.K={K}",
+            "training.epochs=1",
+            "training.device=cpu",
+            "llm.dtype=float32",
+            "training.amp=false",
+        ),
+        run_dir=tmp_path / "run",
+    )
     runner = load_runner(Path(run["run_dir"]) / "checkpoints" / "best.pt", stride=1)
     assert runner.encoder is runner.model.vision and runner.encoder.sim_spec["kind"] == "tiny"
     decisions = [runner.push(f, t=i / 30) for i, f in enumerate(decode("carphone_pristine.mp4", limit=F + 1))]
@@ -197,7 +243,9 @@ def test_telemetry_is_matched_by_timestamp_and_bad_rows_are_skipped(real_run, tm
     from sim.export.stream import TelemetryTrack, load_runner
 
     csv = tmp_path / "tel.csv"
-    csv.write_text("t,ax,ay,az,gx,gy,gz,v,w\n0.0,0,0,9.8,0,0,0,1.0,0\n0.5,0,0,9.8,0,0,0,nan,0\n1.0,0,0,9.8,0,0,0,2.0,0.1\n")
+    csv.write_text(
+        "t,ax,ay,az,gx,gy,gz,v,w\n0.0,0,0,9.8,0,0,0,1.0,0\n0.5,0,0,9.8,0,0,0,nan,0\n1.0,0,0,9.8,0,0,0,2.0,0.1\n"
+    )
     track = TelemetryTrack(csv)
     assert track.skipped == 1 and track.at(-0.1) is None
     assert track.at(0.7)[0][6] == 1.0 and track.at(1.0)[0][6] == 2.0 and track.at(5.0)[1] == 1.0

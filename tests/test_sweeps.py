@@ -23,10 +23,23 @@ from sim.experiments import ablate, compare
 from sim.experiments.sweeper import _objective_values
 
 # Tiny LLM, a small synthetic split and one epoch: a trial takes seconds.
-SMALL = ["llm=tiny", "training.progress_bar=false", "training.epochs=1",
-         "data.train_kwargs.num_samples=128", "data.val_kwargs.num_samples=64"]
-RUN_TREE = ("config_resolved.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "metrics/train_metrics.jsonl",
-            "metrics/val_metrics.jsonl", "logs/stdout.log", "export/labels.json", "export/sim_v0_infer.py")
+SMALL = [
+    "llm=tiny",
+    "training.progress_bar=false",
+    "training.epochs=1",
+    "data.train_kwargs.num_samples=128",
+    "data.val_kwargs.num_samples=64",
+]
+RUN_TREE = (
+    "config_resolved.yaml",
+    "checkpoints/best.pt",
+    "checkpoints/last.pt",
+    "metrics/train_metrics.jsonl",
+    "metrics/val_metrics.jsonl",
+    "logs/stdout.log",
+    "export/labels.json",
+    "export/sim_v0_infer.py",
+)
 
 
 def load_study(sweep_dir, name: str) -> optuna.Study:
@@ -68,8 +81,15 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float, what:
 def test_optuna_sweep_killed_mid_trial_resumes_to_the_total(tmp_path):
     assert int(optuna.__version__.split(".")[0]) >= 4
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "+sweeps=search", *SMALL, f"hydra.sweep.dir={sweep_dir}",
-           "hydra.sweeper.n_trials=3"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "+sweeps=search",
+        *SMALL,
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweeper.n_trials=3",
+    ]
     log = tmp_path / "first_launch.log"
     proc = start(cmd, log)
     # Killed once trial 1 is training: trial 0 is finished, trial 1 RUNNING in the study.
@@ -107,9 +127,18 @@ def test_optuna_sweep_killed_mid_trial_resumes_to_the_total(tmp_path):
 # A planted bad region: lr=1e-12 leaves the heads where they started, so its epoch-1 val loss is
 # above that of lr=3e-3; the median pruner (compared from the 2nd trial on) prunes it.
 GOOD_LR, BAD_LR = 3e-3, 1e-12
-PRUNING = ["hydra/sweeper=sim_optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
-           f"optim.lr=choice({GOOD_LR},{BAD_LR})", "checkpoint.monitor=loss", "hydra.sweeper.direction=minimize",
-           "hydra.sweeper.n_trials=2", *SMALL, "training.epochs=2", "data.batch_size=32"]
+PRUNING = [
+    "hydra/sweeper=sim_optuna",
+    "hydra/sweeper/pruner=median",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+    f"optim.lr=choice({GOOD_LR},{BAD_LR})",
+    "checkpoint.monitor=loss",
+    "hydra.sweeper.direction=minimize",
+    "hydra.sweeper.n_trials=2",
+    *SMALL,
+    "training.epochs=2",
+    "data.batch_size=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +203,7 @@ def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep, tmp_path):
     log = tmp_path / "dashboard.log"
     proc = start([str(dashboard), f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1", "--port", str(port)], log)
     try:
+
         def up() -> bool:
             try:
                 get_json(f"{base}/api/meta")
@@ -195,8 +225,17 @@ def test_optuna_dashboard_serves_the_sweeps_study(pruned_sweep, tmp_path):
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # A grid over K in {1, 4} with F=2: the K=4 trial is a config that cannot work (K > F).
-    res = run_cmd("train.py", "-m", "hydra/sweeper=sim_optuna", "hydra/sweeper/sampler=grid", "model.K=choice(1,4)",
-                  "model.F=2", "objective=macro_f1", *SMALL, f"hydra.sweep.dir={sweep_dir}")
+    res = run_cmd(
+        "train.py",
+        "-m",
+        "hydra/sweeper=sim_optuna",
+        "hydra/sweeper/sampler=grid",
+        "model.K=choice(1,4)",
+        "model.F=2",
+        "objective=macro_f1",
+        *SMALL,
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
     trials = {t.params["model.K"]: t for t in load_study(sweep_dir, "sim").get_trials()}
@@ -221,9 +260,26 @@ def compose_sweeper(*overrides: str):
 
 def test_hydra_sweeper_optuna_keeps_the_plugin_keys_and_defaults():
     conf, sweeper = compose_sweeper("hydra/sweeper=optuna")
-    assert set(conf) >= {"sampler", "direction", "storage", "study_name", "n_trials", "n_jobs", "max_failure_rate",
-                         "search_space", "params", "custom_search_space", "pruner"}
-    assert (conf.storage, conf.study_name, conf.n_trials, conf.n_jobs, conf.max_failure_rate) == (None, None, 20, 2, 0.0)
+    assert set(conf) >= {
+        "sampler",
+        "direction",
+        "storage",
+        "study_name",
+        "n_trials",
+        "n_jobs",
+        "max_failure_rate",
+        "search_space",
+        "params",
+        "custom_search_space",
+        "pruner",
+    }
+    assert (conf.storage, conf.study_name, conf.n_trials, conf.n_jobs, conf.max_failure_rate) == (
+        None,
+        None,
+        20,
+        2,
+        0.0,
+    )
     assert sweeper._directions() == ["minimize"]
     assert isinstance(sweeper.sampler, optuna.samplers.TPESampler)
     assert isinstance(sweeper.pruner, optuna.pruners.NopPruner)
@@ -243,8 +299,14 @@ def test_every_sweeps_file_composes_and_builds_its_sweeper(name):
 
 def test_search_space_syntax_maps_to_optuna_4_distributions():
     _, sweeper = compose_sweeper("+sweeps=search")  # hydra.sweeper.params, as in sweeps/search.yaml
-    dists, fixed = sweeper._search_space(["model.head_hidden=range(64,512,64)", "model.telemetry_hidden=interval(8, 64)",
-                                          "model.K=choice(1,2)", "training.epochs=3"])
+    dists, fixed = sweeper._search_space(
+        [
+            "model.head_hidden=range(64,512,64)",
+            "model.telemetry_hidden=interval(8, 64)",
+            "model.K=choice(1,2)",
+            "training.epochs=3",
+        ]
+    )
     Float, Int = optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution
     assert dists["optim.lr"] == Float(1e-4, 3e-3, log=True)  # tag(log, interval(1e-4, 3e-3))
     assert dists["model.loss_weights.risk"] == Float(0.5, 2.0)  # interval(0.5, 2.0)
@@ -254,11 +316,14 @@ def test_search_space_syntax_maps_to_optuna_4_distributions():
     assert fixed == {"training.epochs": "3"} and "training.epochs" not in dists
 
 
-@pytest.mark.parametrize("overrides, pruner", [
-    ((), optuna.pruners.NopPruner),
-    (("hydra.sweeper.pruner=median",), optuna.pruners.MedianPruner),
-    (("hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2"), optuna.pruners.HyperbandPruner),
-])
+@pytest.mark.parametrize(
+    "overrides, pruner",
+    [
+        ((), optuna.pruners.NopPruner),
+        (("hydra.sweeper.pruner=median",), optuna.pruners.MedianPruner),
+        (("hydra/sweeper/pruner=hyperband", "hydra.sweeper.pruner.reduction_factor=2"), optuna.pruners.HyperbandPruner),
+    ],
+)
 def test_pruner_is_chosen_by_name_or_config_group(overrides, pruner):
     _, sweeper = compose_sweeper("hydra/sweeper=sim_optuna", *overrides)
     assert type(sweeper.pruner) is pruner
@@ -267,7 +332,9 @@ def test_pruner_is_chosen_by_name_or_config_group(overrides, pruner):
 def test_an_unknown_pruner_or_pruning_several_objectives_is_refused(tmp_path):
     with pytest.raises(Exception, match="hydra.sweeper.pruner=bogus: expected one of none, median, hyperband"):
         compose_sweeper("hydra/sweeper=sim_optuna", "hydra.sweeper.pruner=bogus")
-    res = run_cmd("train.py", "-m", "+sweeps=pareto", "hydra.sweeper.pruner=median", *SMALL, f"hydra.sweep.dir={tmp_path}")
+    res = run_cmd(
+        "train.py", "-m", "+sweeps=pareto", "hydra.sweeper.pruner=median", *SMALL, f"hydra.sweep.dir={tmp_path}"
+    )
     assert res.returncode != 0
     assert "optuna prunes single-objective studies only" in res.stderr
 
@@ -296,14 +363,19 @@ def test_the_ablation_is_a_multirun_of_sweeps_ablate_fk(ablation_dir):
     assert "sim_grid_sweeper.SimGridSweeper" in multirun and "core_plugins.basic_launcher.BasicLauncher" in multirun
     jobs = [json.loads(line) for line in (ablation_dir / "jobs.jsonl").read_text().splitlines()]
     assert sorted((j["params"]["model.F"], j["params"]["model.K"], j["state"]) for j in jobs) == [
-        (2, 1, "COMPLETE"), (2, 4, "SKIPPED"), (4, 1, "COMPLETE"), (4, 4, "COMPLETE")]
+        (2, 1, "COMPLETE"),
+        (2, 4, "SKIPPED"),
+        (4, 1, "COMPLETE"),
+        (4, 4, "COMPLETE"),
+    ]
     assert not (ablation_dir / "F2_K4").exists(), "a skipped cell was launched"
 
 
 def test_a_failed_grid_job_is_recorded_while_the_others_run(tmp_path):
     # Without skip_if_greater, the K=3 > F=2 cell is launched and fails.
-    res = run_cmd("train.py", "-m", "hydra/sweeper=sim_grid", "model.F=2", "model.K=1,3", *SMALL,
-                  f"hydra.sweep.dir={tmp_path}")
+    res = run_cmd(
+        "train.py", "-m", "hydra/sweeper=sim_grid", "model.F=2", "model.K=1,3", *SMALL, f"hydra.sweep.dir={tmp_path}"
+    )
     assert res.returncode == 1
     assert "1 of 2 jobs failed" in res.stderr
     jobs = {j["params"]["model.K"]: j for j in map(json.loads, (tmp_path / "jobs.jsonl").read_text().splitlines())}
@@ -322,7 +394,10 @@ def read_csv(path) -> list[dict[str, str]]:
 def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
     runs = read_csv(ablation_dir / "runs.csv")
     assert sorted((r["model.F"], r["model.K"], r["training.seed"]) for r in runs) == [
-        ("2", "1", "42"), ("4", "1", "42"), ("4", "4", "42")]
+        ("2", "1", "42"),
+        ("4", "1", "42"),
+        ("4", "4", "42"),
+    ]
     for r in runs:
         run_dir = ablation_dir / f"F{r['model.F']}_K{r['model.K']}" / f"seed{r['training.seed']}"
         assert_run_tree(run_dir)
@@ -350,13 +425,24 @@ def test_ablation_writes_csv_table_and_heatmap_per_cell(ablation_dir):
 
 def test_summary_gives_mean_and_spread_over_seeds():
     def run(F, K, seed, f1):
-        return report.Run(path=Path(f"F{F}_K{K}/seed{seed}"), config={"model.F": F, "model.K": K, "training.seed": seed},
-                          val=[{"epoch": 1, "macro_f1": f1}], train=[], best_epoch=1, best={"macro_f1": f1})
+        return report.Run(
+            path=Path(f"F{F}_K{K}/seed{seed}"),
+            config={"model.F": F, "model.K": K, "training.seed": seed},
+            val=[{"epoch": 1, "macro_f1": f1}],
+            train=[],
+            best_epoch=1,
+            best={"macro_f1": f1},
+        )
 
     runs = [run(8, 2, 0, 0.5), run(8, 2, 1, 0.7), run(8, 2, 2, 0.9), run(4, 2, 0, 0.4)]
     report.assign_groups(runs, ["model.F", "model.K"])
-    rows = report.summarize(runs, ["model.F", "model.K"], metrics=["macro_f1"], sort=True,
-                            skipped=[report.Skipped((4, 8), "skipped: K=8 > F=4")])
+    rows = report.summarize(
+        runs,
+        ["model.F", "model.K"],
+        metrics=["macro_f1"],
+        sort=True,
+        skipped=[report.Skipped((4, 8), "skipped: K=8 > F=4")],
+    )
     assert [(r["model.F"], r["model.K"], r["runs"]) for r in rows] == [(4, 2, 1), (4, 8, 0), (8, 2, 3)]
     f8 = rows[2]
     assert (f8["macro_f1_mean"], f8["macro_f1_min"], f8["macro_f1_max"]) == pytest.approx((0.7, 0.5, 0.9))
@@ -377,8 +463,12 @@ def test_ablation_rerun_keeps_finished_runs(ablation_dir):
 
 
 def test_compare_reads_an_ablation_into_the_same_table(ablation_dir, tmp_path):
-    assert compare.main([str(ablation_dir / "F2_K1"), str(ablation_dir / "F4_K1"), str(ablation_dir / "F4_K4"),
-                         f"out={tmp_path}"]) == 0
+    assert (
+        compare.main(
+            [str(ablation_dir / "F2_K1"), str(ablation_dir / "F4_K1"), str(ablation_dir / "F4_K4"), f"out={tmp_path}"]
+        )
+        == 0
+    )
     mine = {(r["model.F"], r["model.K"]): r for r in read_csv(tmp_path / "summary.csv")}
     theirs = {(r["model.F"], r["model.K"]): r for r in read_csv(ablation_dir / "summary.csv") if r["runs"] != "0"}
     assert mine.keys() == theirs.keys()
@@ -388,12 +478,15 @@ def test_compare_reads_an_ablation_into_the_same_table(ablation_dir, tmp_path):
     assert len(read_csv(tmp_path / "runs.csv")) == 3
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["K=1,2"], "missing F="),
-    (["F=4", "K=1,x"], "K=1,x: expected comma-separated integers"),
-    (["F=4", "K=2", "model.K=2"], "the ablation sets model.K itself"),
-    (["F=4", "K=2", "seeds=1,2"], "a count is one integer"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["K=1,2"], "missing F="),
+        (["F=4", "K=1,x"], "K=1,x: expected comma-separated integers"),
+        (["F=4", "K=2", "model.K=2"], "the ablation sets model.K itself"),
+        (["F=4", "K=2", "seeds=1,2"], "a count is one integer"),
+    ],
+)
 def test_ablation_refuses_a_bad_command_line(argv, expected):
     with pytest.raises(ConfigError, match=expected):
         ablate.parse_args(argv)

@@ -10,8 +10,15 @@ from hydra.utils import instantiate
 from sim.core.errors import ConfigError, LLMLoadError
 from sim.models.vision import FrozenVisionEncoder, build_encoder, from_spec
 
-TINY_SPEC = dict(kind="tiny", name_or_path="tiny-cnn", pretrained=False, dtype="float32", init_seed=0,
-                 arch={"channels": 8, "grid": [2, 2]}, preprocessing={"image_size": 32})
+TINY_SPEC = dict(
+    kind="tiny",
+    name_or_path="tiny-cnn",
+    pretrained=False,
+    dtype="float32",
+    init_seed=0,
+    arch={"channels": 8, "grid": [2, 2]},
+    preprocessing={"image_size": 32},
+)
 
 
 def frames(B=2, F=3, H=24, W=40, seed=0) -> torch.Tensor:
@@ -39,7 +46,9 @@ def test_tiny_encoder_maps_frames_to_features_and_is_frozen():
 
 
 def test_preprocessing_resizes_and_normalizes_inside():
-    enc = build_encoder(**{**TINY_SPEC, "preprocessing": {"image_size": [16, 20], "mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 0.1]}})
+    enc = build_encoder(
+        **{**TINY_SPEC, "preprocessing": {"image_size": [16, 20], "mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 0.1]}}
+    )
     x = torch.full((1, 3, 48, 80), 255, dtype=torch.uint8)
     p = enc.preprocess(x)
     assert p.shape == (1, 3, 16, 20)
@@ -88,10 +97,14 @@ def test_each_option_builds_its_architecture_offline(option, dv, small):
 def test_pretrained_loads_a_local_directory(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    arch = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(3)
     CLIPVisionModel(CLIPVisionConfig(**arch)).save_pretrained(tmp_path / "clip")
-    enc = build_encoder(kind="clip", name_or_path=str(tmp_path / "clip"), pretrained=True, preprocessing={"image_size": 32})
+    enc = build_encoder(
+        kind="clip", name_or_path=str(tmp_path / "clip"), pretrained=True, preprocessing={"image_size": 32}
+    )
     random = build_encoder(kind="clip", pretrained=False, arch=arch, preprocessing={"image_size": 32})
     assert enc.dv == random.dv == 32
     x = frames()

@@ -30,11 +30,11 @@ def records(path: str | Path) -> list[Any]:
         if left < CHUNK_HEADER:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
         if kind == 0:  # zero padding up to the block's end
             pos += left
             continue
-        parts += data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        parts += data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
         pos += CHUNK_HEADER + length
         if kind in (FULL, LAST):
             record = pb.Record()
@@ -49,7 +49,9 @@ def history(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 

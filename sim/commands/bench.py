@@ -124,8 +124,12 @@ def time_trainer_steps(trainer, steps: int, warmup: int) -> dict[str, Any]:
                 phases[k] += dt
             samples += batch["telemetry"].shape[0]
     total = sum(phases.values())
-    return {"samples": samples, "seconds": total, "samples_per_s": samples / total,
-            "phase_ms_per_step": {k: 1000 * v / steps for k, v in phases.items()}}
+    return {
+        "samples": samples,
+        "seconds": total,
+        "samples_per_s": samples / total,
+        "phase_ms_per_step": {k: 1000 * v / steps for k, v in phases.items()},
+    }
 
 
 def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
@@ -193,7 +197,7 @@ def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> d
             tel, labels, ids = [], {h: [] for h in ("risk", "reason", "action")}, []
             for lo in range(0, n, chunk):
                 a = generate(min(chunk, n - lo), F=F, dv=dv, seed=lo, split=split)
-                vis[lo:lo + len(a["telemetry"])] = a["vis_feats"]
+                vis[lo : lo + len(a["telemetry"])] = a["vis_feats"]
                 tel.append(a["telemetry"])
                 for h in labels:
                     labels[h].append(a[f"{h}_id"])
@@ -205,8 +209,15 @@ def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> d
                 np.save(out / f"{h}_id.npy", arrays[f"{h}_id"])
             (out / "meta.json").write_text(json.dumps({"format_version": 1, "dv": dv, "F": F, "labels": LABELS}))
         size = sum(f.stat().st_size for f in (root / "train").iterdir())
-        cfg = compose("bench", [*overrides, "data=cached", f"data.train_split_path={root/'train'}",
-                                f"data.val_split_path={root/'val'}"])
+        cfg = compose(
+            "bench",
+            [
+                *overrides,
+                "data=cached",
+                f"data.train_split_path={root / 'train'}",
+                f"data.val_split_path={root / 'val'}",
+            ],
+        )
         trainer = Trainer(cfg, RunDir(root / "run"))
         trainer.setup()
         base = rss_anon_bytes()
@@ -228,8 +239,14 @@ def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> d
             if steps % 50 == 0:
                 peak = max(peak, rss_anon_bytes() or 0)
         peak = max(peak, rss_anon_bytes() or 0)
-        return {"samples": n_samples, "split_bytes_on_disk": size, "steps": steps,
-                "seconds": time.perf_counter() - t0, "rss_anon_after_setup": base, "rss_anon_peak": peak}
+        return {
+            "samples": n_samples,
+            "split_bytes_on_disk": size,
+            "steps": steps,
+            "seconds": time.perf_counter() - t0,
+            "rss_anon_after_setup": base,
+            "rss_anon_peak": peak,
+        }
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -258,10 +275,16 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
         peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
         result: dict[str, Any] = {
-            "config": {"llm": trainer.model.metadata()["llm_name"], "batch_size": int(cfg.data.batch_size),
-                       "K": trainer.model.K, "llm_dtype": dtype_name(trainer.model.llm_dtype),
-                       "autocast": dtype_name(trainer.precision.autocast) if trainer.precision.autocast else "off",
-                       "compile": bool(cfg.training.compile), "device": str(device), "threads": torch.get_num_threads()},
+            "config": {
+                "llm": trainer.model.metadata()["llm_name"],
+                "batch_size": int(cfg.data.batch_size),
+                "K": trainer.model.K,
+                "llm_dtype": dtype_name(trainer.model.llm_dtype),
+                "autocast": dtype_name(trainer.precision.autocast) if trainer.precision.autocast else "off",
+                "compile": bool(cfg.training.compile),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+            },
             "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
             "train": timing,
             "step_gflop": flops / 1e9,
@@ -280,8 +303,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     c, t = r["config"], r["train"]
     rows = [
-        ("config", f"{c['llm']}, batch {c['batch_size']}, K={c['K']}, weights {c['llm_dtype']}, autocast {c['autocast']}, "
-                   f"compile {c['compile']}, {c['device']} x{c['threads']} threads"),
+        (
+            "config",
+            f"{c['llm']}, batch {c['batch_size']}, K={c['K']}, weights {c['llm_dtype']}, autocast {c['autocast']}, "
+            f"compile {c['compile']}, {c['device']} x{c['threads']} threads",
+        ),
         ("matmul peak fp32", f"{r['matmul_peak_gflops']['float32']:.1f} GFLOP/s"),
         ("matmul peak bf16", f"{r['matmul_peak_gflops']['bfloat16']:.1f} GFLOP/s"),
         ("train samples/s", f"{t['samples_per_s']:.1f}"),
@@ -294,9 +320,19 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append(("speed-up vs naive", f"{r['speedup_vs_naive']:.2f}x"))
     if "memory" in r:
         m = r["memory"]
-        rows.append(("cached split", f"{m['samples']:,} samples, {m['split_bytes_on_disk'] / 2**30:.2f} GiB on disk, "
-                                     f"{m['steps']} steps in {m['seconds']:.0f} s"))
-        rows.append(("RssAnon peak", f"{(m['rss_anon_peak'] or 0) / 2**20:.0f} MiB (after setup {(m['rss_anon_after_setup'] or 0) / 2**20:.0f} MiB)"))
+        rows.append(
+            (
+                "cached split",
+                f"{m['samples']:,} samples, {m['split_bytes_on_disk'] / 2**30:.2f} GiB on disk, "
+                f"{m['steps']} steps in {m['seconds']:.0f} s",
+            )
+        )
+        rows.append(
+            (
+                "RssAnon peak",
+                f"{(m['rss_anon_peak'] or 0) / 2**20:.0f} MiB (after setup {(m['rss_anon_after_setup'] or 0) / 2**20:.0f} MiB)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -52,17 +52,34 @@ def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
     cfg = compose("bench_frames", overrides)
     out = Path(cfg.out or tempfile.mkdtemp(prefix="sim_bench_frames_"))
     n_train, n_val, H, W = int(cfg.num_samples), int(cfg.num_val), int(cfg.H), int(cfg.W)
-    frames_cfg = compose("bench_frames", [*overrides, "data=frames", f"data.train_split_path={out}/frames/train",
-                                          f"data.val_split_path={out}/frames/val"])
+    frames_cfg = compose(
+        "bench_frames",
+        [
+            *overrides,
+            "data=frames",
+            f"data.train_split_path={out}/frames/train",
+            f"data.val_split_path={out}/frames/val",
+        ],
+    )
     if frames_cfg.vision.kind == "cached":
         raise ConfigError("bench_frames needs an encoder: vision=tiny, vision=resnet18, ...")
     F = int(frames_cfg.model.F)
     for split, n in (("train", n_train), ("val", n_val)):
         write_frames_split(out / "frames" / split, n, F, H, W, split=split)
 
-    cache_cfg = compose("cache_features", ["vision=tiny", "data=frames", f"data.train_split_path={out}/frames/train",
-                                            f"data.val_split_path={out}/frames/val", f"out={out}/cache",
-                                            "progress_bar=false", "overwrite=true", f"model.F={F}"])
+    cache_cfg = compose(
+        "cache_features",
+        [
+            "vision=tiny",
+            "data=frames",
+            f"data.train_split_path={out}/frames/train",
+            f"data.val_split_path={out}/frames/val",
+            f"out={out}/cache",
+            "progress_bar=false",
+            "overwrite=true",
+            f"model.F={F}",
+        ],
+    )
     with open_dict(cache_cfg):
         cache_cfg.vision = frames_cfg.vision  # the very encoder the frames run uses, overrides and all
         cache_cfg.data.batch_size = frames_cfg.data.batch_size
@@ -76,8 +93,16 @@ def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
     for name in ("run_frames", "run_cache"):
         shutil.rmtree(out / name, ignore_errors=True)
     train(frames_cfg, run_dir=out / "run_frames")
-    cached_cfg = compose("bench_frames", [*overrides, "vision=cached", "data=cached", f"data.train_split_path={out}/cache/train",
-                                          f"data.val_split_path={out}/cache/val"])
+    cached_cfg = compose(
+        "bench_frames",
+        [
+            *overrides,
+            "vision=cached",
+            "data=cached",
+            f"data.train_split_path={out}/cache/train",
+            f"data.val_split_path={out}/cache/val",
+        ],
+    )
     train(cached_cfg, run_dir=out / "run_cache")
 
     result = {
@@ -106,9 +131,11 @@ def main(cfg: DictConfig) -> None:
     with fail_cleanly():
         r = bench(command_line())
     speedup = r["train_from_cache_samples_per_s"] / r["train_from_frames_samples_per_s"]
-    print(f"encoder {r['encoder']} ({r['vision']['kind']}, pretrained={r['vision']['pretrained']}), LLM {r['llm']}; "
-          f"frames {'x'.join(map(str, r['frames']))}, {r['train_samples']} train samples, batch {r['batch_size']}, "
-          f"{r['epochs']} epochs (median rate after the first), {r['torch_threads']} torch thread(s)")
+    print(
+        f"encoder {r['encoder']} ({r['vision']['kind']}, pretrained={r['vision']['pretrained']}), LLM {r['llm']}; "
+        f"frames {'x'.join(map(str, r['frames']))}, {r['train_samples']} train samples, batch {r['batch_size']}, "
+        f"{r['epochs']} epochs (median rate after the first), {r['torch_threads']} torch thread(s)"
+    )
     print(f"  feature cache:      {r['cache_frames_per_s']:10.1f} frames/s")
     print(f"  train from frames:  {r['train_from_frames_samples_per_s']:10.1f} samples/s")
     print(f"  train from cache:   {r['train_from_cache_samples_per_s']:10.1f} samples/s  ({speedup:.1f}x)")

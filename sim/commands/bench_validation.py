@@ -114,13 +114,19 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with fail_cleanly():
         r = run(cfg)
-    print(f"validation cost: llm={r['llm']} data={r['data']} batch_size={r['batch_size']} "
-          f"video {r['video_shape']} ({r['threads']} threads)")
+    print(
+        f"validation cost: llm={r['llm']} data={r['data']} batch_size={r['batch_size']} "
+        f"video {r['video_shape']} ({r['threads']} threads)"
+    )
     print(f"  training step (forward, loss, backward, optimizer)   {r['step_ms']:9.3f} ms")
-    print(f"  check of a collated batch (__getitems__ datasets)     {r['validate_collated_ms']:9.3f} ms"
-          f"  = {100 * r['collated_share']:.2f}% of a step")
-    print(f"  validated collate of {r['batch_size']} sample dicts                {r['validate_per_sample_ms']:9.3f} ms"
-          f"  (plain collate_fn {r['plain_collate_ms']:.3f} ms; extra {100 * r['per_sample_extra_share']:.2f}% of a step)")
+    print(
+        f"  check of a collated batch (__getitems__ datasets)     {r['validate_collated_ms']:9.3f} ms"
+        f"  = {100 * r['collated_share']:.2f}% of a step"
+    )
+    print(
+        f"  validated collate of {r['batch_size']} sample dicts                {r['validate_per_sample_ms']:9.3f} ms"
+        f"  (plain collate_fn {r['plain_collate_ms']:.3f} ms; extra {100 * r['per_sample_extra_share']:.2f}% of a step)"
+    )
     ok = r["collated_share"] < r["budget"] and r["per_sample_extra_share"] < r["budget"]
     print(f"  {'within' if ok else 'OVER'} the budget of {100 * r['budget']:.0f}% of a training step")
     if not ok:

@@ -49,8 +49,16 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "cache_progress.json"
 PARTIAL_IDS = "sample_id.partial.jsonl"
-OUTPUTS = ("vis_feats.npy", "telemetry.npy", "weight.npy", "sample_id.json", "meta.json", PROGRESS, PARTIAL_IDS,
-           *(f"{h}_id.npy" for h in L.HEADS))
+OUTPUTS = (
+    "vis_feats.npy",
+    "telemetry.npy",
+    "weight.npy",
+    "sample_id.json",
+    "meta.json",
+    PROGRESS,
+    PARTIAL_IDS,
+    *(f"{h}_id.npy" for h in L.HEADS),
+)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -136,8 +144,10 @@ def cache_split(
         _check_same_encoder(out, meta.get("encoder"), ident, "meta.json")
         if meta.get("cache_job") != job:
             diffs = _differences(meta.get("cache_job") or {}, job)
-            raise DataError(f"{out} holds a finished cache of other frames or settings ({'; '.join(diffs[:4])}); "
-                            "choose another out=DIR, or overwrite=true to recompute it")
+            raise DataError(
+                f"{out} holds a finished cache of other frames or settings ({'; '.join(diffs[:4])}); "
+                "choose another out=DIR, or overwrite=true to recompute it"
+            )
         log.info("%s is complete (%d rows of %s); nothing to do", out, N, describe(ident["spec"]))
         return {"path": out, "rows": N, "computed": 0, "seconds": 0.0, "frames_per_s": None}
 
@@ -153,8 +163,10 @@ def cache_split(
         _check_same_encoder(out, progress.get("encoder"), ident, PROGRESS)
         if progress.get("job") != job:
             diffs = _differences(progress.get("job") or {}, job)
-            raise DataError(f"{out} holds an unfinished cache of other frames or settings ({'; '.join(diffs[:4])}); "
-                            "refusing to mix rows; run the original command again, or overwrite=true")
+            raise DataError(
+                f"{out} holds an unfinished cache of other frames or settings ({'; '.join(diffs[:4])}); "
+                "refusing to mix rows; run the original command again, or overwrite=true"
+            )
         done = int(progress["rows_done"])
     elif any((out / name).exists() for name in ("vis_feats.npy", "frames.npy")):
         _check_same_encoder(out, None, ident, "the directory")
@@ -162,30 +174,46 @@ def cache_split(
         # A fresh start, or a run stopped before its first batch: (re)create the arrays. The progress
         # record goes first, so a directory holding our arrays always says whose they are.
         _write_json(progress_path, {"encoder": ident, "job": job, "rows_done": 0})
-        maps = {name: np.lib.format.open_memmap(out / name, mode="w+", dtype=dt, shape=shp) for name, (dt, shp) in arrays.items()}
+        maps = {
+            name: np.lib.format.open_memmap(out / name, mode="w+", dtype=dt, shape=shp)
+            for name, (dt, shp) in arrays.items()
+        }
         (out / PARTIAL_IDS).write_text("")
     else:
         maps = {name: np.load(out / name, mmap_mode="r+") for name in arrays}
         ids = (out / PARTIAL_IDS).read_text().splitlines()[:done] if (out / PARTIAL_IDS).is_file() else []
         if len(ids) != done:
-            raise DataError(f"{out / PARTIAL_IDS} has {len(ids)} sample ids but {PROGRESS} records {done} rows; overwrite=true to start again")
+            raise DataError(
+                f"{out / PARTIAL_IDS} has {len(ids)} sample ids but {PROGRESS} records {done} rows; overwrite=true to start again"
+            )
         (out / PARTIAL_IDS).write_text("".join(i + "\n" for i in ids))
         log.info("resuming %s at row %d of %d", out, done, N)
 
     encoder = encoder.to(device).eval()
     rows = list(range(done, N))
-    loader = DataLoader(dataset, batch_size=int(batch_size), sampler=rows, num_workers=int(num_workers), collate_fn=collate_fn)
+    loader = DataLoader(
+        dataset, batch_size=int(batch_size), sampler=rows, num_workers=int(num_workers), collate_fn=collate_fn
+    )
     limit = float(np.finfo(DTYPES[dtype]).max)
     t0, lo = time.perf_counter(), done
-    bar = tqdm(total=N, initial=done, unit="sample", desc=f"caching {out.name}", file=sys.stderr,
-               disable=None if progress_bar else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=N,
+        initial=done,
+        unit="sample",
+        desc=f"caching {out.name}",
+        file=sys.stderr,
+        disable=None if progress_bar else True,
+        dynamic_ncols=True,
+    )
     with torch.inference_mode(), bar, (out / PARTIAL_IDS).open("a") as ids_file:
         for batch in loader:
             hi = lo + batch["frames"].shape[0]
             feats = encoder(batch["frames"].to(device)).cpu().numpy()
             if not np.isfinite(feats).all() or np.abs(feats).max() > limit:
-                raise DataError(f"the encoder produced NaN, inf or values beyond {dtype} for samples {lo}..{hi - 1} "
-                                f"({batch['sample_id'][0]}...); check those frames, or use dtype=float32")
+                raise DataError(
+                    f"the encoder produced NaN, inf or values beyond {dtype} for samples {lo}..{hi - 1} "
+                    f"({batch['sample_id'][0]}...); check those frames, or use dtype=float32"
+                )
             maps["vis_feats.npy"][lo:hi] = feats
             maps["telemetry.npy"][lo:hi] = batch["telemetry"].numpy()
             maps["weight.npy"][lo:hi] = batch["weight"].numpy()
@@ -209,14 +237,30 @@ def cache_split(
     del maps, weight
     if not keep_weight:  # the format's weight.npy is optional; all ones says nothing
         (out / "weight.npy").unlink()
-    meta = {"format_version": 1, "dv": dv, "F": F, "labels": L.LABELS, "dtype": dtype, "encoder": ident,
-            "encoder_name": describe(ident["spec"]), "cache_job": job}
+    meta = {
+        "format_version": 1,
+        "dv": dv,
+        "F": F,
+        "labels": L.LABELS,
+        "dtype": dtype,
+        "encoder": ident,
+        "encoder_name": describe(ident["spec"]),
+        "cache_job": job,
+    }
     _write_json(meta_path, meta)
     progress_path.unlink()
     (out / PARTIAL_IDS).unlink()
     fps = computed * F / seconds if computed and seconds > 0 else None
-    log.info("wrote %s: %d rows of [%d, %d] %s (%d encoded now%s)", out, N, F, dv, dtype, computed,
-             f", {fps:.1f} frames/s" if fps else "")
+    log.info(
+        "wrote %s: %d rows of [%d, %d] %s (%d encoded now%s)",
+        out,
+        N,
+        F,
+        dv,
+        dtype,
+        computed,
+        f", {fps:.1f} frames/s" if fps else "",
+    )
     return {"path": out, "rows": N, "computed": computed, "seconds": seconds, "frames_per_s": fps}
 
 
@@ -240,7 +284,9 @@ def cache_features(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if OmegaConf.is_missing(cfg, "out") or not cfg.out:
         raise ConfigError("out must be set: the directory to write the cached splits into (out=DIR)")
     if cfg.vision.get("kind", "cached") == "cached":
-        raise ConfigError("vision=cached has no encoder to run; pick one (vision=tiny, vision=clip_vit_b32, vision=resnet18, ...)")
+        raise ConfigError(
+            "vision=cached has no encoder to run; pick one (vision=tiny, vision=clip_vit_b32, vision=resnet18, ...)"
+        )
     for split in cfg.splits:
         if split not in ("train", "val"):
             raise ConfigError(f"splits: unknown split {split!r}; expected train and/or val")
@@ -261,9 +307,18 @@ def cache_features(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         }
         if source["split_path"] is not None:
             source["split_path"] = str(Path(source["split_path"]).resolve())
-        results[split] = cache_split(dataset, encoder, out / split, dtype=str(cfg.dtype), batch_size=int(cfg.data.batch_size),
-                                     num_workers=int(cfg.data.num_workers), device=device, overwrite=bool(cfg.overwrite),
-                                     progress_bar=bool(cfg.progress_bar), source=source)
+        results[split] = cache_split(
+            dataset,
+            encoder,
+            out / split,
+            dtype=str(cfg.dtype),
+            batch_size=int(cfg.data.batch_size),
+            num_workers=int(cfg.data.num_workers),
+            device=device,
+            overwrite=bool(cfg.overwrite),
+            progress_bar=bool(cfg.progress_bar),
+            source=source,
+        )
     return results
 
 

@@ -83,12 +83,21 @@ class _Moments:
             n = self.n[c]
             mean = self.sum[c] / n if n else None
             std = math.sqrt(max(self.sumsq[c] / n - mean * mean, 0.0)) if n else None
-            out.append({"mean": mean, "std": std, "min": float(self.min[c]) if n else None,
-                        "max": float(self.max[c]) if n else None, "nonfinite": int(self.nonfinite[c])})
+            out.append(
+                {
+                    "mean": mean,
+                    "std": std,
+                    "min": float(self.min[c]) if n else None,
+                    "max": float(self.max[c]) if n else None,
+                    "nonfinite": int(self.nonfinite[c]),
+                }
+            )
         return out
 
 
-def expected_shape(dataset: Any, video_key: str, F: int | None, dv: int | None) -> tuple[tuple[int | None, ...], list[str]]:
+def expected_shape(
+    dataset: Any, video_key: str, F: int | None, dv: int | None
+) -> tuple[tuple[int | None, ...], list[str]]:
     """The per-sample video shape to check against, and disagreements between the data and the config.
 
     The data's own shape (its first sample) is what samples are checked against, so a config that
@@ -97,25 +106,31 @@ def expected_shape(dataset: Any, video_key: str, F: int | None, dv: int | None) 
     problems: list[str] = []
     try:
         data_shape = tuple(int(n) for n in dataset.video_shape())
-    except Exception as exc:  # noqa: BLE001 - reported; samples are then checked against the config alone
+    except Exception as exc:
         problems.append(f"cannot read the per-sample video shape: {type(exc).__name__}: {exc}")
         data_shape = None
     if video_key == "vis_feats":
         want = (F, dv)
         if data_shape is not None and len(data_shape) != 2:
-            problems.append(f"samples hold {video_key} of shape {list(data_shape)}; expected [F, dv] "
-                            "(raw frames [F, 3, H, W] need an encoder: vision=tiny, vision=resnet18, ...)")
+            problems.append(
+                f"samples hold {video_key} of shape {list(data_shape)}; expected [F, dv] "
+                "(raw frames [F, 3, H, W] need an encoder: vision=tiny, vision=resnet18, ...)"
+            )
             return want, problems
     else:
         want = (F, 3, None, None)
         if data_shape is not None and (len(data_shape) != 4 or data_shape[1] != 3):
-            problems.append(f"samples hold {video_key} of shape {list(data_shape)}; expected [F, 3, H, W] "
-                            "(cached features [F, dv] are read with vision=cached)")
+            problems.append(
+                f"samples hold {video_key} of shape {list(data_shape)}; expected [F, 3, H, W] "
+                "(cached features [F, dv] are read with vision=cached)"
+            )
             return want, problems
     if data_shape is None:
         return want, problems
     if F is not None and data_shape[0] != F:
-        problems.append(f"the split has F={data_shape[0]} frames per sample but model.F={F}; set model.F={data_shape[0]}")
+        problems.append(
+            f"the split has F={data_shape[0]} frames per sample but model.F={F}; set model.F={data_shape[0]}"
+        )
     if video_key == "vis_feats" and dv is not None and data_shape[1] != dv:
         problems.append(f"the split's features are {data_shape[1]} wide but model.dv={dv}; leave model.dv unset")
     return data_shape, problems
@@ -154,8 +169,10 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
         "good": good,
         "bad": len(bad_samples),
         "bad_by_key": dict(by_key),
-        "bad_samples": [{"index": b.index, "sample_id": b.sample_id, "key": b.key, "problem": b.problem,
-                         "message": b.describe()} for b in bad],
+        "bad_samples": [
+            {"index": b.index, "sample_id": b.sample_id, "key": b.key, "problem": b.problem, "message": b.describe()}
+            for b in bad
+        ],
         "labels": {h: {name: int(labels[h].get(i, 0)) for i, name in enumerate(L.LABELS[h])} for h in L.HEADS},
         "telemetry": {name: row for name, row in zip(L.TELEMETRY_FIELDS, tel.rows())},
         "video": {"key": validator.video_key, "shape": list(validator.video_shape), **vrow},
@@ -172,7 +189,9 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
     """
     missing = sorted(k for k in OmegaConf.missing_keys(cfg.data))
     if missing:
-        raise ConfigError(f"data.{missing[0]} must be set (it is ??? in the config); pass it on the command line: data.{missing[0]}=...")
+        raise ConfigError(
+            f"data.{missing[0]} must be set (it is ??? in the config); pass it on the command line: data.{missing[0]}=..."
+        )
     check_data_config(cfg)
     which = str(cfg.split)
     if which not in (*SPLITS, "both"):
@@ -192,7 +211,7 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
         except SimError as exc:
             entry["problems"].append(f"cannot open the split: {exc}")
             continue
-        except Exception as exc:  # noqa: BLE001 - a dataset class of the user's that fails to build
+        except Exception as exc:
             entry["problems"].append(f"cannot open the split: {type(exc).__name__}: {exc}")
             continue
         describe = getattr(dataset, "describe", None)
@@ -227,29 +246,39 @@ def format_report(report: dict[str, Any], max_listed: int = 20) -> str:
             lines.append(f"  {h:<12} " + " | ".join(f"{name} {c}" for name, c in counts.items()))
         lines.append(f"  telemetry    {'channel':<8}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}  non-finite")
         for name, row in e["telemetry"].items():
-            lines.append(f"               {name:<8}{_num(row['mean'])}{_num(row['std'])}{_num(row['min'])}{_num(row['max'])}  {row['nonfinite']}")
+            lines.append(
+                f"               {name:<8}{_num(row['mean'])}{_num(row['std'])}{_num(row['min'])}{_num(row['max'])}  {row['nonfinite']}"
+            )
         v = e["video"]
         shape = "[" + ", ".join("?" if n is None else str(n) for n in v["shape"]) + "]"
-        lines.append(f"  {v['key']:<12} per sample {shape}; mean {_num(v['mean'], 0)}, std {_num(v['std'], 0)}, "
-                     f"min {_num(v['min'], 0)}, max {_num(v['max'], 0)}, non-finite {v['nonfinite']}")
+        lines.append(
+            f"  {v['key']:<12} per sample {shape}; mean {_num(v['mean'], 0)}, std {_num(v['std'], 0)}, "
+            f"min {_num(v['min'], 0)}, max {_num(v['max'], 0)}, non-finite {v['nonfinite']}"
+        )
         if e["duplicate_sample_ids"]:
-            lines.append(f"  duplicate sample_ids: {e['duplicate_sample_ids']} (e.g. {', '.join(map(repr, e['duplicate_examples']))})")
+            lines.append(
+                f"  duplicate sample_ids: {e['duplicate_sample_ids']} (e.g. {', '.join(map(repr, e['duplicate_examples']))})"
+            )
         if e["bad"]:
             keys = ", ".join(f"{k} {c}" for k, c in sorted(e["bad_by_key"].items()))
             lines.append(f"  bad samples  {e['bad']} (problems by key: {keys})")
             for b in e["bad_samples"][:max_listed]:
                 lines.append(f"    {b['message']}")
             if len(e["bad_samples"]) > max_listed:
-                lines.append(f"    ... and {len(e['bad_samples']) - max_listed} more (max_listed={max_listed}; "
-                             "report=FILE.json lists every one)")
+                lines.append(
+                    f"    ... and {len(e['bad_samples']) - max_listed} more (max_listed={max_listed}; "
+                    "report=FILE.json lists every one)"
+                )
     lines.append("")
     bad = {s: e.get("bad", 0) for s, e in report["splits"].items()}
     problems = sum(len(e["problems"]) for e in report["splits"].values())
     if report["ok"]:
         lines.append("result: OK, no bad samples")
     else:
-        lines.append(f"result: {sum(bad.values())} bad samples ({', '.join(f'{s} {n}' for s, n in bad.items())})"
-                     + (f" and {problems} problem(s) above" if problems else ""))
+        lines.append(
+            f"result: {sum(bad.values())} bad samples ({', '.join(f'{s} {n}' for s, n in bad.items())})"
+            + (f" and {problems} problem(s) above" if problems else "")
+        )
     return "\n".join(lines)
 
 

@@ -114,8 +114,10 @@ def _check_archive_crc(path: Path) -> None:
                     while fh.read(1 << 22):  # reading to the end checks the CRC
                         pass
             except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {info.filename} does not match its checksum "
-                                      f"(the file was damaged after it was written; {exc})") from None
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: {info.filename} does not match its checksum "
+                    f"(the file was damaged after it was written; {exc})"
+                ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -135,7 +137,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         msg = str(exc)
         # torch's own advice (rerun with weights_only=False) heads every refusal; the line that says
         # what was refused is the useful one.
-        detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), msg.splitlines()[0] if msg else "")
+        detail = next(
+            (ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), msg.splitlines()[0] if msg else ""
+        )
         # Only a class reference (GLOBAL) means Python objects; anything else (an unknown opcode) is damage.
         if "global" in msg.lower():
             raise CheckpointError(
@@ -144,7 +148,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"Refusing it. Detail: {detail}"
             ) from exc
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: it does not unpickle ({detail})") from exc
-    except Exception as exc:  # noqa: BLE001 - damaged bytes fail inside the unpickler in any number of ways
+    except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc

@@ -32,7 +32,9 @@ def _get(cfg: DictConfig, key: str):
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
-        raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...") from None
+        raise ConfigError(
+            f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=..."
+        ) from None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -70,7 +72,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={v!r} must be an integer >= {1 if key.endswith('batch_size') else 0}")
     cw = _get(cfg, "model.class_weights")
     if cw is not None and cw != "auto" and not isinstance(cw, DictConfig):
-        raise ConfigError(f"model.class_weights={cw!r}: expected null, auto or {{risk: [...], reason: [...], action: [...]}}")
+        raise ConfigError(
+            f"model.class_weights={cw!r}: expected null, auto or {{risk: [...], reason: [...], action: [...]}}"
+        )
     _check_model(cfg)
     _check_training(cfg)
     _check_optim(cfg)
@@ -97,10 +101,14 @@ def _check_model(cfg: DictConfig) -> None:
     weights = OmegaConf.select(cfg, "model.loss_weights")
     if weights is not None:
         if not isinstance(weights, DictConfig):
-            raise ConfigError(f"model.loss_weights={weights!r}: expected {{risk: 1.0, reason: 0.5, action: 1.0, confidence: 0.1}}")
+            raise ConfigError(
+                f"model.loss_weights={weights!r}: expected {{risk: 1.0, reason: 0.5, action: 1.0, confidence: 0.1}}"
+            )
         for name, v in weights.items():
             if name not in DEFAULT_LOSS_WEIGHTS:
-                raise ConfigError(f"model.loss_weights.{name}: unknown loss; expected {', '.join(DEFAULT_LOSS_WEIGHTS)}")
+                raise ConfigError(
+                    f"model.loss_weights.{name}: unknown loss; expected {', '.join(DEFAULT_LOSS_WEIGHTS)}"
+                )
             if not _is_number(v) or v < 0:
                 raise ConfigError(f"model.loss_weights.{name}={v!r} must be a finite number >= 0")
         total = sum(float(weights.get(h, DEFAULT_LOSS_WEIGHTS[h])) for h in L.HEADS)
@@ -113,9 +121,13 @@ def _check_model(cfg: DictConfig) -> None:
             if n is None:
                 raise ConfigError(f"model.class_weights.{head}: unknown head; expected {', '.join(L.HEADS)}")
             if not isinstance(values, ListConfig) or len(values) != n:
-                raise ConfigError(f"model.class_weights.{head}={values!r}: expected {n} numbers ({', '.join(L.LABELS[head])})")
+                raise ConfigError(
+                    f"model.class_weights.{head}={values!r}: expected {n} numbers ({', '.join(L.LABELS[head])})"
+                )
             if any(not _is_number(v) or v < 0 for v in values) or not any(v > 0 for v in values):
-                raise ConfigError(f"model.class_weights.{head}={list(values)!r}: expected finite numbers >= 0, not all 0")
+                raise ConfigError(
+                    f"model.class_weights.{head}={list(values)!r}: expected finite numbers >= 0, not all 0"
+                )
 
 
 def _check_training(cfg: DictConfig) -> None:
@@ -169,8 +181,9 @@ def _check_optim(cfg: DictConfig) -> None:
         if v is not None and (not _is_number(v) or not 0 <= v <= hi):
             raise ConfigError(f"optim.{key}={v!r} must be between 0 and {hi}")
     betas = optim.get("betas")
-    if betas is not None and (not isinstance(betas, ListConfig) or len(betas) != 2
-                              or any(not _is_number(b) or not 0 <= b < 1 for b in betas)):
+    if betas is not None and (
+        not isinstance(betas, ListConfig) or len(betas) != 2 or any(not _is_number(b) or not 0 <= b < 1 for b in betas)
+    ):
         raise ConfigError(f"optim.betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     schedule = optim.get("schedule")
     if schedule is not None and schedule not in ("none", "constant", "cosine"):
@@ -184,15 +197,21 @@ def check_data_config(cfg: DictConfig) -> None:
         return
     policy = data.get("on_bad_sample", "error")
     if policy not in ON_BAD_SAMPLE:
-        raise ConfigError(f"data.on_bad_sample={policy!r}: expected error (refuse a bad sample) or skip (drop and list it)")
+        raise ConfigError(
+            f"data.on_bad_sample={policy!r}: expected error (refuse a bad sample) or skip (drop and list it)"
+        )
     kind = OmegaConf.select(cfg, "vision.kind", default="cached")
     cls = data.get("dataset_class_path")
     if cls in FEATURES_ONLY and kind != "cached":
-        raise ConfigError(f"vision={kind} encodes raw frames but data.dataset_class_path={cls} yields cached features; "
-                          "use vision=cached, or a raw-frame data option (data=synthetic_frames, data=frames)")
+        raise ConfigError(
+            f"vision={kind} encodes raw frames but data.dataset_class_path={cls} yields cached features; "
+            "use vision=cached, or a raw-frame data option (data=synthetic_frames, data=frames)"
+        )
     if cls in FRAMES_ONLY and kind == "cached":
-        raise ConfigError(f"vision=cached reads cached features but data.dataset_class_path={cls} yields raw frames; "
-                          "pick an encoder (vision=tiny, vision=resnet18, ...)")
+        raise ConfigError(
+            f"vision=cached reads cached features but data.dataset_class_path={cls} yields raw frames; "
+            "pick an encoder (vision=tiny, vision=resnet18, ...)"
+        )
     if cls == CACHED_SPLIT:
         want, other = ("vis_feats.npy", "frames.npy") if kind == "cached" else ("frames.npy", "vis_feats.npy")
         for split in ("train", "val"):
@@ -204,8 +223,12 @@ def check_data_config(cfg: DictConfig) -> None:
             if not root.is_dir():
                 raise ConfigError(f"split directory not found: {root} ({key})")
             if not (root / want).is_file() and (root / other).is_file():
-                hint = ("pick an encoder (vision=tiny, vision=resnet18, ...) or cache its features "
-                        "(python -m sim.commands.cache_features)" if kind == "cached" else "use vision=cached")
+                hint = (
+                    "pick an encoder (vision=tiny, vision=resnet18, ...) or cache its features "
+                    "(python -m sim.commands.cache_features)"
+                    if kind == "cached"
+                    else "use vision=cached"
+                )
                 raise ConfigError(f"{key}={root} holds {other}, not the {want} that vision={kind} reads; {hint}")
 
 

@@ -16,9 +16,18 @@ TELEMETRY_FIELDS = ["ax", "ay", "az", "gx", "gy", "gz", "v", "w"]
 
 # The per-epoch metrics every split logs (names fixed by the contract).
 METRIC_NAMES = (
-    "loss", "loss_risk", "loss_reason", "loss_action", "loss_confidence",
-    "risk_high_recall", "risk_high_fn_rate", "action_accuracy", "macro_f1",
-    "risk_f1_macro", "reason_f1_macro", "action_f1_macro",
+    "loss",
+    "loss_risk",
+    "loss_reason",
+    "loss_action",
+    "loss_confidence",
+    "risk_high_recall",
+    "risk_high_fn_rate",
+    "action_accuracy",
+    "macro_f1",
+    "risk_f1_macro",
+    "reason_f1_macro",
+    "action_f1_macro",
 )
 DEFAULT_LOSS_WEIGHTS = {"risk": 1.0, "reason": 0.5, "action": 1.0, "confidence": 0.1}
 

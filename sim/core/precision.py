@@ -115,13 +115,18 @@ class Precision:
 
     def to_dict(self) -> dict[str, str | None]:
         """Plain strings, as stored in checkpoints (loads with weights_only=True)."""
-        return {"weights": dtype_name(self.weights), "autocast": None if self.autocast is None else dtype_name(self.autocast)}
+        return {
+            "weights": dtype_name(self.weights),
+            "autocast": None if self.autocast is None else dtype_name(self.autocast),
+        }
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Precision:
         autocast = spec.get("autocast")
-        return cls(weights=resolve_dtype(spec.get("weights", "float32")),
-                   autocast=None if autocast in (None, "none", False) else resolve_dtype(autocast))
+        return cls(
+            weights=resolve_dtype(spec.get("weights", "float32")),
+            autocast=None if autocast in (None, "none", False) else resolve_dtype(autocast),
+        )
 
 
 # What `precision=...` overrides (evaluate, export, latency, the wrapper) may name.
@@ -144,11 +149,14 @@ def named_precision(name: str | Precision, key: str = "precision") -> Precision:
     try:
         return NAMED_PRECISIONS[str(name).lower()]
     except KeyError:
-        raise ConfigError(f"{key}={name!r}: expected fp32 or bf16 (or leave it unset for the checkpoint's own)") from None
+        raise ConfigError(
+            f"{key}={name!r}: expected fp32 or bf16 (or leave it unset for the checkpoint's own)"
+        ) from None
 
 
-def resolve_precision(llm_dtype: str | torch.dtype | None, amp: Any, amp_dtype: str | None,
-                      device: torch.device | str) -> Precision:
+def resolve_precision(
+    llm_dtype: str | torch.dtype | None, amp: Any, amp_dtype: str | None, device: torch.device | str
+) -> Precision:
     """The one rule for `llm.dtype`, `training.amp` and `training.amp_dtype`.
 
     `auto` picks bf16 where `device` computes it natively and fp32 elsewhere, for the frozen weights

@@ -1,6 +1,6 @@
 """The run directory: the contract's output tree inside Hydra's run dir.
 
-    <run_dir>/config_resolved.yaml   checkpoints/   metrics/   logs/stdout.log   export/
+<run_dir>/config_resolved.yaml   checkpoints/   metrics/   logs/stdout.log   export/
 """
 
 from __future__ import annotations
@@ -89,8 +89,17 @@ def run_log(path: str | Path | None, logger: logging.Logger, what: str) -> Itera
             logger.exception(what)
         elif handler is not None:
             # Handled by the file handler alone: through the logger it would reach the console too.
-            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s: %s", (what, error),
-                                             (type(exc), exc, exc.__traceback__)))
+            handler.handle(
+                logger.makeRecord(
+                    logger.name,
+                    logging.ERROR,
+                    __file__,
+                    0,
+                    "%s: %s",
+                    (what, error),
+                    (type(exc), exc, exc.__traceback__),
+                )
+            )
         raise
     finally:
         if handler is not None:
@@ -171,7 +180,9 @@ def read_jsonl(path: str | Path, strict: bool = False) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             if strict:
-                raise DataError(f"{path}: line {i} is not JSON ({exc.msg}); expected one JSON object per epoch") from None
+                raise DataError(
+                    f"{path}: line {i} is not JSON ({exc.msg}); expected one JSON object per epoch"
+                ) from None
             logging.getLogger(__name__).warning("%s line %d is not JSON (torn by a crash?): dropped", path, i)
             continue
         if strict and not isinstance(rec, dict):

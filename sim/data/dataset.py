@@ -69,8 +69,11 @@ class SimDataset(Dataset):
         if self.video_key not in sample:
             raise DataError(
                 f"{self.describe()}: sample 0 has no {self.video_key!r} (its keys: {', '.join(sample)}); "
-                + ("vision=cached reads features vis_feats [F, dv]" if self.use_cached_vis_feats
-                   else "a vision encoder reads raw frames [F, 3, H, W]; for features use vision=cached")
+                + (
+                    "vision=cached reads features vis_feats [F, dv]"
+                    if self.use_cached_vis_feats
+                    else "a vision encoder reads raw frames [F, 3, H, W]; for features use vision=cached"
+                )
             )
         return tuple(torch.as_tensor(sample[self.video_key]).shape)
 
@@ -81,12 +84,20 @@ class SimDataset(Dataset):
             s = self[i]
             for h in L.HEADS:
                 value = s.get(f"{h}_id") if isinstance(s, dict) else None
-                label = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else (
-                    int(value.item()) if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point() else -1)
+                label = (
+                    int(value)
+                    if isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                    else (
+                        int(value.item())
+                        if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point()
+                        else -1
+                    )
+                )
                 if not 0 <= label < L.NUM_CLASSES[h]:
                     raise DataError(
                         f"{self.describe()}: sample {i} (sample_id {s.get('sample_id') if isinstance(s, dict) else None!r}) "
-                        f"has {h}_id={value!r}; expected an integer in 0..{L.NUM_CLASSES[h] - 1} ({', '.join(L.LABELS[h])})")
+                        f"has {h}_id={value!r}; expected an integer in 0..{L.NUM_CLASSES[h] - 1} ({', '.join(L.LABELS[h])})"
+                    )
                 out[h].append(label)
         return {h: np.asarray(v, dtype=np.int64) for h, v in out.items()}
 
@@ -108,8 +119,9 @@ class TensorSplit(SimDataset):
     """A split held in memory as tensors (the generated data sets): one indexing serves a sample and a
     whole batch (`__getitems__` returns it already collated)."""
 
-    def set_tensors(self, video: torch.Tensor, telemetry: torch.Tensor, labels: dict[str, torch.Tensor],
-                    sample_ids: list[str]) -> None:
+    def set_tensors(
+        self, video: torch.Tensor, telemetry: torch.Tensor, labels: dict[str, torch.Tensor], sample_ids: list[str]
+    ) -> None:
         self.video, self.telemetry, self.labels, self.sample_ids = video, telemetry, labels, sample_ids
 
     def __len__(self) -> int:
@@ -225,7 +237,9 @@ class CachedSplitDataset(SimDataset):
                 raise DataError(f"{root / video_file}: shape {self.video.shape}, expected [N, F, 3, H, W]")
             for key, axis in (("H", 3), ("W", 4)):
                 if key in self.meta and self.video.shape[axis] != self.meta[key]:
-                    raise DataError(f"{root / video_file}: {key} is {self.video.shape[axis]}, meta.json says {self.meta[key]}")
+                    raise DataError(
+                        f"{root / video_file}: {key} is {self.video.shape[axis]}, meta.json says {self.meta[key]}"
+                    )
         if "F" in self.meta and self.video.shape[1] != self.meta["F"]:
             raise DataError(f"{root / video_file}: F is {self.video.shape[1]}, meta.json says {self.meta['F']}")
         self.telemetry = self._open("telemetry.npy")
@@ -338,9 +352,11 @@ def collate_fn(samples: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]
         try:
             batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
         except KeyError as exc:
-            raise DataError(f"a sample has no {exc.args[0]!r} (expected keys: {video_key}, telemetry, {', '.join(LABEL_KEYS)})") from exc
+            raise DataError(
+                f"a sample has no {exc.args[0]!r} (expected keys: {video_key}, telemetry, {', '.join(LABEL_KEYS)})"
+            ) from exc
         except RuntimeError as exc:
-            shapes = {str(s.get('sample_id', i)): tuple(torch.as_tensor(s[key]).shape) for i, s in enumerate(samples)}
+            shapes = {str(s.get("sample_id", i)): tuple(torch.as_tensor(s[key]).shape) for i, s in enumerate(samples)}
             raise DataError(f"samples disagree on the shape of {key!r}: {shapes}") from exc
     if video_key == "vis_feats":
         batch[video_key] = batch[video_key].float()
@@ -449,6 +465,7 @@ def build_data(
         raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
     if int(num_workers) < 0:
         raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+
     def make(path: str | None, kwargs: dict[str, Any] | None, split: str) -> SimDataset:
         return make_split(dataset_class_path, path, split, use_cached_vis_feats, dataset_kwargs, kwargs)
 
@@ -477,7 +494,9 @@ def make_split(
         ConfigError: the class cannot be imported. DataError: the split is empty.
     """
     cls = import_class(dataset_class_path)
-    dataset = cls(path, use_cached_vis_feats=use_cached_vis_feats, **dict(dataset_kwargs or {}), **dict(split_kwargs or {}))
+    dataset = cls(
+        path, use_cached_vis_feats=use_cached_vis_feats, **dict(dataset_kwargs or {}), **dict(split_kwargs or {})
+    )
     if len(dataset) == 0:
         raise DataError(f"the {split} split ({path or dataset_class_path}) is empty")
     return dataset
@@ -502,16 +521,24 @@ def open_split(data_cfg: Any, split: str, use_cached_vis_feats: bool) -> SimData
     if data_cfg.get("_target_") != f"{__name__}.build_data":
         data = instantiate(data_cfg, use_cached_vis_feats=use_cached_vis_feats, _convert_="all")
         return data.split(split)
+
     def required(key: str) -> Any:
         try:
             return OmegaConf.select(data_cfg, key, throw_on_missing=True)
         except MissingMandatoryValue:
-            raise ConfigError(f"data.{key} must be set (it is ??? in the config); pass it on the command line: "
-                              f"data.{key}=...") from None
+            raise ConfigError(
+                f"data.{key} must be set (it is ??? in the config); pass it on the command line: data.{key}=..."
+            ) from None
 
     def plain(key: str) -> dict[str, Any]:
         value = data_cfg.get(key)
         return dict(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value or {})
 
-    return make_split(str(required("dataset_class_path")), required(f"{split}_split_path"), split, use_cached_vis_feats,
-                      plain("dataset_kwargs"), plain(f"{split}_kwargs"))
+    return make_split(
+        str(required("dataset_class_path")),
+        required(f"{split}_split_path"),
+        split,
+        use_cached_vis_feats,
+        plain("dataset_kwargs"),
+        plain(f"{split}_kwargs"),
+    )

@@ -121,7 +121,9 @@ def features_for(scenes: Scenes, F: int, dv: int, rng: np.random.Generator, nois
     return feats.astype(np.float32)
 
 
-def generate(num_samples: int, F: int = 8, dv: int = 64, seed: int = 0, split: str = "train", noise: float = 1.0) -> dict[str, Any]:
+def generate(
+    num_samples: int, F: int = 8, dv: int = 64, seed: int = 0, split: str = "train", noise: float = 1.0
+) -> dict[str, Any]:
     """All arrays of one split, keyed as in the cached-split format."""
     rng = np.random.default_rng(seed * 7919 + SPLIT_OFFSET.get(split, hash(split) % 1000))
     scenes = sample_scenes(int(num_samples), rng)
@@ -157,8 +159,12 @@ class SyntheticSimDataset(TensorSplit):
                 "use data=synthetic_frames with a vision encoder, or vision=cached with data=synthetic"
             )
         arrays = generate(num_samples, F, dv, seed, split, noise)
-        self.set_tensors(torch.from_numpy(arrays["vis_feats"]), torch.from_numpy(arrays["telemetry"]),
-                         {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}, arrays["sample_id"])
+        self.set_tensors(
+            torch.from_numpy(arrays["vis_feats"]),
+            torch.from_numpy(arrays["telemetry"]),
+            {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS},
+            arrays["sample_id"],
+        )
         self.split = split
 
     def describe(self) -> str:
@@ -166,7 +172,9 @@ class SyntheticSimDataset(TensorSplit):
         return f"synthetic {self.split} split ({len(self)} samples, F={F}, dv={dv})"
 
 
-def write_split(out: str | Path, arrays: dict[str, Any], F: int, dv: int, dtype: str = "float32", extra_meta: dict | None = None) -> Path:
+def write_split(
+    out: str | Path, arrays: dict[str, Any], F: int, dv: int, dtype: str = "float32", extra_meta: dict | None = None
+) -> Path:
     """Write one split in the cached format of the contract."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,13 +188,23 @@ def write_split(out: str | Path, arrays: dict[str, Any], F: int, dv: int, dtype:
     return out
 
 
-def write_dataset(out: str | Path, num_train: int = 2048, num_val: int = 512, F: int = 8, dv: int = 64, seed: int = 0,
-                  noise: float = 1.0, dtype: str = "float32") -> dict[str, Path]:
+def write_dataset(
+    out: str | Path,
+    num_train: int = 2048,
+    num_val: int = 512,
+    F: int = 8,
+    dv: int = 64,
+    seed: int = 0,
+    noise: float = 1.0,
+    dtype: str = "float32",
+) -> dict[str, Path]:
     """Write `out/train` and `out/val`; returns each split's directory."""
     paths = {}
     for split, n in (("train", num_train), ("val", num_val)):
         arrays = generate(n, F, dv, seed, split, noise)
-        paths[split] = write_split(Path(out) / split, arrays, F, dv, dtype, {"generator": "sim.data.synthetic", "seed": seed})
+        paths[split] = write_split(
+            Path(out) / split, arrays, F, dv, dtype, {"generator": "sim.data.synthetic", "seed": seed}
+        )
     return paths
 
 
@@ -196,8 +214,16 @@ def main(cfg: DictConfig) -> None:
         require(cfg, "out", "DIR")
         if cfg.dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype={cfg.dtype!r}: expected float32 or float16")
-        paths = write_dataset(cfg.out, int(cfg.num_train), int(cfg.num_val), int(cfg.F), int(cfg.dv), int(cfg.seed),
-                              float(cfg.noise), str(cfg.dtype))
+        paths = write_dataset(
+            cfg.out,
+            int(cfg.num_train),
+            int(cfg.num_val),
+            int(cfg.F),
+            int(cfg.dv),
+            int(cfg.seed),
+            float(cfg.noise),
+            str(cfg.dtype),
+        )
     for split, n in (("train", cfg.num_train), ("val", cfg.num_val)):
         print(f"wrote {n} samples to {paths[split]}")
 

@@ -103,7 +103,14 @@ def render(scenes: Scenes, F: int, H: int, W: int, rng: np.random.Generator, noi
 
 
 def generate_frames(
-    num_samples: int, F: int = 8, H: int = 32, W: int = 32, seed: int = 0, split: str = "train", noise: float = 10.0, out: np.ndarray | None = None
+    num_samples: int,
+    F: int = 8,
+    H: int = 32,
+    W: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    noise: float = 10.0,
+    out: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All arrays of one split, keyed as in the raw-frame split format.
 
@@ -112,7 +119,9 @@ def generate_frames(
     """
     n = int(num_samples)
     if min(F, H, W) < 1 or n < 0:
-        raise ConfigError(f"synthetic frames need positive F, H, W and num_samples >= 0 (got F={F}, H={H}, W={W}, num_samples={n})")
+        raise ConfigError(
+            f"synthetic frames need positive F, H, W and num_samples >= 0 (got F={F}, H={H}, W={W}, num_samples={n})"
+        )
     rng = _rng(seed, split, 0)
     scenes = sample_scenes(n, rng)
     telemetry = telemetry_for(scenes, rng)
@@ -154,8 +163,12 @@ class SyntheticFramesDataset(TensorSplit):
                 "(vision=tiny, vision=resnet18, ...) instead of vision=cached, or use data=synthetic for features"
             )
         arrays = generate_frames(num_samples, F, H, W, seed, split, noise)
-        self.set_tensors(torch.from_numpy(arrays["frames"]), torch.from_numpy(arrays["telemetry"]),
-                         {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS}, arrays["sample_id"])
+        self.set_tensors(
+            torch.from_numpy(arrays["frames"]),
+            torch.from_numpy(arrays["telemetry"]),
+            {h: torch.from_numpy(arrays[f"{h}_id"]) for h in L.HEADS},
+            arrays["sample_id"],
+        )
         self.split = split
 
     def describe(self) -> str:
@@ -164,12 +177,21 @@ class SyntheticFramesDataset(TensorSplit):
 
 
 def write_frames_split(
-    out: str | Path, num_samples: int, F: int = 8, H: int = 32, W: int = 32, seed: int = 0, split: str = "train", noise: float = 10.0
+    out: str | Path,
+    num_samples: int,
+    F: int = 8,
+    H: int = 32,
+    W: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    noise: float = 10.0,
 ) -> Path:
     """Write one synthetic split in the raw-frame format; frames go straight into a memory map."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frames = np.lib.format.open_memmap(out / "frames.npy", mode="w+", dtype=np.uint8, shape=(int(num_samples), F, 3, H, W))
+    frames = np.lib.format.open_memmap(
+        out / "frames.npy", mode="w+", dtype=np.uint8, shape=(int(num_samples), F, 3, H, W)
+    )
     arrays = generate_frames(num_samples, F, H, W, seed, split, noise, out=frames)
     frames.flush()
     del frames
@@ -177,27 +199,53 @@ def write_frames_split(
     for h in L.HEADS:
         np.save(out / f"{h}_id.npy", arrays[f"{h}_id"])
     (out / "sample_id.json").write_text(json.dumps(arrays["sample_id"]))
-    meta = {"format_version": 1, "F": int(F), "H": int(H), "W": int(W), "labels": L.LABELS,
-            "generator": "sim.data.synthetic_frames", "seed": int(seed), "noise": float(noise)}
+    meta = {
+        "format_version": 1,
+        "F": int(F),
+        "H": int(H),
+        "W": int(W),
+        "labels": L.LABELS,
+        "generator": "sim.data.synthetic_frames",
+        "seed": int(seed),
+        "noise": float(noise),
+    }
     # meta.json last: a split without it is refused, so an interrupted write is never read as whole.
     atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=1).encode())
     os.chmod(out / "meta.json", 0o644)  # the temporary file it was renamed from is private
     return out
 
 
-def write_frames_dataset(out: str | Path, num_train: int = 1024, num_val: int = 256, F: int = 8, H: int = 32, W: int = 32,
-                         seed: int = 0, noise: float = 10.0) -> dict[str, Path]:
+def write_frames_dataset(
+    out: str | Path,
+    num_train: int = 1024,
+    num_val: int = 256,
+    F: int = 8,
+    H: int = 32,
+    W: int = 32,
+    seed: int = 0,
+    noise: float = 10.0,
+) -> dict[str, Path]:
     """Write `out/train` and `out/val`; returns each split's directory."""
-    return {split: write_frames_split(Path(out) / split, n, F, H, W, seed, split, noise)
-            for split, n in (("train", num_train), ("val", num_val))}
+    return {
+        split: write_frames_split(Path(out) / split, n, F, H, W, seed, split, noise)
+        for split, n in (("train", num_train), ("val", num_val))
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="frames")
 def main(cfg: DictConfig) -> None:
     with fail_cleanly():
         require(cfg, "out", "DIR")
-        paths = write_frames_dataset(cfg.out, int(cfg.num_train), int(cfg.num_val), int(cfg.F), int(cfg.H), int(cfg.W),
-                                     int(cfg.seed), float(cfg.noise))
+        paths = write_frames_dataset(
+            cfg.out,
+            int(cfg.num_train),
+            int(cfg.num_val),
+            int(cfg.F),
+            int(cfg.H),
+            int(cfg.W),
+            int(cfg.seed),
+            float(cfg.noise),
+        )
     for split, n in (("train", cfg.num_train), ("val", cfg.num_val)):
         print(f"wrote {n} samples ({cfg.F} frames of {cfg.H}x{cfg.W}) to {paths[split]}")
 

@@ -153,7 +153,13 @@ def _int_label(x: Any) -> int | None:
     if isinstance(x, (int, np.integer)):
         return int(x)
     if torch.is_tensor(x):
-        if x.numel() != 1 or x.layout != torch.strided or x.dtype == torch.bool or x.is_floating_point() or x.dtype.is_complex:
+        if (
+            x.numel() != 1
+            or x.layout != torch.strided
+            or x.dtype == torch.bool
+            or x.is_floating_point()
+            or x.dtype.is_complex
+        ):
             return None
         return int(x.reshape(()).item())
     if isinstance(x, np.ndarray):
@@ -169,7 +175,13 @@ def _float_weight(x: Any) -> float | None:
     try:
         if isinstance(x, (int, float, np.integer, np.floating)):
             return float(x)
-        if torch.is_tensor(x) and x.numel() == 1 and x.layout == torch.strided and x.dtype != torch.bool and not x.dtype.is_complex:
+        if (
+            torch.is_tensor(x)
+            and x.numel() == 1
+            and x.layout == torch.strided
+            and x.dtype != torch.bool
+            and not x.dtype.is_complex
+        ):
             return float(x.reshape(()).item())
         if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "iuf":
             return float(x.reshape(()))
@@ -178,7 +190,7 @@ def _float_weight(x: Any) -> float | None:
     return None
 
 
-def _sample_id(x: Any) -> str | None | bool:
+def _sample_id(x: Any) -> str | bool | None:
     """str of an id; None when absent; False when it is of a type an id cannot be."""
     if x is None:
         return None
@@ -246,20 +258,27 @@ class SampleValidator:
             stacked with others (a missing key, a wrong shape or type).
         """
         if not isinstance(sample, Mapping):
-            return None, [("sample", f"is a {type(sample).__name__}; expected a dict with keys {', '.join(self.required)}")]
+            return None, [
+                ("sample", f"is a {type(sample).__name__}; expected a dict with keys {', '.join(self.required)}")
+            ]
         problems: list[tuple[str, str]] = []
         out: dict[str, Any] = {}
         for key in self.required:
             if key not in sample:
                 other = "frames" if self.video_key == "vis_feats" else "vis_feats"
-                hint = f" (the sample has {other!r}: raw frames and cached features need different vision options)" if (
-                    key == self.video_key and other in sample) else ""
+                hint = (
+                    f" (the sample has {other!r}: raw frames and cached features need different vision options)"
+                    if (key == self.video_key and other in sample)
+                    else ""
+                )
                 problems.append((key, f"is missing; expected keys {', '.join(self.required)}{hint}"))
         if problems:
             return None, problems
         video = _as_tensor(sample[self.video_key])
         if isinstance(video, str):
-            problems.append((self.video_key, f"{video}; expected a tensor {self.expected_video} of {self.video_dtypes}"))
+            problems.append(
+                (self.video_key, f"{video}; expected a tensor {self.expected_video} of {self.video_dtypes}")
+            )
         else:
             why = self._video_ok(video)
             if why:
@@ -272,7 +291,12 @@ class SampleValidator:
         if isinstance(tel, str):
             problems.append(("telemetry", f"{tel}; expected {TELEMETRY_DIM} numbers {L.TELEMETRY_FIELDS}"))
         elif tuple(tel.shape) != (TELEMETRY_DIM,):
-            problems.append(("telemetry", f"has shape {list(tel.shape)}; expected [{TELEMETRY_DIM}] ({', '.join(L.TELEMETRY_FIELDS)})"))
+            problems.append(
+                (
+                    "telemetry",
+                    f"has shape {list(tel.shape)}; expected [{TELEMETRY_DIM}] ({', '.join(L.TELEMETRY_FIELDS)})",
+                )
+            )
         else:
             out["telemetry"] = tel
         for head in L.HEADS:
@@ -280,7 +304,9 @@ class SampleValidator:
             value = _int_label(sample[key])
             n = L.NUM_CLASSES[head]
             if value is None:
-                problems.append((key, f"is {_short(sample[key])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})"))
+                problems.append(
+                    (key, f"is {_short(sample[key])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})")
+                )
             elif not 0 <= value < n:
                 problems.append((key, f"is {value}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})"))
             else:
@@ -320,13 +346,24 @@ class SampleValidator:
                 if type(s) is not dict:
                     return False
                 v, t = s[vk], s["telemetry"]
-                if (type(v) is not torch.Tensor or v.dtype != vdtype or v.shape != shape
-                        or type(t) is not torch.Tensor or t.dtype not in _FEATURE_DTYPES or t.shape != _TEL_SHAPE
-                        or type(s["risk_id"]) is not int or type(s["reason_id"]) is not int or type(s["action_id"]) is not int
-                        or v.requires_grad or t.requires_grad):
+                if (
+                    type(v) is not torch.Tensor
+                    or v.dtype != vdtype
+                    or v.shape != shape
+                    or type(t) is not torch.Tensor
+                    or t.dtype not in _FEATURE_DTYPES
+                    or t.shape != _TEL_SHAPE
+                    or type(s["risk_id"]) is not int
+                    or type(s["reason_id"]) is not int
+                    or type(s["action_id"]) is not int
+                    or v.requires_grad
+                    or t.requires_grad
+                ):
                     return False
                 w, sid = s.get("weight"), s.get("sample_id")
-                if (w is not None and type(w) is not float and type(w) is not int) or (sid is not None and type(sid) is not str):
+                if (w is not None and type(w) is not float and type(w) is not int) or (
+                    sid is not None and type(sid) is not str
+                ):
                     return False
         except (KeyError, TypeError, AttributeError):
             return False
@@ -343,7 +380,9 @@ class SampleValidator:
                     self.video_key: self._video_dtype(torch.stack([s[self.video_key] for s in samples])),
                     "telemetry": torch.stack([s["telemetry"] for s in samples]).float(),
                     **{key: torch.tensor([s[key] for s in samples], dtype=torch.long) for key in LABEL_KEYS},
-                    "weight": torch.tensor([1.0 if s.get("weight") is None else s["weight"] for s in samples], dtype=torch.float32),
+                    "weight": torch.tensor(
+                        [1.0 if s.get("weight") is None else s["weight"] for s in samples], dtype=torch.float32
+                    ),
                     "sample_id": [s.get("sample_id") for s in samples],
                 }
             except (OverflowError, RuntimeError):  # an int beyond int64: the sample-by-sample path names it
@@ -363,7 +402,12 @@ class SampleValidator:
                 if ref_shape is None:
                     ref_shape = shape
                 elif shape != ref_shape:  # only possible where the expected shape has free sizes
-                    problems = [(self.video_key, f"has shape {list(shape)}; the other samples of its batch have {list(ref_shape)}")]
+                    problems = [
+                        (
+                            self.video_key,
+                            f"has shape {list(shape)}; the other samples of its batch have {list(ref_shape)}",
+                        )
+                    ]
                     norm = None
             bad.extend(BadSample(index, sid, key, problem) for key, problem in problems)
             if norm is not None:
@@ -416,22 +460,31 @@ class SampleValidator:
         elif isinstance(ids, (list, tuple)) and len(ids) == B and all(_sample_id(x) is not False for x in ids):
             id_list = [_sample_id(x) for x in ids]  # type: ignore[misc]
         else:
-            return self._whole_batch(indices, [None] * B, "sample_id",
-                                     f"is {_short(ids)}; expected a list of {B} strings (one per sample)")
+            return self._whole_batch(
+                indices, [None] * B, "sample_id", f"is {_short(ids)}; expected a list of {B} strings (one per sample)"
+            )
         out: dict[str, Any] = {}
         for key in self.required:
             if key not in batch:
-                return self._whole_batch(indices, id_list, key, f"is missing from the batch; expected keys {', '.join(self.required)}")
+                return self._whole_batch(
+                    indices, id_list, key, f"is missing from the batch; expected keys {', '.join(self.required)}"
+                )
         video = _as_tensor(batch[self.video_key])
         expected = (B, *self.video_shape)
         if isinstance(video, str):
-            return self._whole_batch(indices, id_list, self.video_key, f"{video}; expected a tensor {self.expected_video} per sample")
+            return self._whole_batch(
+                indices, id_list, self.video_key, f"{video}; expected a tensor {self.expected_video} per sample"
+            )
         why = self._video_ok(video)
         if why:
             return self._whole_batch(indices, id_list, self.video_key, why)
         if not self._shape_matches(video.shape, expected):
-            return self._whole_batch(indices, id_list, self.video_key,
-                                     f"has batch shape {list(video.shape)}; expected [B={B}] + {self.expected_video}")
+            return self._whole_batch(
+                indices,
+                id_list,
+                self.video_key,
+                f"has batch shape {list(video.shape)}; expected [B={B}] + {self.expected_video}",
+            )
         out[self.video_key] = self._video_dtype(video)
         tel = _as_tensor(batch["telemetry"])
         if isinstance(tel, str) or tuple(tel.shape) != (B, TELEMETRY_DIM):
@@ -469,15 +522,27 @@ class SampleValidator:
         if video.is_floating_point() and not _all_finite(video):
             for r in (~torch.isfinite(video).reshape(B, -1).all(1)).nonzero().flatten().tolist():
                 good[r] = False
-                bad.append(BadSample(rows[r], ids[r], self.video_key,
-                                     f"has {_nonfinite_desc(video[r])}; expected finite {self.expected_video}"))
+                bad.append(
+                    BadSample(
+                        rows[r],
+                        ids[r],
+                        self.video_key,
+                        f"has {_nonfinite_desc(video[r])}; expected finite {self.expected_video}",
+                    )
+                )
         tel = batch["telemetry"]
         if not _all_finite(tel):
             for r in (~torch.isfinite(tel).all(1)).nonzero().flatten().tolist():
                 good[r] = False
                 chans = [L.TELEMETRY_FIELDS[c] for c in (~torch.isfinite(tel[r])).nonzero().flatten().tolist()]
-                bad.append(BadSample(rows[r], ids[r], "telemetry",
-                                     f"has {_nonfinite_desc(tel[r])} in {', '.join(chans)}; expected {TELEMETRY_DIM} finite numbers"))
+                bad.append(
+                    BadSample(
+                        rows[r],
+                        ids[r],
+                        "telemetry",
+                        f"has {_nonfinite_desc(tel[r])} in {', '.join(chans)}; expected {TELEMETRY_DIM} finite numbers",
+                    )
+                )
         for head in L.HEADS:
             key, n = f"{head}_id", L.NUM_CLASSES[head]
             lab = batch[key]
@@ -485,8 +550,14 @@ class SampleValidator:
             if int(lo) < 0 or int(hi) >= n:
                 for r in ((lab < 0) | (lab >= n)).nonzero().flatten().tolist():
                     good[r] = False
-                    bad.append(BadSample(rows[r], ids[r], key,
-                                         f"is {int(lab[r])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})"))
+                    bad.append(
+                        BadSample(
+                            rows[r],
+                            ids[r],
+                            key,
+                            f"is {int(lab[r])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})",
+                        )
+                    )
         w = batch["weight"]
         lo, hi = torch.aminmax(w)
         if not (float(lo) >= 0 and float(hi) < math.inf):  # NaN fails the first test
@@ -507,7 +578,7 @@ class SampleValidator:
             failed = object()
             try:
                 data = getitems(indices)
-            except Exception:  # noqa: BLE001 - located below, sample by sample
+            except Exception:
                 data = failed
             if isinstance(data, list) and len(data) == len(indices):  # __getitems__ may return samples
                 return self.check_samples(data, indices)
@@ -520,7 +591,7 @@ class SampleValidator:
             try:
                 samples.append(dataset[i])
                 rows.append(i)
-            except Exception as exc:  # noqa: BLE001 - a sample that cannot be read is a bad sample
+            except Exception as exc:
                 bad.append(BadSample(i, None, "sample", f"could not be read: {type(exc).__name__}: {exc}"))
         if whole is not None and not samples:
             return whole  # no sample reads alone: the batch's own problem says the most
@@ -535,8 +606,11 @@ class SampleValidator:
         lines = [f"  {b.describe()}" for b in bad[:MAX_LISTED]]
         if len(bad) > MAX_LISTED:
             lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
-        head = (f"bad sample{where}: {bad[0].describe()}" if len(bad) == 1 else
-                f"{len(samples)} bad sample{'s' if len(samples) != 1 else ''} in a batch{where}:\n" + "\n".join(lines))
+        head = (
+            f"bad sample{where}: {bad[0].describe()}"
+            if len(bad) == 1
+            else f"{len(samples)} bad sample{'s' if len(samples) != 1 else ''} in a batch{where}:\n" + "\n".join(lines)
+        )
         return DataError(
             f"{head}\n(data.on_bad_sample={self.on_bad_sample}) List every bad sample with "
             "`python -m sim check_data data=...`, fix the data, or skip such samples with data.on_bad_sample=skip."
@@ -623,12 +697,17 @@ class SkipLog:
                 if new_file:
                     fh.write(self.HEADER)
                 for split, index, sid, key, problem in fresh:
-                    fh.write(f"{split}\t{'' if index is None else index}\t{'' if sid is None else sid}\t{key}\t{problem}\n")
+                    fh.write(
+                        f"{split}\t{'' if index is None else index}\t{'' if sid is None else sid}\t{key}\t{problem}\n"
+                    )
         first = BadSample(fresh[0][1], fresh[0][2], fresh[0][3], fresh[0][4]).describe()
         log.warning(
             "data.on_bad_sample=skip: skipped %d bad sample(s) of the %s split (%d distinct so far%s); first: %s",
-            len({(e[1], e[2]) for e in fresh}), fresh[0][0] or "?", self.count,
-            f", listed in {self.path}" if self.path is not None else "", first,
+            len({(e[1], e[2]) for e in fresh}),
+            fresh[0][0] or "?",
+            self.count,
+            f", listed in {self.path}" if self.path is not None else "",
+            first,
         )
 
 
@@ -686,9 +765,15 @@ def telemetry_stats(tel: np.ndarray, split: str = "train") -> tuple[torch.Tensor
         raise DataError(f"the {split} split's telemetry has shape {list(tel.shape)}; expected [N, {TELEMETRY_DIM}]")
     finite = np.isfinite(tel).all(1)
     if not finite.any():
-        raise DataError(f"no sample of the {split} split has finite telemetry; expected {TELEMETRY_DIM} finite numbers per sample")
+        raise DataError(
+            f"no sample of the {split} split has finite telemetry; expected {TELEMETRY_DIM} finite numbers per sample"
+        )
     if not finite.all():
-        log.warning("%d of %d %s samples have non-finite telemetry; the normalization statistics leave them out",
-                    int((~finite).sum()), finite.size, split)
+        log.warning(
+            "%d of %d %s samples have non-finite telemetry; the normalization statistics leave them out",
+            int((~finite).sum()),
+            finite.size,
+            split,
+        )
         tel = tel[finite]
     return torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float()

@@ -78,8 +78,13 @@ def expected_calibration_error(
     for b in range(n_bins):
         mask = which == b
         count = int(mask.sum())
-        entry: dict[str, Any] = {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count,
-                                 "mean_confidence": None, "accuracy": None}
+        entry: dict[str, Any] = {
+            "lo": float(edges[b]),
+            "hi": float(edges[b + 1]),
+            "count": count,
+            "mean_confidence": None,
+            "accuracy": None,
+        }
         if count:
             entry["mean_confidence"] = float(confidence[mask].mean())
             entry["accuracy"] = float(correct[mask].mean())
@@ -88,7 +93,9 @@ def expected_calibration_error(
     return (ece if n else None), bins
 
 
-def risk_high_operating_point(p_high: np.ndarray, argmax_high: np.ndarray, is_high: np.ndarray, target_recall: float) -> dict[str, Any]:
+def risk_high_operating_point(
+    p_high: np.ndarray, argmax_high: np.ndarray, is_high: np.ndarray, target_recall: float
+) -> dict[str, Any]:
     """The largest P(high) threshold whose high-risk recall reaches `target_recall`, and its precision.
 
     The rule is the one `predict_json(risk_high_threshold=t)` applies: a sample is "high" when
@@ -108,8 +115,15 @@ def risk_high_operating_point(p_high: np.ndarray, argmax_high: np.ndarray, is_hi
     p_high = np.asarray(p_high, dtype=np.float64)
     argmax_high = np.asarray(argmax_high, dtype=bool)
     is_high = np.asarray(is_high, dtype=bool)
-    out: dict[str, Any] = {"target_recall": float(target_recall), "threshold": None, "recall": None, "precision": None,
-                           "predicted_high": None, "argmax_recall": None, "argmax_precision": None}
+    out: dict[str, Any] = {
+        "target_recall": float(target_recall),
+        "threshold": None,
+        "recall": None,
+        "precision": None,
+        "predicted_high": None,
+        "argmax_recall": None,
+        "argmax_precision": None,
+    }
     positives = int(is_high.sum())
     if positives == 0:
         msg = "the high-risk threshold is undefined: no sample of the split has risk 'high'; reported as null"
@@ -138,7 +152,9 @@ def _select(cfg: DictConfig, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
-        raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...") from None
+        raise ConfigError(
+            f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=..."
+        ) from None
 
 
 def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], path: Path) -> None:
@@ -208,14 +224,21 @@ def split_for_checkpoint(cfg: DictConfig, meta: dict[str, Any], split: str, path
 def split_loader(data_cfg: DictConfig, dataset: SimDataset, batch_size: int | None = None) -> DataLoader:
     """An in-order loader over one split, batched (and its samples checked) as the trainer's are."""
     # SimData batches a split; the evaluated split stands in for both of its splits.
-    data = SimData(train=dataset, val=dataset, batch_size=int(batch_size or data_cfg.get("batch_size", 64)),
-                   num_workers=int(data_cfg.get("num_workers", 0)), pin_memory=bool(data_cfg.get("pin_memory", False)))
+    data = SimData(
+        train=dataset,
+        val=dataset,
+        batch_size=int(batch_size or data_cfg.get("batch_size", 64)),
+        num_workers=int(data_cfg.get("num_workers", 0)),
+        pin_memory=bool(data_cfg.get("pin_memory", False)),
+    )
     if "on_bad_sample" in data_cfg:
         data.on_bad_sample = str(data_cfg.on_bad_sample)
     return data.loader("val", shuffle=False)
 
 
-def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+def loss_settings(
+    ckpt: dict[str, Any], device: torch.device
+) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """Loss and class weights the run trained with (from the config stored beside the weights), so the
     losses reported here are the ones its val log shows. Classification metrics do not depend on them."""
     model_cfg = ((ckpt.get("config") or {}).get("model") or {}) if isinstance(ckpt.get("config"), dict) else {}
@@ -223,7 +246,9 @@ def loss_settings(ckpt: dict[str, Any], device: torch.device) -> tuple[dict[str,
     spec = model_cfg.get("class_weights")
     class_weights = None
     if isinstance(spec, dict):
-        class_weights = {h: torch.tensor(v, dtype=torch.float32, device=device) for h, v in spec.items() if h in L.HEADS}
+        class_weights = {
+            h: torch.tensor(v, dtype=torch.float32, device=device) for h, v in spec.items() if h in L.HEADS
+        }
     elif spec == "auto":
         log.warning(
             "the run trained with class_weights=auto (from its train split); the losses here are computed without "
@@ -265,8 +290,17 @@ def run_model(
         ids.extend([None] * n if batch_ids is None else [None if s is None else str(s) for s in batch_ids])
 
     t0 = time.perf_counter()
-    evaluate_batches(model, loader, device, tracker, loss_weights, class_weights, on_batch=keep,
-                     desc=f"evaluate {split}", progress_bar=None if progress_bar else False)
+    evaluate_batches(
+        model,
+        loader,
+        device,
+        tracker,
+        loss_weights,
+        class_weights,
+        on_batch=keep,
+        desc=f"evaluate {split}",
+        progress_bar=None if progress_bar else False,
+    )
     elapsed = time.perf_counter() - t0
     metrics = tracker.compute(split)
     metrics["samples_per_s"] = tracker.samples / max(elapsed, 1e-9)
@@ -283,11 +317,18 @@ def per_class_markdown(tables: dict[str, list[dict[str, Any]]], title: str) -> s
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
-    lines = [f"# Per-class metrics: {title}", "",
-             "Precision, recall and F1 per class; `-` where undefined (no sample of the class, or none predicted).", ""]
+    lines = [
+        f"# Per-class metrics: {title}",
+        "",
+        "Precision, recall and F1 per class; `-` where undefined (no sample of the class, or none predicted).",
+        "",
+    ]
     for head, rows in tables.items():
         lines += [f"## {head}", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['class']} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | {r['support']} |" for r in rows]
+        lines += [
+            f"| {r['class']} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | {r['support']} |"
+            for r in rows
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -298,8 +339,12 @@ def write_predictions(path: Path, arrays: dict[str, Any]) -> None:
             rec: dict[str, Any] = {"sample_id": sid}
             for h in L.HEADS:
                 t, p = int(arrays["labels"][h][i]), int(arrays["probs"][h][i].argmax())
-                rec[h] = {"true": L.LABELS[h][t], "pred": L.LABELS[h][p], "correct": t == p,
-                          "p_pred": round(float(arrays["probs"][h][i][p]), 6)}
+                rec[h] = {
+                    "true": L.LABELS[h][t],
+                    "pred": L.LABELS[h][p],
+                    "correct": t == p,
+                    "p_pred": round(float(arrays["probs"][h][i][p]), 6),
+                }
             rec["p_high"] = round(float(arrays["probs"]["risk"][i][L.RISK_HIGH]), 6)
             rec["confidence"] = round(float(arrays["confidence"][i]), 6)
             fh.write(json.dumps(rec) + "\n")
@@ -339,10 +384,20 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     meta = ckpt["metadata"]
     if not isinstance(meta.get("llm"), dict):
-        raise CheckpointError(f"checkpoint {path}: metadata.llm is {meta.get('llm')!r}, expected the LLM's spec (a dict)")
+        raise CheckpointError(
+            f"checkpoint {path}: metadata.llm is {meta.get('llm')!r}, expected the LLM's spec (a dict)"
+        )
     check_llm_override(cfg.get("llm"), meta["llm"], path)
-    log.info("checkpoint %s: epoch %s, LLM %s, F=%s K=%s dv=%s d=%s", path, ckpt.get("epoch"), describe(meta["llm"]),
-             meta["F"], meta["K"], meta["dv"], meta["d"])
+    log.info(
+        "checkpoint %s: epoch %s, LLM %s, F=%s K=%s dv=%s d=%s",
+        path,
+        ckpt.get("epoch"),
+        describe(meta["llm"]),
+        meta["F"],
+        meta["K"],
+        meta["dv"],
+        meta["d"],
+    )
 
     dataset = split_for_checkpoint(cfg, meta, split, path)
     log.info("data: %s", dataset.describe())
@@ -350,22 +405,31 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model = SimV0Model.from_checkpoint(path, device=device, precision=precision)
     trained_in = checkpoint_precision(meta, device)
     if precision is not None and precision != trained_in:
-        log.warning("precision=%s: computing in %s, not the %s the checkpoint was trained and validated in; "
-                    "its logged val metrics will not be reproduced exactly", override, precision.name, trained_in.name)
+        log.warning(
+            "precision=%s: computing in %s, not the %s the checkpoint was trained and validated in; "
+            "its logged val metrics will not be reproduced exactly",
+            override,
+            precision.name,
+            trained_in.name,
+        )
     elif model.precision.autocast == torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
-        log.warning("the checkpoint computes in bf16, which this CPU emulates: expect a slow evaluation "
-                    "(precision=fp32 is fast here, at the cost of exact agreement with the run's logged metrics)")
+        log.warning(
+            "the checkpoint computes in bf16, which this CPU emulates: expect a slow evaluation "
+            "(precision=fp32 is fast here, at the cost of exact agreement with the run's logged metrics)"
+        )
     log.info("precision %s%s", model.precision.name, " (the checkpoint's)" if precision is None else " (precision=...)")
     loss_weights, class_weights = loss_settings(ckpt, device)
     loader = split_loader(cfg.data, dataset)
-    metrics, cms, arrays = run_model(model, loader, device, loss_weights, class_weights, split,
-                                     bool(cfg.get("progress_bar", True)))
+    metrics, cms, arrays = run_model(
+        model, loader, device, loss_weights, class_weights, split, bool(cfg.get("progress_bar", True))
+    )
 
     probs, labels = arrays["probs"], arrays["labels"]
     action_correct = probs["action"].argmax(-1) == labels["action"]
     ece, bins = expected_calibration_error(arrays["confidence"], action_correct, int(cfg.get("calibration_bins", 15)))
-    op = risk_high_operating_point(probs["risk"][:, L.RISK_HIGH], probs["risk"].argmax(-1) == L.RISK_HIGH,
-                                   labels["risk"] == L.RISK_HIGH, target)
+    op = risk_high_operating_point(
+        probs["risk"][:, L.RISK_HIGH], probs["risk"].argmax(-1) == L.RISK_HIGH, labels["risk"] == L.RISK_HIGH, target
+    )
     tables = {h: per_class_table(cms[h], L.LABELS[h]) for h in L.HEADS}
 
     trained = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
@@ -401,7 +465,9 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     report = {k: _finite(v) for k, v in report.items()}
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out / "per_class.json").write_text(json.dumps(tables, indent=2) + "\n")
-    (out / "per_class.md").write_text(per_class_markdown(tables, f"{path} on the {split} split ({len(arrays['sample_id'])} samples)"))
+    (out / "per_class.md").write_text(
+        per_class_markdown(tables, f"{path} on the {split} split ({len(arrays['sample_id'])} samples)")
+    )
     if cfg.get("write_predictions", True):
         write_predictions(out / "predictions.jsonl", arrays)
     _write_figures(out, cms, bins, ece, f"{path.name}, {split}")
@@ -409,7 +475,9 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return report
 
 
-def _write_figures(out: Path, cms: dict[str, torch.Tensor], bins: list[dict[str, Any]], ece: float | None, what: str) -> None:
+def _write_figures(
+    out: Path, cms: dict[str, torch.Tensor], bins: list[dict[str, Any]], ece: float | None, what: str
+) -> None:
     # The numbers are on disk already; a figure that fails to draw must not lose them.
     try:
         from sim.evaluation.plots import plot_confusion, plot_reliability
@@ -417,7 +485,7 @@ def _write_figures(out: Path, cms: dict[str, torch.Tensor], bins: list[dict[str,
         for h in L.HEADS:
             plot_confusion(cms[h], L.LABELS[h], out / f"confusion_{h}.png", f"{h} confusion ({what})")
         plot_reliability(bins, ece, out / "calibration.png", f"confidence head calibration ({what})")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("could not draw the figures (%s: %s); metrics.json is complete", type(exc).__name__, exc)
 
 
@@ -427,19 +495,31 @@ def _log_summary(report: dict[str, Any], out: Path) -> None:
 
     log.info(
         "%s split, %d samples: loss %s  risk_high_recall %s  action_accuracy %s  macro_f1 %s  confidence_ece %s",
-        report["evaluation"]["split"], report["evaluation"]["num_samples"], f(report.get("loss")),
-        f(report.get("risk_high_recall")), f(report.get("action_accuracy")), f(report.get("macro_f1")),
+        report["evaluation"]["split"],
+        report["evaluation"]["num_samples"],
+        f(report.get("loss")),
+        f(report.get("risk_high_recall")),
+        f(report.get("action_accuracy")),
+        f(report.get("macro_f1")),
         f(report.get("confidence_ece")),
     )
     op = report["risk_high_operating_point"]
     if op["threshold"] is not None and op["threshold"] >= 1.0:
-        log.info("risk 'high' at recall >= %s: the arg-max already reaches it (recall %s, precision %s); threshold 1.0",
-                 op["target_recall"], f(op["recall"]), f(op["precision"]))
+        log.info(
+            "risk 'high' at recall >= %s: the arg-max already reaches it (recall %s, precision %s); threshold 1.0",
+            op["target_recall"],
+            f(op["recall"]),
+            f(op["precision"]),
+        )
     else:
         log.info(
             "risk 'high' at recall >= %s: threshold P(high) >= %s gives recall %s, precision %s "
             "(arg-max: recall %s, precision %s)",
-            op["target_recall"], f(op["threshold"]), f(op["recall"]), f(op["precision"]),
-            f(op["argmax_recall"]), f(op["argmax_precision"]),
+            op["target_recall"],
+            f(op["threshold"]),
+            f(op["recall"]),
+            f(op["precision"]),
+            f(op["argmax_recall"]),
+            f(op["argmax_precision"]),
         )
     log.info("report written to %s", out)

@@ -43,8 +43,14 @@ def evaluate_batches(
         progress_bar: None shows a bar where stderr is a terminal; False never.
     """
     tracker.reset()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress_bar is None else not progress_bar,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        desc=desc,
+        leave=False,
+        disable=None if progress_bar is None else not progress_bar,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     for batch in bar:
         if not batch:  # every sample of it skipped (data.on_bad_sample=skip)
             continue

@@ -25,7 +25,6 @@ from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES
 log = logging.getLogger(__name__)
 
 
-
 def compute_losses(
     logits: Mapping[str, torch.Tensor],
     batch: Mapping[str, Any],
@@ -49,7 +48,9 @@ def compute_losses(
     for head in L.HEADS:
         cw = None if not class_weights else class_weights.get(head)
         target = batch[f"{head}_id"].to(w.device)
-        ce = Fn.cross_entropy(logits[f"{head}_logits"].float(), target, weight=None if cw is None else cw.to(w.device), reduction="none")
+        ce = Fn.cross_entropy(
+            logits[f"{head}_logits"].float(), target, weight=None if cw is None else cw.to(w.device), reduction="none"
+        )
         part = (ce * w).sum() / denom
         out[f"loss_{head}"] = part
         total = total + float(loss_weights.get(head, DEFAULT_LOSS_WEIGHTS[head])) * part
@@ -57,7 +58,9 @@ def compute_losses(
     correct = (logits["action_logits"].argmax(-1) == batch["action_id"].to(w.device)).float()
     bce = Fn.binary_cross_entropy_with_logits(logits["confidence_logits"].float(), correct, reduction="none")
     out["loss_confidence"] = (bce * w).sum() / denom
-    out["objective"] = total + float(loss_weights.get("confidence", DEFAULT_LOSS_WEIGHTS["confidence"])) * out["loss_confidence"]
+    out["objective"] = (
+        total + float(loss_weights.get("confidence", DEFAULT_LOSS_WEIGHTS["confidence"])) * out["loss_confidence"]
+    )
     return out
 
 
@@ -96,7 +99,9 @@ def metrics_from_confusion(cms: Mapping[str, torch.Tensor], split: str = "") -> 
         out["risk_high_recall"], out["risk_high_fn_rate"] = recall, 1.0 - recall
     else:
         out["risk_high_recall"] = out["risk_high_fn_rate"] = None
-        msg = f"risk_high_recall is undefined{' on ' + split if split else ''}: no sample has risk 'high'; logged as null"
+        msg = (
+            f"risk_high_recall is undefined{' on ' + split if split else ''}: no sample has risk 'high'; logged as null"
+        )
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
     action = cms["action"].double()
@@ -122,7 +127,9 @@ class EpochMetrics(torch.nn.Module):
         self.samples = 0
 
     @torch.no_grad()
-    def update(self, logits: Mapping[str, torch.Tensor], batch: Mapping[str, Any], losses: Mapping[str, torch.Tensor]) -> None:
+    def update(
+        self, logits: Mapping[str, torch.Tensor], batch: Mapping[str, Any], losses: Mapping[str, torch.Tensor]
+    ) -> None:
         w = float(batch["weight"].sum())
         for k, v in losses.items():
             if k.startswith("loss"):

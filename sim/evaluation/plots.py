@@ -90,7 +90,7 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
             ax.xaxis.get_major_locator().set_params(integer=True)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    for ax in axes[len(CURVE_PANELS):]:
+    for ax in axes[len(CURVE_PANELS) :]:
         ax.set_visible(False)
     fig.suptitle(f"training curves: {run_dir.name}  (solid: val, dashed: train)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,15 @@ def plot_confusion(cm: Any, names: Sequence[str], out: str | Path, title: str) -
     ax.set_ylabel("true")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if share[i, j] > 0.6 else "black",
+            )
     ax.set_title(title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +139,21 @@ def plot_reliability(bins: list[dict[str, Any]], ece: float | None, out: str | P
     if filled:
         centers = [(b["lo"] + b["hi"]) / 2 for b in filled]
         widths = [b["hi"] - b["lo"] for b in filled]
-        ax.bar(centers, [b["accuracy"] for b in filled], width=widths, alpha=0.6, edgecolor="black",
-               label="action accuracy in bin")
-        ax.plot([b["mean_confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="C3",
-                label="mean confidence in bin")
+        ax.bar(
+            centers,
+            [b["accuracy"] for b in filled],
+            width=widths,
+            alpha=0.6,
+            edgecolor="black",
+            label="action accuracy in bin",
+        )
+        ax.plot(
+            [b["mean_confidence"] for b in filled],
+            [b["accuracy"] for b in filled],
+            "o",
+            color="C3",
+            label="mean confidence in bin",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")

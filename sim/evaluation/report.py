@@ -108,9 +108,17 @@ def best_epoch(val: list[dict[str, Any]], config: dict[str, Any]) -> tuple[int |
     """The epoch best.pt holds: the first with the highest rank under the run's checkpoint settings."""
     if not val:
         return None, None
-    floors = {k.removeprefix("checkpoint.min_metrics."): v for k, v in config.items() if k.startswith("checkpoint.min_metrics.")}
-    rule = BestEpochRule(config.get("checkpoint.monitor", "risk_high_recall"), config.get("checkpoint.mode", "auto"),
-                         config.get("checkpoint.tie_breaker", "macro_f1"), floors)
+    floors = {
+        k.removeprefix("checkpoint.min_metrics."): v
+        for k, v in config.items()
+        if k.startswith("checkpoint.min_metrics.")
+    }
+    rule = BestEpochRule(
+        config.get("checkpoint.monitor", "risk_high_recall"),
+        config.get("checkpoint.mode", "auto"),
+        config.get("checkpoint.tie_breaker", "macro_f1"),
+        floors,
+    )
     best = max(val, key=rule.key)  # max() keeps the first of equals, as the trainer does
     return int(best.get("epoch", val.index(best) + 1)), best
 
@@ -137,8 +145,11 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     if len(runs) < 2:
         return []
     keys = sorted(set.intersection(*(set(r.config) for r in runs)))
-    varying = [k for k in keys if k != SEED_KEY and not k.startswith(IGNORED_PREFIXES)
-               and len({repr(r.config.get(k)) for r in runs}) > 1]
+    varying = [
+        k
+        for k in keys
+        if k != SEED_KEY and not k.startswith(IGNORED_PREFIXES) and len({repr(r.config.get(k)) for r in runs}) > 1
+    ]
     kept: dict[tuple[str, ...], str] = {}
     for k in sorted(varying, key=lambda k: (not k.startswith("model."), len(k), k)):
         kept.setdefault(tuple(repr(r.config.get(k)) for r in runs), k)
@@ -158,13 +169,22 @@ def _metric(run: Run, name: str) -> float | None:
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
-def summarize(runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = KEY_METRICS,
-              failed: Sequence[tuple[tuple[Any, ...], str]] = (), skipped: Sequence[Skipped] = (),
-              sort: bool = False) -> list[dict[str, Any]]:
+def summarize(
+    runs: Sequence[Run],
+    keys: Sequence[str],
+    metrics: Sequence[str] = KEY_METRICS,
+    failed: Sequence[tuple[tuple[Any, ...], str]] = (),
+    skipped: Sequence[Skipped] = (),
+    sort: bool = False,
+) -> list[dict[str, Any]]:
     """One row per group: in first-seen order, or sorted by the group's values (`sort`).
 
     Args:
@@ -247,11 +267,18 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
             w.writerow([_csv_value(row.get(c)) for c in columns])
 
 
-def run_rows(runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss",) + KEY_METRICS) -> list[dict[str, Any]]:
+def run_rows(
+    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss",) + KEY_METRICS
+) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
-        row: dict[str, Any] = {"run_dir": str(r.path), **dict(zip(keys, r.group)), SEED_KEY: r.seed,
-                               "epochs": len(r.val), "best_epoch": r.best_epoch}
+        row: dict[str, Any] = {
+            "run_dir": str(r.path),
+            **dict(zip(keys, r.group)),
+            SEED_KEY: r.seed,
+            "epochs": len(r.val),
+            "best_epoch": r.best_epoch,
+        }
         row.update({m: _metric(r, m) for m in metrics})
         rows.append(row)
     return rows
@@ -281,8 +308,15 @@ def plot_curves(runs: Sequence[Run], keys: Sequence[str], path: Path, metrics: S
             color = cmap(gi % 10) if len(groups) <= 10 else cmap(gi / max(1, len(groups) - 1))
             xs = [int(e.get("epoch", i + 1)) for i, e in enumerate(r.val)]
             ys = [math.nan if e.get(m) is None else float(e[m]) for e in r.val]
-            ax.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.85,
-                    label=None if r.group in labelled else group_label(keys, r.group))
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=3,
+                color=color,
+                alpha=0.85,
+                label=None if r.group in labelled else group_label(keys, r.group),
+            )
             labelled.add(r.group)
         ax.set_title(f"val {m}")
         ax.set_xlabel("epoch")
@@ -294,8 +328,9 @@ def plot_curves(runs: Sequence[Run], keys: Sequence[str], path: Path, metrics: S
     return path
 
 
-def plot_heatmap(rows: Sequence[dict[str, Any]], row_key: str, col_key: str, path: Path,
-                 metrics: Sequence[str] = KEY_METRICS) -> Path:
+def plot_heatmap(
+    rows: Sequence[dict[str, Any]], row_key: str, col_key: str, path: Path, metrics: Sequence[str] = KEY_METRICS
+) -> Path:
     """Mean of each metric on a row_key x col_key grid, annotated with mean ± std; empty cells grey."""
     import numpy as np
 
@@ -322,8 +357,9 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], row_key: str, col_key: str, pat
                     continue
                 std = row[f"{m}_std"]
                 text = f"{grid[i, j]:.3f}" + (f"\n±{std:.3f}" if std is not None else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if grid[i, j] < 0.6 else "black")
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=8, color="white" if grid[i, j] < 0.6 else "black"
+                )
         ax.set_xticks(range(len(cvals)), [_fmt(v) for v in cvals])
         ax.set_yticks(range(len(rvals)), [_fmt(v) for v in rvals])
         ax.set_xlabel(col_key)
@@ -350,9 +386,17 @@ def heatmap_axes(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[s
     return (keys[0], keys[1]) if numeric else None
 
 
-def write_report(out: str | Path, runs: Sequence[Run], keys: Sequence[str], *, title: str,
-                 failed: Sequence[tuple[tuple[Any, ...], str]] = (), skipped: Sequence[Skipped] = (),
-                 heatmap: tuple[str, str] | None = None, sort: bool = False) -> dict[str, Path]:
+def write_report(
+    out: str | Path,
+    runs: Sequence[Run],
+    keys: Sequence[str],
+    *,
+    title: str,
+    failed: Sequence[tuple[tuple[Any, ...], str]] = (),
+    skipped: Sequence[Skipped] = (),
+    heatmap: tuple[str, str] | None = None,
+    sort: bool = False,
+) -> dict[str, Path]:
     """Write runs.csv, summary.csv, summary.md, curves.png and (with two numeric keys) heatmap.png.
 
     Args:
@@ -374,21 +418,37 @@ def write_report(out: str | Path, runs: Sequence[Run], keys: Sequence[str], *, t
     paths: dict[str, Path] = {}
 
     paths["runs_csv"] = out / "runs.csv"
-    write_csv(paths["runs_csv"], run_rows(runs, keys),
-              ["run_dir", *keys, SEED_KEY, "epochs", "best_epoch", "loss", *KEY_METRICS])
+    write_csv(
+        paths["runs_csv"],
+        run_rows(runs, keys),
+        ["run_dir", *keys, SEED_KEY, "epochs", "best_epoch", "loss", *KEY_METRICS],
+    )
     paths["summary_csv"] = out / "summary.csv"
-    write_csv(paths["summary_csv"], rows, [*keys, "runs", "failed", "note",
-                                           *(f"{m}_{s}" for m in KEY_METRICS for s in ("mean", "std", "min", "max", "n"))])
+    write_csv(
+        paths["summary_csv"],
+        rows,
+        [
+            *keys,
+            "runs",
+            "failed",
+            "note",
+            *(f"{m}_{s}" for m in KEY_METRICS for s in ("mean", "std", "min", "max", "n")),
+        ],
+    )
 
     monitors = sorted({str(r.config.get("checkpoint.monitor", "risk_high_recall")) for r in runs})
     seeds = sorted({r.seed for r in runs if r.seed is not None})
-    text = [f"# {title}", "",
-            f"{_count(len(runs), 'finished run')} in {_count(len(rows), 'group')}"
-            + (f", {_count(len(failed), 'failed run')}" if failed else "")
-            + (f", {_count(len(skipped), 'cell')} skipped" if skipped else "")
-            + f". Val metrics at each run's best epoch (checkpoint.monitor: {', '.join(monitors) or 'n/a'}); "
-            + f"mean ± std over the runs of each group ({SEED_KEY}: {', '.join(map(str, seeds)) or 'n/a'}).", "",
-            markdown_table(rows, keys)]
+    text = [
+        f"# {title}",
+        "",
+        f"{_count(len(runs), 'finished run')} in {_count(len(rows), 'group')}"
+        + (f", {_count(len(failed), 'failed run')}" if failed else "")
+        + (f", {_count(len(skipped), 'cell')} skipped" if skipped else "")
+        + f". Val metrics at each run's best epoch (checkpoint.monitor: {', '.join(monitors) or 'n/a'}); "
+        + f"mean ± std over the runs of each group ({SEED_KEY}: {', '.join(map(str, seeds)) or 'n/a'}).",
+        "",
+        markdown_table(rows, keys),
+    ]
     if failed:
         text += ["## Failed runs", ""] + [f"- {group_label(keys, g)}: {err}" for g, err in failed] + [""]
     if skipped:

@@ -33,8 +33,13 @@ class BestEpochRule:
     compares against exactly the value it had.
     """
 
-    def __init__(self, monitor: str, mode: str = "auto", tie_breaker: str | None = None,
-                 min_metrics: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        mode: str = "auto",
+        tie_breaker: str | None = None,
+        min_metrics: Mapping[str, float] | None = None,
+    ) -> None:
         self.monitor = str(monitor)
         self.mode = monitor_mode(self.monitor, str(mode))
         self.tie_breaker = str(tie_breaker) if tie_breaker else None
@@ -45,8 +50,12 @@ class BestEpochRule:
         """From the `checkpoint` config node (or any mapping with its keys)."""
         floors = checkpoint.get("min_metrics")
         floors = OmegaConf.to_container(floors, resolve=True) if OmegaConf.is_config(floors) else floors
-        return cls(checkpoint.get("monitor", "risk_high_recall"), checkpoint.get("mode", "auto"),
-                   checkpoint.get("tie_breaker"), floors)
+        return cls(
+            checkpoint.get("monitor", "risk_high_recall"),
+            checkpoint.get("mode", "auto"),
+            checkpoint.get("tie_breaker"),
+            floors,
+        )
 
     def _signed(self, metrics: Mapping[str, Any], name: str | None, mode: str) -> float:
         v = metrics.get(name) if name else None
@@ -70,8 +79,14 @@ class BestEpochRule:
         tie = self._signed(metrics, self.tie_breaker, monitor_mode(self.tie_breaker or "", "auto"))
         return 1.0, monitor, tie
 
-    def judge(self, epoch: int, metrics: Mapping[str, Any], best_key: Sequence[float] | None,
-              best_epoch: int, best_metrics: Mapping[str, Any] | None) -> tuple[bool, tuple[float, ...], str]:
+    def judge(
+        self,
+        epoch: int,
+        metrics: Mapping[str, Any],
+        best_key: Sequence[float] | None,
+        best_epoch: int,
+        best_metrics: Mapping[str, Any] | None,
+    ) -> tuple[bool, tuple[float, ...], str]:
         """Whether this epoch becomes best, its key, and a sentence saying why (for the log).
 
         Args:
@@ -82,11 +97,21 @@ class BestEpochRule:
         wins = best_key is None or best_epoch == 0 or key > tuple(best_key)
         return wins, key, self._why(epoch, metrics, wins, key, best_key, best_epoch, best_metrics or {})
 
-    def _why(self, epoch: int, m: Mapping[str, Any], wins: bool, key: tuple[float, ...],
-             best_key: Sequence[float] | None, best_epoch: int, best: Mapping[str, Any]) -> str:
+    def _why(
+        self,
+        epoch: int,
+        m: Mapping[str, Any],
+        wins: bool,
+        key: tuple[float, ...],
+        best_key: Sequence[float] | None,
+        best_epoch: int,
+        best: Mapping[str, Any],
+    ) -> str:
         missed = self.shortfalls(m)
-        floors = ", ".join(f"{name} {_fmt(m.get(name))} {'<' if name in missed else '>='} {floor:g}"
-                           for name, floor in self.min_metrics.items())
+        floors = ", ".join(
+            f"{name} {_fmt(m.get(name))} {'<' if name in missed else '>='} {floor:g}"
+            for name, floor in self.min_metrics.items()
+        )
         floors = f"{floors} required" if floors else "no checkpoint.min_metrics"
         now = f"{self.monitor} {_fmt(m.get(self.monitor))}"
         verdict = f"epoch {epoch} is {'best' if wins else 'not best'}"
@@ -103,7 +128,9 @@ class BestEpochRule:
             better = (">" if self.mode == "max" else "<") if wins else (">" if self.mode == "min" else "<")
             return f"{verdict}: {now} {better} {then}; {floors}"
         tie = self.tie_breaker
-        decides = f"{tie} {_fmt(m.get(tie))} vs {_fmt(best.get(tie)) if best else '?'} decides" if tie else "no tie-breaker"
+        decides = (
+            f"{tie} {_fmt(m.get(tie))} vs {_fmt(best.get(tie)) if best else '?'} decides" if tie else "no tie-breaker"
+        )
         return f"{verdict}: {now} ties {then}, {decides} (a full tie keeps the earlier epoch); {floors}"
 
 

@@ -98,9 +98,13 @@ def parse_args(argv: list[str]) -> Plan:
     else:
         counts = _ints("seeds", seeds_text)
         if len(counts) != 1:
-            raise ConfigError(f"seeds={seeds_text}: a count is one integer (seeds=3); name seeds as a list: seeds=[0,7]")
+            raise ConfigError(
+                f"seeds={seeds_text}: a count is one integer (seeds=3); name seeds as a list: seeds=[0,7]"
+            )
         seeds = counts[0]
-    out = Path(own["out"]) if own.get("out") else Path("outputs/ablations") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = (
+        Path(own["out"]) if own.get("out") else Path("outputs/ablations") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    )
     return Plan(_ints("F", own["F"]), _ints("K", own["K"]), seeds, out, overrides)
 
 
@@ -110,7 +114,9 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import initialize_config_dir
 
     if not (CONF_DIR / "train.yaml").is_file():
-        raise ConfigError(f"{CONF_DIR / 'train.yaml'} not found: sim.experiments.ablate composes the project's conf/ directory")
+        raise ConfigError(
+            f"{CONF_DIR / 'train.yaml'} not found: sim.experiments.ablate composes the project's conf/ directory"
+        )
     from hydra.errors import HydraException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -122,9 +128,17 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def command(plan: Plan, seeds: list[int]) -> list[str]:
     """The multirun that trains the grid: train.py with sweeps/ablate_fk.yaml and the plan's values."""
-    return [sys.executable, str(TRAIN_PY), "-m", "+sweeps=ablate_fk", f"hydra.sweep.dir={plan.out}",
-            f"{GRID_KEYS[0]}={','.join(map(str, plan.Fs))}", f"{GRID_KEYS[1]}={','.join(map(str, plan.Ks))}",
-            f"{report.SEED_KEY}={','.join(map(str, seeds))}", *plan.overrides]
+    return [
+        sys.executable,
+        str(TRAIN_PY),
+        "-m",
+        "+sweeps=ablate_fk",
+        f"hydra.sweep.dir={plan.out}",
+        f"{GRID_KEYS[0]}={','.join(map(str, plan.Fs))}",
+        f"{GRID_KEYS[1]}={','.join(map(str, plan.Ks))}",
+        f"{report.SEED_KEY}={','.join(map(str, seeds))}",
+        *plan.overrides,
+    ]
 
 
 def run_ablation(plan: Plan) -> int:
@@ -154,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not read_record(plan.out):
-        print(f"error: the multirun stopped (exit status {status}) before it ran any cell; see its output above",
-              file=sys.stderr)
+        print(
+            f"error: the multirun stopped (exit status {status}) before it ran any cell; see its output above",
+            file=sys.stderr,
+        )
         return 1
     paths = write_comparison([plan.out], plan.out, list(GRID_KEYS), title="F/K ablation", heatmap=GRID_KEYS)
     print(paths["summary_md"].read_text(encoding="utf-8"))

@@ -48,8 +48,14 @@ def grid_outcomes(dirs: Sequence[str | Path], keys: Sequence[str]) -> tuple[Fail
     return failed, list(skipped.values()), failed_dirs
 
 
-def write_comparison(dirs: Sequence[str | Path], out: str | Path, keys: Sequence[str] | None = None, *,
-                     title: str | None = None, heatmap: tuple[str, str] | None = None) -> dict[str, Path]:
+def write_comparison(
+    dirs: Sequence[str | Path],
+    out: str | Path,
+    keys: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    heatmap: tuple[str, str] | None = None,
+) -> dict[str, Path]:
     """Find the runs in `dirs`, group them by `keys` (default: the keys a grid swept, else those in which
     the runs differ) and write the report into `out` (see sim.evaluation.report.write_report).
 
@@ -72,8 +78,16 @@ def write_comparison(dirs: Sequence[str | Path], out: str | Path, keys: Sequence
     failed, skipped, failed_dirs = grid_outcomes(dirs, keys)
     # A job that failed mid-training may have left metric lines: it is reported as failed, not as a run.
     runs = [r for r in runs if str(r.path.resolve()) not in failed_dirs]
-    return report.write_report(out, runs, keys, title=title or f"Comparison of {len(runs)} runs", failed=failed,
-                               skipped=skipped, heatmap=heatmap, sort=is_grid)
+    return report.write_report(
+        out,
+        runs,
+        keys,
+        title=title or f"Comparison of {len(runs)} runs",
+        failed=failed,
+        skipped=skipped,
+        heatmap=heatmap,
+        sort=is_grid,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         known = set().union(*(r.config for r in runs))
         unknown = [k for k in keys if k not in known]
         if unknown:
-            print(f"error: by={opts['by']}: {', '.join(unknown)} is not a key of the runs' config_resolved.yaml "
-                  f"(e.g. {', '.join(report.varying_keys(runs)[:6]) or 'model.K'})", file=sys.stderr)
+            print(
+                f"error: by={opts['by']}: {', '.join(unknown)} is not a key of the runs' config_resolved.yaml "
+                f"(e.g. {', '.join(report.varying_keys(runs)[:6]) or 'model.K'})",
+                file=sys.stderr,
+            )
             return 2
     if opts.get("out"):
         out = Path(opts["out"])

@@ -42,8 +42,12 @@ class SweepFailed(CompactHydraException):
 
 
 class GridSweeper(Sweeper):
-    def __init__(self, max_batch_size: int | None, params: dict[str, str] | None = None,
-                 skip_if_greater: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int | None,
+        params: dict[str, str] | None = None,
+        skip_if_greater: dict[str, str] | None = None,
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
         self.skip_if_greater = dict(skip_if_greater or {})
@@ -54,8 +58,9 @@ class GridSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function,
-                                                                config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _skip_reason(self, cfg: DictConfig) -> str | None:
         for big, small in self.skip_if_greater.items():
@@ -94,19 +99,39 @@ class GridSweeper(Sweeper):
                 todo.append((cell, values))
             else:
                 log.warning("skipped %s: %s", " ".join(cell), why)
-                _append(record, {"job": None, "state": "SKIPPED", "params": values, "overrides": cell, "run_dir": None,
-                                 "reason": why})
-        log.info("grid of %d cells: %d to run, %d skipped; record in %s", len(cells), len(todo), len(cells) - len(todo), record)
+                _append(
+                    record,
+                    {
+                        "job": None,
+                        "state": "SKIPPED",
+                        "params": values,
+                        "overrides": cell,
+                        "run_dir": None,
+                        "reason": why,
+                    },
+                )
+        log.info(
+            "grid of %d cells: %d to run, %d skipped; record in %s",
+            len(cells),
+            len(todo),
+            len(cells) - len(todo),
+            record,
+        )
 
         size = self.max_batch_size or len(todo) or 1
         returns: list[list[JobReturn]] = []
         failed = 0
         for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
+            batch = todo[start : start + size]
             results = list(self.launcher.launch([cell for cell, _ in batch], initial_job_idx=start))
             for n, ((cell, values), ret) in enumerate(zip(batch, results), start):
-                entry = {"job": n, "state": "COMPLETE", "params": values, "overrides": cell,
-                         "run_dir": str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None}
+                entry = {
+                    "job": n,
+                    "state": "COMPLETE",
+                    "params": values,
+                    "overrides": cell,
+                    "run_dir": str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None,
+                }
                 try:
                     _ = ret.return_value  # re-raises the job's exception
                 except Exception as exc:  # one failed cell is recorded; the grid goes on
@@ -116,8 +141,10 @@ class GridSweeper(Sweeper):
                 _append(record, entry)
             returns.append(results)
         if failed:
-            raise SweepFailed(f"{failed} of {len(todo)} jobs failed; each is in {record} with its error, and its "
-                              "logs/stdout.log says more")
+            raise SweepFailed(
+                f"{failed} of {len(todo)} jobs failed; each is in {record} with its error, and its "
+                "logs/stdout.log says more"
+            )
         return returns
 
 

@@ -37,7 +37,9 @@ def _choices(override: Override) -> list[CategoricalChoiceType]:
     choices = []
     for x in override.sweep_iterator(transformer=Transformer.encode):
         if not isinstance(x, (str, int, float, bool, type(None))):
-            raise TypeError(f"{override.input_line}: a choice is a str, int, float, bool or None, not {type(x).__name__}")
+            raise TypeError(
+                f"{override.input_line}: a choice is a str, int, float, bool or None, not {type(x).__name__}"
+            )
         choices.append(x)
     return choices
 
@@ -55,7 +57,9 @@ def distribution_from_override(override: Override) -> BaseDistribution | str:
         if value.shuffle:
             return CategoricalDistribution(_choices(override))
         if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
-            return FloatDistribution(float(value.start), float(value.stop), step=float(value.step) if value.step else None)
+            return FloatDistribution(
+                float(value.start), float(value.stop), step=float(value.step) if value.step else None
+            )
         return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
     if override.is_interval_sweep():
         assert isinstance(value, IntervalSweep) and value.start is not None and value.end is not None

@@ -63,8 +63,10 @@ def _objective_values(raw: Any, n_objectives: int) -> tuple[list[float] | None, 
     except (TypeError, ValueError):
         return None, f"the job returned {raw!r}, not numbers"
     if any(not math.isfinite(v) for v in values):
-        return None, (f"the objective is undefined ({values}): a metric had no value on the val split "
-                      "at the best epoch (e.g. risk_high_recall with no 'high' samples)")
+        return None, (
+            f"the objective is undefined ({values}): a metric had no value on the val split "
+            "at the best epoch (e.g. risk_high_recall with no 'high' samples)"
+        )
     return values, None
 
 
@@ -75,16 +77,30 @@ def _trial_name(record: dict[str, Any]) -> str:
 
 def _n_counted(study: optuna.Study, stale: set[int]) -> int:
     """Trials that count toward the total: finished ones, and running ones of a live process."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in FINISHED or (t.state == TrialState.RUNNING and t.number not in stale))
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state in FINISHED or (t.state == TrialState.RUNNING and t.number not in stale)
+    )
 
 
 class OptunaSweeperImpl(Sweeper):
     """A resumable, failure-tolerant, pruning optuna loop (see the module doc)."""
 
-    def __init__(self, sampler: Any, direction: Any, storage: str | None, study_name: str | None, n_trials: int,
-                 n_jobs: int, max_failure_rate: float, search_space: DictConfig | None,
-                 custom_search_space: str | None, params: DictConfig | None, pruner: Any = None) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: str | None,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        search_space: DictConfig | None,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        pruner: Any = None,
+    ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: expected a fraction in [0, 1]")
         if n_jobs < 1:
@@ -100,22 +116,27 @@ class OptunaSweeperImpl(Sweeper):
         self.params = params
         self.pruner = pruning.make_pruner(pruner)
         self.extend_search_space: Callable[[DictConfig, Trial], None] | None = (
-            instantiate({"_target_": custom_search_space, "_partial_": True}) if custom_search_space else None)
+            instantiate({"_target_": custom_search_space, "_partial_": True}) if custom_search_space else None
+        )
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
-                                                                task_function=task_function)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     def _search_space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
         """(distributions, fixed values) from `params`, the deprecated `search_space` and the command line."""
         dists: dict[str, BaseDistribution] = {}
         if self.search_space is not None and self.params is None:
-            warnings.warn("hydra.sweeper.search_space is deprecated (since Hydra 1.2): write the search space in "
-                          "hydra.sweeper.params, e.g. `optim.lr: tag(log, interval(1e-4, 1e-2))`", DeprecationWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "hydra.sweeper.search_space is deprecated (since Hydra 1.2): write the search space in "
+                "hydra.sweeper.params, e.g. `optim.lr: tag(log, interval(1e-4, 1e-2))`",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             dists = {str(k): distribution_from_config(v) for k, v in self.search_space.items()}
         elif self.search_space is not None:
             log.warning("both hydra.sweeper.params and hydra.sweeper.search_space are set: the search space is params")
@@ -142,14 +163,22 @@ class OptunaSweeperImpl(Sweeper):
             log.info("GridSampler: n_trials is at most the grid size, %d", self.n_trials)
         directions = self._directions()
         if len(directions) > 1 and pruning.prunes(self.pruner):
-            raise ConfigError(f"hydra.sweeper.pruner={type(self.pruner).__name__} with {len(directions)} objectives: "
-                              "optuna prunes single-objective studies only; use hydra.sweeper.pruner=none")
+            raise ConfigError(
+                f"hydra.sweeper.pruner={type(self.pruner).__name__} with {len(directions)} objectives: "
+                "optuna prunes single-objective studies only; use hydra.sweeper.pruner=none"
+            )
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         # SQLite cannot create the directory of its database file.
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    pruner=self.pruner, directions=directions, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            sampler=self.sampler,
+            pruner=self.pruner,
+            directions=directions,
+            load_if_exists=True,
+        )
         self._check_study(study, directions, sweep_dir, dists, fixed_params)
 
         trials = study.get_trials(deepcopy=False)
@@ -157,12 +186,24 @@ class OptunaSweeperImpl(Sweeper):
         # they cannot be told apart, so they do not count (their directories are left as they are).
         stale = {t.number for t in trials if t.state == TrialState.RUNNING}
         if stale:
-            log.warning("trials %s of study %r are RUNNING: left by an interrupted sweep (or running in another "
-                        "process); they do not count toward n_trials", sorted(stale), study.study_name)
+            log.warning(
+                "trials %s of study %r are RUNNING: left by an interrupted sweep (or running in another "
+                "process); they do not count toward n_trials",
+                sorted(stale),
+                study.study_name,
+            )
         n_done = sum(t.state in FINISHED for t in trials)
-        log.info("study %r in %s: %d of n_trials=%d finished, %d to run; sampler %s, pruner %s; sweep dir %s",
-                 study.study_name, self.storage or "memory", n_done, self.n_trials, max(0, self.n_trials - n_done),
-                 type(study.sampler).__name__, type(self.pruner).__name__, sweep_dir)
+        log.info(
+            "study %r in %s: %d of n_trials=%d finished, %d to run; sampler %s, pruner %s; sweep dir %s",
+            study.study_name,
+            self.storage or "memory",
+            n_done,
+            self.n_trials,
+            max(0, self.n_trials - n_done),
+            type(study.sampler).__name__,
+            type(self.pruner).__name__,
+            sweep_dir,
+        )
 
         while (to_go := self.n_trials - _n_counted(study, stale)) > 0:
             batch = [study.ask(dists) for _ in range(min(to_go, self.n_jobs))]
@@ -180,10 +221,13 @@ class OptunaSweeperImpl(Sweeper):
                     failures.append(record)
             if failures and len(failures) / len(returns) > self.max_failure_rate:
                 first = failures[0]
-                why = failed_trials_message(len(failures), len(returns), _trial_name(first), first["error"],
-                                            first["run_dir"])
-                raise SweepFailed(f"the sweep stopped above hydra.sweeper.max_failure_rate={self.max_failure_rate}: "
-                                  f"in its last batch, {why}; every trial: {sweep_dir / 'trials.jsonl'}")
+                why = failed_trials_message(
+                    len(failures), len(returns), _trial_name(first), first["error"], first["run_dir"]
+                )
+                raise SweepFailed(
+                    f"the sweep stopped above hydra.sweeper.max_failure_rate={self.max_failure_rate}: "
+                    f"in its last batch, {why}; every trial: {sweep_dir / 'trials.jsonl'}"
+                )
 
         self._write_results(study, directions, sweep_dir)
 
@@ -198,36 +242,57 @@ class OptunaSweeperImpl(Sweeper):
                 self.extend_search_space(self.config, trial)
             overlap = trial.params.keys() & trial.user_attrs.keys()
             if overlap:
-                raise ConfigError(f"{sorted(overlap)} are both fixed and searched: give each key one value or one sweep")
+                raise ConfigError(
+                    f"{sorted(overlap)} are both fixed and searched: give each key one value or one sweep"
+                )
             overrides.append(tuple(f"{name}={value}" for name, value in {**trial.params, **fixed_params}.items()))
         return overrides
 
-    def _check_study(self, study: optuna.Study, directions: list[str], sweep_dir: Path,
-                     dists: dict[str, BaseDistribution], fixed_params: dict[str, Any]) -> None:
+    def _check_study(
+        self,
+        study: optuna.Study,
+        directions: list[str],
+        sweep_dir: Path,
+        dists: dict[str, BaseDistribution],
+        fixed_params: dict[str, Any],
+    ) -> None:
         """Refuse a stored study that cannot be continued; warn where a resume changed the sweep."""
         stored = [d.name.lower() for d in study.directions]
         if stored != [d.lower() for d in directions]:
-            raise ConfigError(f"study {study.study_name!r} in {self.storage} optimizes {stored}, this sweep asks "
-                              f"{directions} (hydra.sweeper.direction): use another hydra.sweeper.study_name "
-                              "or hydra.sweep.dir")
+            raise ConfigError(
+                f"study {study.study_name!r} in {self.storage} optimizes {stored}, this sweep asks "
+                f"{directions} (hydra.sweeper.direction): use another hydra.sweeper.study_name "
+                "or hydra.sweep.dir"
+            )
         n_trials = len(study.get_trials(deepcopy=False))
         subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
         if subdir == "${hydra.job.num}" and (sweep_dir / str(n_trials)).exists():
-            raise ConfigError(f"{sweep_dir / str(n_trials)} exists but study {study.study_name!r} in "
-                              f"{self.storage or 'memory'} has only {n_trials} trials, so the next trial would "
-                              "write into it: keep the study with its sweep directory (hydra.sweeper.storage), "
-                              "or choose a new hydra.sweep.dir")
-        setup = {"search_space": {k: repr(v) for k, v in sorted(dists.items())},
-                 "fixed": {k: str(v) for k, v in sorted(fixed_params.items())}}
+            raise ConfigError(
+                f"{sweep_dir / str(n_trials)} exists but study {study.study_name!r} in "
+                f"{self.storage or 'memory'} has only {n_trials} trials, so the next trial would "
+                "write into it: keep the study with its sweep directory (hydra.sweeper.storage), "
+                "or choose a new hydra.sweep.dir"
+            )
+        setup = {
+            "search_space": {k: repr(v) for k, v in sorted(dists.items())},
+            "fixed": {k: str(v) for k, v in sorted(fixed_params.items())},
+        }
         before = study.user_attrs.get("sim_sweep")
         if before is None:
             study.set_user_attr("sim_sweep", setup)
         elif before != setup:
-            changed = sorted(k for part in ("search_space", "fixed")
-                             for k in set(before.get(part, {})) | set(setup[part])
-                             if before.get(part, {}).get(k) != setup[part].get(k))
-            log.warning("resuming study %r with a different sweep: %s changed since it started; earlier "
-                        "trials keep their settings", study.study_name, ", ".join(changed))
+            changed = sorted(
+                k
+                for part in ("search_space", "fixed")
+                for k in set(before.get(part, {})) | set(setup[part])
+                if before.get(part, {}).get(k) != setup[part].get(k)
+            )
+            log.warning(
+                "resuming study %r with a different sweep: %s changed since it started; earlier "
+                "trials keep their settings",
+                study.study_name,
+                ", ".join(changed),
+            )
 
     def _launch(self, trials: list[Trial], overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Launch with hydra.job.num = trial number (one launch per trial if the numbers are not a run)."""
@@ -236,8 +301,16 @@ class OptunaSweeperImpl(Sweeper):
             return list(self.launcher.launch(overrides, initial_job_idx=numbers[0]))
         return [r for t, o in zip(trials, overrides) for r in self.launcher.launch([o], initial_job_idx=t.number)]
 
-    def _finish(self, study: optuna.Study, trial: Trial, overrides: Sequence[str], ret: JobReturn,
-                directions: list[str], is_grid: bool, sweep_dir: Path) -> dict[str, Any]:
+    def _finish(
+        self,
+        study: optuna.Study,
+        trial: Trial,
+        overrides: Sequence[str],
+        ret: JobReturn,
+        directions: list[str],
+        is_grid: bool,
+        sweep_dir: Path,
+    ) -> dict[str, Any]:
         """Tell the study how the trial ended and record it (the record is returned, its `error` set
         for a failed trial)."""
         values: list[float] | None = None
@@ -265,11 +338,20 @@ class OptunaSweeperImpl(Sweeper):
                 raise
         objective = ret.cfg.get("objective") if ret.cfg is not None else None
         objective = OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else objective
-        record = {"trial": trial.number, "state": state.name, "objective": objective, "values": values,
-                  "params": trial.params, "overrides": list(overrides), "run_dir": run_dir,
-                  "error": None if error is None else f"{type(error).__name__}: {error}"}
+        record = {
+            "trial": trial.number,
+            "state": state.name,
+            "objective": objective,
+            "values": values,
+            "params": trial.params,
+            "overrides": list(overrides),
+            "run_dir": run_dir,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+        }
         if state == TrialState.PRUNED:
-            frozen = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.number == trial.number)
+            frozen = next(
+                t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.number == trial.number
+            )
             record["pruned_at_epoch"] = frozen.last_step
             record["last_value"] = frozen.value
         with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
@@ -277,11 +359,22 @@ class OptunaSweeperImpl(Sweeper):
         if state == TrialState.COMPLETE:
             log.info("trial %d: %s = %s  (%s)", trial.number, objective, values, run_dir)
         elif state == TrialState.PRUNED:
-            log.info("trial %d pruned after epoch %s (%s = %s)  (%s)", trial.number, record["pruned_at_epoch"],
-                     objective, record["last_value"], run_dir)
+            log.info(
+                "trial %d pruned after epoch %s (%s = %s)  (%s)",
+                trial.number,
+                record["pruned_at_epoch"],
+                objective,
+                record["last_value"],
+                run_dir,
+            )
         else:
-            log.warning("trial %d failed and is recorded as FAIL; the sweep goes on. %s: %s  (overrides: %s)",
-                        trial.number, type(error).__name__, error, " ".join(overrides))
+            log.warning(
+                "trial %d failed and is recorded as FAIL; the sweep goes on. %s: %s  (overrides: %s)",
+                trial.number,
+                type(error).__name__,
+                error,
+                " ".join(overrides),
+            )
         return record
 
     def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path) -> None:
@@ -296,19 +389,36 @@ class OptunaSweeperImpl(Sweeper):
                 raise SweepFailed(f"no trial of study {study.study_name!r} completed ({n_pruned} pruned); {every}")
             first = failed[0]
             # A study begun by another sweeper has no recorded error or run directory.
-            why = failed_trials_message(n_failed, len(trials), _trial_name({"trial": first.number, "params": first.params}),
-                                        first.user_attrs.get("error", "an unrecorded error"), first.user_attrs.get("run_dir"))
+            why = failed_trials_message(
+                n_failed,
+                len(trials),
+                _trial_name({"trial": first.number, "params": first.params}),
+                first.user_attrs.get("error", "an unrecorded error"),
+                first.user_attrs.get("run_dir"),
+            )
             raise SweepFailed(f"no trial of study {study.study_name!r} completed: {why}; {every}")
-        summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "directions": directions,
-                                   "n_complete": len(complete), "n_pruned": n_pruned, "n_failed": n_failed}
+        summary: dict[str, Any] = {
+            "name": "optuna",
+            "study_name": study.study_name,
+            "directions": directions,
+            "n_complete": len(complete),
+            "n_pruned": n_pruned,
+            "n_failed": n_failed,
+        }
         if len(directions) < 2:
             best = study.best_trial
-            summary.update(best_trial=best.number, best_params=best.params, best_value=best.value,
-                           best_run_dir=best.user_attrs.get("run_dir"))
+            summary.update(
+                best_trial=best.number,
+                best_params=best.params,
+                best_value=best.value,
+                best_run_dir=best.user_attrs.get("run_dir"),
+            )
             log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
         else:
-            summary["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values,
-                                     "run_dir": t.user_attrs.get("run_dir")} for t in study.best_trials]
+            summary["solutions"] = [
+                {"trial": t.number, "params": t.params, "values": t.values, "run_dir": t.user_attrs.get("run_dir")}
+                for t in study.best_trials
+            ]
             log.info("Pareto front: %d trials", len(summary["solutions"]))
             for t in study.best_trials:
                 log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)

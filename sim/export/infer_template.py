@@ -61,8 +61,10 @@ def read_threshold(value: float | str | Path | None) -> float | None:
         try:
             threshold = json.loads(path.read_text())["risk_high_threshold"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"--risk-high-threshold {value!r}: not a number, nor a metrics.json of evaluate.py "
-                            f"with risk_high_threshold ({type(exc).__name__}: {exc})") from None
+            raise DataError(
+                f"--risk-high-threshold {value!r}: not a number, nor a metrics.json of evaluate.py "
+                f"with risk_high_threshold ({type(exc).__name__}: {exc})"
+            ) from None
         if threshold is None:
             raise DataError(f"{path}: risk_high_threshold is null (the split had no 'high' sample)")
         threshold = float(threshold)
@@ -85,8 +87,13 @@ class SimInference:
         CheckpointError: the checkpoint is missing, truncated, corrupt or not a SIM checkpoint.
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu",
-                 risk_high_threshold: float | str | Path | None = None, precision: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        risk_high_threshold: float | str | Path | None = None,
+        precision: str | None = None,
+    ) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
         self.risk_high_threshold = read_threshold(risk_high_threshold)
@@ -95,8 +102,9 @@ class SimInference:
     def video_key(self) -> str:
         return "vis_feats" if self.model.use_cached_vis_feats else "frames"
 
-    def batch(self, telemetry: Any, vis_feats: Any = None, frames: Any = None,
-              sample_id: str | list[str] | None = None) -> tuple[dict[str, Any], bool]:
+    def batch(
+        self, telemetry: Any, vis_feats: Any = None, frames: Any = None, sample_id: str | list[str] | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """Check one window (or a batch) and collate it as the model reads it.
 
         Returns:
@@ -109,23 +117,35 @@ class SimInference:
         given = vis_feats if self.video_key == "vis_feats" else frames
         if given is None:
             other = "frames" if self.video_key == "vis_feats" else "vis_feats"
-            extra = f" (got {other}, which this checkpoint does not read)" if (frames if other == "frames" else vis_feats) is not None else ""
+            extra = (
+                f" (got {other}, which this checkpoint does not read)"
+                if (frames if other == "frames" else vis_feats) is not None
+                else ""
+            )
             want = f"vis_feats [F={m.F}, dv={m.dv}]" if self.video_key == "vis_feats" else f"frames [F={m.F}, 3, H, W]"
             raise DataError(f"this checkpoint reads {want}{extra}")
         video = np.asarray(given)
         tel = np.asarray(telemetry)
         if tel.dtype.kind not in "fiu" or tel.shape[-1:] != (8,) or tel.ndim not in (1, 2):
-            raise DataError(f"telemetry has shape {list(tel.shape)} dtype {tel.dtype}, expected [8] (or [B, 8]) numbers "
-                            "[ax, ay, az, gx, gy, gz, v, w]")
+            raise DataError(
+                f"telemetry has shape {list(tel.shape)} dtype {tel.dtype}, expected [8] (or [B, 8]) numbers "
+                "[ax, ay, az, gx, gy, gz, v, w]"
+            )
         single = tel.ndim == 1
         shape_given = list(video.shape)
         if single:
             tel, video = tel[None], video[None]
         per_sample = (m.F, m.dv) if self.video_key == "vis_feats" else (m.F, 3)
-        if video.ndim != (3 if self.video_key == "vis_feats" else 5) or video.shape[1:3] != per_sample or video.shape[0] != tel.shape[0]:
+        if (
+            video.ndim != (3 if self.video_key == "vis_feats" else 5)
+            or video.shape[1:3] != per_sample
+            or video.shape[0] != tel.shape[0]
+        ):
             want = f"[F={m.F}, dv={m.dv}]" if self.video_key == "vis_feats" else f"[F={m.F}, 3, H, W]"
-            raise DataError(f"{self.video_key} has shape {shape_given}, expected {want} for one window "
-                            f"(or [B, ...] with B = {tel.shape[0]}, the telemetry rows)")
+            raise DataError(
+                f"{self.video_key} has shape {shape_given}, expected {want} for one window "
+                f"(or [B, ...] with B = {tel.shape[0]}, the telemetry rows)"
+            )
         if video.dtype.kind not in "fiu":
             raise DataError(f"{self.video_key} has dtype {video.dtype}, expected numbers")
         tel_t = torch.from_numpy(np.ascontiguousarray(tel, dtype=np.float32))
@@ -145,8 +165,9 @@ class SimInference:
             batch["sample_id"] = ids
         return batch, single
 
-    def __call__(self, telemetry: Any, vis_feats: Any = None, frames: Any = None,
-                 sample_id: str | list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    def __call__(
+        self, telemetry: Any, vis_feats: Any = None, frames: Any = None, sample_id: str | list[str] | None = None
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """The decision for one window (a dict) or a batch of windows (a list of dicts)."""
         batch, single = self.batch(telemetry, vis_feats, frames, sample_id)
         out = self.model.predict_json(batch, risk_high_threshold=self.risk_high_threshold)
@@ -155,8 +176,12 @@ class SimInference:
     def predict_npz(self, path: str | Path) -> dict[str, Any] | list[dict[str, Any]]:
         """Decide on the window(s) of an .npz file (sample_id defaults to the file's stem)."""
         arrays = load_window(path)
-        return self(arrays["telemetry"], arrays.get("vis_feats"), arrays.get("frames"),
-                    sample_id=arrays.get("sample_id", Path(path).stem))
+        return self(
+            arrays["telemetry"],
+            arrays.get("vis_feats"),
+            arrays.get("frames"),
+            sample_id=arrays.get("sample_id", Path(path).stem),
+        )
 
 
 def load_window(path: str | Path) -> dict[str, Any]:
@@ -174,7 +199,9 @@ def load_window(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path} is not a readable .npz of arrays: {exc}") from None
     if "telemetry" not in arrays:
-        raise DataError(f"{path} has no 'telemetry' array (found {sorted(arrays)}); expected telemetry [8] and vis_feats or frames")
+        raise DataError(
+            f"{path} has no 'telemetry' array (found {sorted(arrays)}); expected telemetry [8] and vis_feats or frames"
+        )
     if "sample_id" in arrays:
         ids = arrays["sample_id"]
         arrays["sample_id"] = str(ids) if ids.ndim == 0 else [str(s) for s in ids.tolist()]
@@ -184,16 +211,26 @@ def load_window(path: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("window", help=".npz with telemetry and vis_feats or frames")
-    parser.add_argument("--checkpoint", default=None, help="default: best.pt beside this file, else ../checkpoints/best.pt")
+    parser.add_argument(
+        "--checkpoint", default=None, help="default: best.pt beside this file, else ../checkpoints/best.pt"
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                        help="default: the precision the checkpoint was trained and validated in")
-    parser.add_argument("--risk-high-threshold", default=None,
-                        help="P(high) threshold, or evaluate.py's metrics.json to read risk_high_threshold from")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="default: the precision the checkpoint was trained and validated in",
+    )
+    parser.add_argument(
+        "--risk-high-threshold",
+        default=None,
+        help="P(high) threshold, or evaluate.py's metrics.json to read risk_high_threshold from",
+    )
     args = parser.parse_args(argv)
     try:
-        infer = SimInference(args.checkpoint, device=args.device, risk_high_threshold=args.risk_high_threshold,
-                             precision=args.precision)
+        infer = SimInference(
+            args.checkpoint, device=args.device, risk_high_threshold=args.risk_high_threshold, precision=args.precision
+        )
         result = infer.predict_npz(args.window)
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -114,7 +114,9 @@ def onnx_runner(path: Path, threads: int) -> Runner:
     return lambda video, tel: run_session(sess, video.numpy(), tel.numpy())
 
 
-def time_backend(run: Runner, windows: list[tuple[torch.Tensor, torch.Tensor]], warmup: int) -> tuple[list[float], dict[str, np.ndarray]]:
+def time_backend(
+    run: Runner, windows: list[tuple[torch.Tensor, torch.Tensor]], warmup: int
+) -> tuple[list[float], dict[str, np.ndarray]]:
     """Per-window wall times (ms) and the logits of every window."""
     for i in range(warmup):
         run(*windows[i % len(windows)])
@@ -170,8 +172,14 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     windows = windows_of(dataset, n_windows, key)
     # Agreement is measured against the precision the checkpoint was trained and validated in.
     reference = model.precision
-    log.info("timing %s on %d windows of %s, %d threads; reference: eager %s", what, len(windows),
-             dataset.describe(), threads, reference.name)
+    log.info(
+        "timing %s on %d windows of %s, %d threads; reference: eager %s",
+        what,
+        len(windows),
+        dataset.describe(),
+        threads,
+        reference.name,
+    )
     _, ref = time_backend(torch_runner(model), windows, warmup)
     results: dict[str, Any] = {}
     tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
@@ -190,7 +198,10 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             else:
                 fp32_path = out_dir / "sim_v0.onnx"
                 if not exported:  # once per run: a graph left in onnx_dir may be another model's
-                    batch = {key: torch.cat([w[0] for w in windows[:2]]), "telemetry": torch.cat([w[1] for w in windows[:2]])}
+                    batch = {
+                        key: torch.cat([w[0] for w in windows[:2]]),
+                        "telemetry": torch.cat([w[1] for w in windows[:2]]),
+                    }
                     fp32 = copy.deepcopy(model)
                     fp32.set_precision(named_precision("fp32"))
                     export_model(fp32, fp32_path, example_inputs(fp32, batch))
@@ -212,20 +223,30 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return {"model": what, "windows": len(windows), "threads": threads, "fast_bf16": cpu_has_fast_bf16(),
-            "reference_precision": reference.name,
-            "torch": torch.__version__, "backends": results}
+    return {
+        "model": what,
+        "windows": len(windows),
+        "threads": threads,
+        "fast_bf16": cpu_has_fast_bf16(),
+        "reference_precision": reference.name,
+        "torch": torch.__version__,
+        "backends": results,
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{report['model']}: batch 1, {report['windows']} windows, {report['threads']} threads"
-             + ("" if report["fast_bf16"] else " (this CPU has no native bf16: bf16 is emulated)"),
-             f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager "
-             f"{report.get('reference_precision', 'fp32')} (risk/reason/action)  max |dlogit|"]
+    lines = [
+        f"{report['model']}: batch 1, {report['windows']} windows, {report['threads']} threads"
+        + ("" if report["fast_bf16"] else " (this CPU has no native bf16: bf16 is emulated)"),
+        f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager "
+        f"{report.get('reference_precision', 'fp32')} (risk/reason/action)  max |dlogit|",
+    ]
     for name, r in report["backends"].items():
         a = r["label_agreement"]
-        lines.append(f"{name:<12} {r['ms_median']:>10.2f} {r['ms_p90']:>8.2f} {r['weights_mb']:>11.1f}  "
-                     f"{a['risk']:.4f} / {a['reason']:.4f} / {a['action']:.4f}{'':>18}{r['max_abs_logit_diff']:.2e}")
+        lines.append(
+            f"{name:<12} {r['ms_median']:>10.2f} {r['ms_p90']:>8.2f} {r['weights_mb']:>11.1f}  "
+            f"{a['risk']:.4f} / {a['reason']:.4f} / {a['action']:.4f}{'':>18}{r['max_abs_logit_diff']:.2e}"
+        )
     return "\n".join(lines)
 
 

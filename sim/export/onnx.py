@@ -57,7 +57,7 @@ def require_onnx() -> Any:
         import onnxruntime
     except ImportError as exc:
         raise OnnxRuntimeMissing(
-            f"ONNX export needs the optional extra: pip install -e \".[onnx]\" (onnx, onnxruntime, onnxscript); {exc}"
+            f'ONNX export needs the optional extra: pip install -e ".[onnx]" (onnx, onnxruntime, onnxscript); {exc}'
         ) from None
     return onnxruntime
 
@@ -97,7 +97,9 @@ def quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def example_inputs(model: nn.Module, batch: dict[str, Any] | None = None, size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def example_inputs(
+    model: nn.Module, batch: dict[str, Any] | None = None, size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs to trace with: `size` windows of a real batch, or random ones of the model's shapes.
 
     The batch is at least 2: an example of batch 1 would let the tracer fix the batch size to 1.
@@ -113,7 +115,9 @@ def example_inputs(model: nn.Module, batch: dict[str, Any] | None = None, size: 
     return video, torch.randn(size, 8, generator=g)
 
 
-def export_model(model: nn.Module, out: str | Path, example: tuple[torch.Tensor, torch.Tensor], opset: int | None = None) -> Path:
+def export_model(
+    model: nn.Module, out: str | Path, example: tuple[torch.Tensor, torch.Tensor], opset: int | None = None
+) -> Path:
     """Export `model` (eval mode, fp32) to `out` with a dynamic batch dimension.
 
     Returns:
@@ -145,8 +149,11 @@ def export_model(model: nn.Module, out: str | Path, example: tuple[torch.Tensor,
     log.info("exported %s (%.0f MB of weights) in %.1f s", out, n_bytes / 1e6, time.perf_counter() - t0)
     fixed = static_batch(out)
     if fixed is not None:
-        log.warning("the exported graph has a fixed batch of %d (something in the model fixed it); feed it exactly "
-                    "that many windows", fixed)
+        log.warning(
+            "the exported graph has a fixed batch of %d (something in the model fixed it); feed it exactly "
+            "that many windows",
+            fixed,
+        )
     return out
 
 
@@ -195,7 +202,9 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     del proto.graph.value_info[:]
     plain = dst.with_name(dst.stem + ".prequant.onnx")
     try:
-        onnx.save(proto, str(plain), save_as_external_data=external, location=plain.name + ".data" if external else None)
+        onnx.save(
+            proto, str(plain), save_as_external_data=external, location=plain.name + ".data" if external else None
+        )
         del proto
         for stale in (dst, dst.with_name(dst.name + ".data")):
             stale.unlink(missing_ok=True)
@@ -220,10 +229,15 @@ def session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_session(sess: Any, video: torch.Tensor | np.ndarray, telemetry: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+def run_session(
+    sess: Any, video: torch.Tensor | np.ndarray, telemetry: torch.Tensor | np.ndarray
+) -> dict[str, np.ndarray]:
     """Logits of an ONNX session for one batch, keyed like the model's forward."""
     names = [i.name for i in sess.get_inputs()]
-    feeds = {names[0]: np.ascontiguousarray(np.asarray(video)), names[1]: np.ascontiguousarray(np.asarray(telemetry, dtype=np.float32))}
+    feeds = {
+        names[0]: np.ascontiguousarray(np.asarray(video)),
+        names[1]: np.ascontiguousarray(np.asarray(telemetry, dtype=np.float32)),
+    }
     if feeds[names[0]].dtype == np.float64:
         feeds[names[0]] = feeds[names[0]].astype(np.float32)
     return dict(zip(OUTPUTS, sess.run(list(OUTPUTS), feeds)))
@@ -247,7 +261,9 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
 
 
 @torch.inference_mode()
-def torch_logits(model: nn.Module, loader: Any, limit: int) -> tuple[dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
+def torch_logits(
+    model: nn.Module, loader: Any, limit: int
+) -> tuple[dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
     """PyTorch logits (in the model's precision) over the first `limit` samples of a loader, and the
     inputs they came from."""
     key = model_key(model)
@@ -323,13 +339,21 @@ def export_and_check(cfg: DictConfig) -> dict[str, Any]:
     # The graph computes in fp32; its conversion is checked against eager fp32 on the same weights.
     model.set_precision(named_precision("fp32"))
     ref = logits_of(model, inputs)
-    out = export_model(model, str(cfg.out), example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
-                       opset=int(cfg.opset) if cfg.opset else None)
+    out = export_model(
+        model,
+        str(cfg.out),
+        example_inputs(model, {model_key(model): inputs[0][0], "telemetry": inputs[0][1]}),
+        opset=int(cfg.opset) if cfg.opset else None,
+    )
     onnx_out = onnx_logits(session(out, threads), inputs)
-    report: dict[str, Any] = {"checkpoint": str(path), "onnx": str(out), "split": str(cfg.split),
-                              "checkpoint_precision": trained_in.to_dict(),
-                              "fp32": compare(ref, onnx_out),
-                              "vs_checkpoint_precision": compare(validated, onnx_out)}
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "onnx": str(out),
+        "split": str(cfg.split),
+        "checkpoint_precision": trained_in.to_dict(),
+        "fp32": compare(ref, onnx_out),
+        "vs_checkpoint_precision": compare(validated, onnx_out),
+    }
     if cfg.quantize:
         q = quantize_int8(out, out.with_name(out.stem + ".int8.onnx"))
         report["int8_onnx"] = str(q)
@@ -348,8 +372,10 @@ def main(cfg: DictConfig) -> None:
         Path(str(cfg.report)).write_text(json.dumps(report, indent=2) + "\n")
     diff = report["fp32"]["max_abs_logit_diff_all"]
     if diff is not None and diff > float(cfg.max_abs_diff):
-        print(f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={cfg.max_abs_diff})",
-              file=sys.stderr)
+        print(
+            f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={cfg.max_abs_diff})",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -1,14 +1,14 @@
 """The live overlay: each video frame with the current decision drawn on it (Pillow), and its writer (PyAV).
 
-    +--------------------------------------------------+
-    | RISK HIGH  P(high) 0.83                          |  risk colour bar (green, yellow, orange, red)
-    |                                                  |
-    |                                        +------+  |
-    |                                        |  <-  |  |  action arrow (stop: a red square)
-    | reason  human                          +------+  |
-    | action  turn_left   conf 0.71                    |
-    | [risk timeline: one cell per decision, P(high)]  |
-    +--------------------------------------------------+
++--------------------------------------------------+
+| RISK HIGH  P(high) 0.83                          |  risk colour bar (green, yellow, orange, red)
+|                                                  |
+|                                        +------+  |
+|                                        |  <-  |  |  action arrow (stop: a red square)
+| reason  human                          +------+  |
+| action  turn_left   conf 0.71                    |
+| [risk timeline: one cell per decision, P(high)]  |
++--------------------------------------------------+
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ RISK_RGB = {"none": (46, 160, 67), "low": (190, 200, 40), "medium": (240, 140, 2
 WAITING_RGB = (110, 110, 110)
 # Direction of the arrow per action, in image coordinates (y grows downwards); None: a stop sign.
 ARROWS: dict[str, tuple[float, float] | None] = {
-    "continue": (0.0, -1.0), "slow": (0.0, -0.5), "stop": None, "reverse": (0.0, 1.0),
-    "turn_left": (-1.0, 0.0), "turn_right": (1.0, 0.0),
+    "continue": (0.0, -1.0),
+    "slow": (0.0, -0.5),
+    "stop": None,
+    "reverse": (0.0, 1.0),
+    "turn_left": (-1.0, 0.0),
+    "turn_right": (1.0, 0.0),
 }
 
 
@@ -69,15 +73,26 @@ class OverlayPainter:
         bar_h = int(u * 1.6)
         if decision is None:
             d.rectangle([0, 0, W, bar_h], fill=(*WAITING_RGB, 210))
-            d.text((u // 2, bar_h // 2), status or "waiting for the first window", font=self.font, fill="white", anchor="lm")
+            d.text(
+                (u // 2, bar_h // 2),
+                status or "waiting for the first window",
+                font=self.font,
+                fill="white",
+                anchor="lm",
+            )
         else:
             risk = decision["risk"]
             p_high = risk["probs"].get("high", 0.0)
             d.rectangle([0, 0, W, bar_h], fill=(*RISK_RGB[risk["label"]], 220))
             # The filled share of a thin strip under the bar is P(high): how close "high" is.
             d.rectangle([0, bar_h, int(W * p_high), bar_h + max(2, u // 4)], fill=(*RISK_RGB["high"], 255))
-            d.text((u // 2, bar_h // 2), f"RISK {risk['label'].upper()}   P(high) {p_high:.2f}", font=self.font,
-                   fill="white", anchor="lm")
+            d.text(
+                (u // 2, bar_h // 2),
+                f"RISK {risk['label'].upper()}   P(high) {p_high:.2f}",
+                font=self.font,
+                fill="white",
+                anchor="lm",
+            )
             self._panel(d, decision)
             self._arrow(d, decision["action"]["label"])
         self._timeline(d)
@@ -85,8 +100,10 @@ class OverlayPainter:
 
     def _panel(self, d: Any, decision: dict[str, Any]) -> None:
         u, H = self.unit, self.height
-        lines = [f"reason  {decision['reason']['label']}",
-                 f"action  {decision['action']['label']}   conf {decision['confidence']:.2f}"]
+        lines = [
+            f"reason  {decision['reason']['label']}",
+            f"action  {decision['action']['label']}   conf {decision['confidence']:.2f}",
+        ]
         top = H - int(u * 2.6) - len(lines) * int(u * 1.25)
         width = int(max(d.textlength(s, font=self.font) for s in lines)) + u
         d.rectangle([0, top - u // 3, width, top + len(lines) * int(u * 1.25)], fill=(0, 0, 0, 150))
@@ -112,8 +129,14 @@ class OverlayPainter:
         base = (tip[0] - ux * head, tip[1] - uy * head)
         px, py = -uy, ux  # perpendicular
         d.line([tail, base], fill="white", width=max(2, u // 3))
-        d.polygon([tip, (base[0] + px * head * 0.6, base[1] + py * head * 0.6),
-                   (base[0] - px * head * 0.6, base[1] - py * head * 0.6)], fill="white")
+        d.polygon(
+            [
+                tip,
+                (base[0] + px * head * 0.6, base[1] + py * head * 0.6),
+                (base[0] - px * head * 0.6, base[1] - py * head * 0.6),
+            ],
+            fill="white",
+        )
 
     def _timeline(self, d: Any) -> None:
         """One cell per recent decision, coloured by its risk, as tall as its P(high)."""
@@ -126,11 +149,18 @@ class OverlayPainter:
         for i, dec in enumerate(self.history):
             p = dec["risk"]["probs"].get("high", 0.0)
             x0 = u // 2 + int(i * cell)
-            d.rectangle([x0, top + int(h * (1 - max(p, 0.08))), x0 + max(1, int(cell) - 1), top + h],
-                        fill=(*RISK_RGB[dec["risk"]["label"]], 255))
+            d.rectangle(
+                [x0, top + int(h * (1 - max(p, 0.08))), x0 + max(1, int(cell) - 1), top + h],
+                fill=(*RISK_RGB[dec["risk"]["label"]], 255),
+            )
         # Drawn last, inside the strip's right end: the cells grow from the left towards it.
-        d.text((u // 2 + int(cell * n) - 3, top + h // 2), "risk timeline", font=self.small,
-               fill=(255, 255, 255, 220), anchor="rm")
+        d.text(
+            (u // 2 + int(cell * n) - 3, top + h // 2),
+            "risk timeline",
+            font=self.small,
+            fill=(255, 255, 255, 220),
+            anchor="rm",
+        )
 
 
 class OverlayWriter:

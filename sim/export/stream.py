@@ -56,8 +56,12 @@ TIME_KEYS = ("t", "timestamp", "time")
 
 
 # ---- the encoder a checkpoint decides through ----------------------------------------------------
-def stream_encoder(model: SimV0Model, meta: dict[str, Any], vision: FrozenVisionEncoder | None = None,
-                   device: str | torch.device = "cpu") -> FrozenVisionEncoder:
+def stream_encoder(
+    model: SimV0Model,
+    meta: dict[str, Any],
+    vision: FrozenVisionEncoder | None = None,
+    device: str | torch.device = "cpu",
+) -> FrozenVisionEncoder:
     """The encoder that turns frames into the features `model` was trained on.
 
     Args:
@@ -79,20 +83,30 @@ def stream_encoder(model: SimV0Model, meta: dict[str, Any], vision: FrozenVision
             raise CheckpointError(
                 f"the features this checkpoint was trained on came from {describe(record['spec'])} with weights "
                 f"fingerprinted {record.get('fingerprint')}, but the same spec builds {encoder.fingerprint()} here: "
-                "other weights would give other features")
+                "other weights would give other features"
+            )
         if vision is not None and vision.identity() != record:
-            raise ConfigError(f"vision={describe(vision.sim_spec)} is not the encoder this checkpoint's features came "
-                              f"from ({describe(record['spec'])}); drop vision=... and the recorded one is used")
+            raise ConfigError(
+                f"vision={describe(vision.sim_spec)} is not the encoder this checkpoint's features came "
+                f"from ({describe(record['spec'])}); drop vision=... and the recorded one is used"
+            )
     elif vision is not None:
-        log.warning("the checkpoint does not record which encoder cached its features; using %s as told "
-                    "(decisions are meaningless if that is not the one)", describe(vision.sim_spec))
+        log.warning(
+            "the checkpoint does not record which encoder cached its features; using %s as told "
+            "(decisions are meaningless if that is not the one)",
+            describe(vision.sim_spec),
+        )
         encoder = vision
     else:
-        raise ConfigError("this checkpoint was trained on cached features without a record of their encoder "
-                          "(cached outside `python -m sim.commands.cache_features`, or before it recorded one); "
-                          "name the encoder that cached them: vision=OPTION")
+        raise ConfigError(
+            "this checkpoint was trained on cached features without a record of their encoder "
+            "(cached outside `python -m sim.commands.cache_features`, or before it recorded one); "
+            "name the encoder that cached them: vision=OPTION"
+        )
     if encoder.dv != model.dv:
-        raise ConfigError(f"the encoder {describe(encoder.sim_spec)} gives {encoder.dv} features, the model reads {model.dv}")
+        raise ConfigError(
+            f"the encoder {describe(encoder.sim_spec)} gives {encoder.dv} features, the model reads {model.dv}"
+        )
     return encoder
 
 
@@ -116,8 +130,10 @@ class TelemetryTrack:
             time_key = next((k for k in TIME_KEYS if k in columns), None)
             missing = [k for k in L.TELEMETRY_FIELDS if k not in columns]
             if time_key is None or missing:
-                raise DataError(f"{self.path}: columns {columns}; expected a time column ({' or '.join(TIME_KEYS)}) "
-                                f"and {', '.join(L.TELEMETRY_FIELDS)}" + (f" (missing {missing})" if missing else ""))
+                raise DataError(
+                    f"{self.path}: columns {columns}; expected a time column ({' or '.join(TIME_KEYS)}) "
+                    f"and {', '.join(L.TELEMETRY_FIELDS)}" + (f" (missing {missing})" if missing else "")
+                )
             rows: list[tuple[float, np.ndarray]] = []
             self.skipped = 0
             for line, raw in enumerate(reader, start=2):
@@ -129,7 +145,9 @@ class TelemetryTrack:
                     values, t = None, math.nan
                 if values is None or not math.isfinite(t) or not np.isfinite(values).all():
                     self.skipped += 1
-                    log.warning("%s line %d: the time and the 8 fields are not all finite numbers; row skipped", self.path, line)
+                    log.warning(
+                        "%s line %d: the time and the 8 fields are not all finite numbers; row skipped", self.path, line
+                    )
                     continue
                 rows.append((t, values))
         rows.sort(key=lambda r: r[0])
@@ -161,8 +179,15 @@ class StreamRunner:
     `accepted` says whether the last frame pushed was taken (False: refused).
     """
 
-    def __init__(self, model: SimV0Model, encoder: FrozenVisionEncoder, stride: int = 1, fps: float | None = None,
-                 risk_high_threshold: float | None = None, max_telemetry_age_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: SimV0Model,
+        encoder: FrozenVisionEncoder,
+        stride: int = 1,
+        fps: float | None = None,
+        risk_high_threshold: float | None = None,
+        max_telemetry_age_s: float = 1.0,
+    ) -> None:
         if int(stride) < 1:
             raise ConfigError(f"stride={stride} must be >= 1")
         if fps is not None and not float(fps) > 0:
@@ -204,7 +229,7 @@ class StreamRunner:
             return f"timestamp {t:.3f}s goes back from {self.last_t:.3f}s"
         try:
             arr = np.asarray(frame)
-        except Exception as exc:  # noqa: BLE001 - whatever a broken source hands over
+        except Exception as exc:
             return f"not an array ({type(exc).__name__})"
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 2:
             return f"shape {list(arr.shape)} dtype {arr.dtype}, expected [H, W, 3] uint8"
@@ -216,8 +241,12 @@ class StreamRunner:
         """Hold a telemetry row (8 values) measured at time `t`; False (and a warning) for a bad row."""
         values = np.asarray(row, dtype=np.float32).reshape(-1)
         if values.shape != (8,) or not np.isfinite(values).all():
-            log.warning("telemetry row at %.3fs refused: expected 8 finite values (%s), got %s", t,
-                        ", ".join(L.TELEMETRY_FIELDS), values.tolist())
+            log.warning(
+                "telemetry row at %.3fs refused: expected 8 finite values (%s), got %s",
+                t,
+                ", ".join(L.TELEMETRY_FIELDS),
+                values.tolist(),
+            )
             return False
         self.telemetry = (values, float(t))
         return True
@@ -225,15 +254,18 @@ class StreamRunner:
     def _telemetry_at(self, t: float) -> tuple[np.ndarray, str]:
         if self.telemetry is None:
             if not self.warned_fallback:
-                log.warning("no telemetry: deciding with the training set's mean telemetry (the checkpoint's "
-                            "normalization mean, i.e. average motion); decisions say telemetry=fallback")
+                log.warning(
+                    "no telemetry: deciding with the training set's mean telemetry (the checkpoint's "
+                    "normalization mean, i.e. average motion); decisions say telemetry=fallback"
+                )
                 self.warned_fallback = True
             return self.fallback, "fallback"
         values, at = self.telemetry
         return values, "live" if t - at <= self.max_age else "stale"
 
-    def push(self, frame: Any, t: float, telemetry: Sequence[float] | np.ndarray | None = None,
-             index: int | None = None) -> dict[str, Any] | None:
+    def push(
+        self, frame: Any, t: float, telemetry: Sequence[float] | np.ndarray | None = None, index: int | None = None
+    ) -> dict[str, Any] | None:
         """Take one frame (`[H, W, 3]` uint8 RGB) at stream time `t` seconds, with the telemetry row
         measured with it if there is one.
 
@@ -261,7 +293,7 @@ class StreamRunner:
             feats = self.encoder(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0))[0]
             if not torch.isfinite(feats).all():
                 raise ValueError("non-finite features")
-        except Exception as exc:  # noqa: BLE001 - a frame the encoder cannot read must not stop the stream
+        except Exception as exc:
             self._refuse(index, f"encoder failed: {type(exc).__name__}: {exc}")
             return None
         self.shape = arr.shape
@@ -297,14 +329,23 @@ class StreamRunner:
         self.decisions += 1
         self.latencies_ms.append(latency)
         out.pop("sample_id", None)
-        return {"t": round(t, 4), "frame_index": index, "window_start_t": round(self.window[0][1], 4), **out,
-                "latency_ms": round(latency, 2), "telemetry": source}
+        return {
+            "t": round(t, 4),
+            "frame_index": index,
+            "window_start_t": round(self.window[0][1], 4),
+            **out,
+            "latency_ms": round(latency, 2),
+            "telemetry": source,
+        }
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms, dtype=np.float64)
         return {
-            "frames_in": self.frames_in, "frames_used": self.frames_used, "frames_refused": self.refused,
-            "refused_reasons": dict(self.refused_reasons), "decisions": self.decisions,
+            "frames_in": self.frames_in,
+            "frames_used": self.frames_used,
+            "frames_refused": self.refused,
+            "refused_reasons": dict(self.refused_reasons),
+            "decisions": self.decisions,
             "latency_ms_p50": float(np.percentile(lat, 50)) if lat.size else None,
             "latency_ms_p90": float(np.percentile(lat, 90)) if lat.size else None,
         }
@@ -360,8 +401,14 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f}"
 
 
-def run_stream(runner: StreamRunner, frames: Iterable[tuple[int, float, Any]], out: str | Path, rate: float,
-               telemetry: TelemetryTrack | None = None, overlay: bool = True) -> dict[str, Any]:
+def run_stream(
+    runner: StreamRunner,
+    frames: Iterable[tuple[int, float, Any]],
+    out: str | Path,
+    rate: float,
+    telemetry: TelemetryTrack | None = None,
+    overlay: bool = True,
+) -> dict[str, Any]:
     """Feed `frames` ((index, t, RGB array or None)) through `runner`, writing decisions.jsonl,
     overlay.mp4 (when `overlay`) and summary.json into `out`.
 
@@ -405,12 +452,17 @@ def run_stream(runner: StreamRunner, frames: Iterable[tuple[int, float, Any]], o
                 writer.close()
     wall = time.perf_counter() - t0
     duration = (last_t - first_t + 1.0 / rate) if first_t is not None else 0.0
-    summary = {**runner.summary(), "frames_drawn": writer.frames if writer is not None else 0, "wall_s": round(wall, 3),
-               "stream_s": round(duration, 3), "stream_fps": rate,
-               "processed_fps": round(runner.frames_in / wall, 2) if wall > 0 else None,
-               "decisions_per_s": round(runner.decisions / wall, 3) if wall > 0 else None,
-               "decisions_per_stream_s": round(runner.decisions / duration, 3) if duration > 0 else None,
-               "keeps_up": bool(wall <= duration) if duration > 0 else None}
+    summary = {
+        **runner.summary(),
+        "frames_drawn": writer.frames if writer is not None else 0,
+        "wall_s": round(wall, 3),
+        "stream_s": round(duration, 3),
+        "stream_fps": rate,
+        "processed_fps": round(runner.frames_in / wall, 2) if wall > 0 else None,
+        "decisions_per_s": round(runner.decisions / wall, 3) if wall > 0 else None,
+        "decisions_per_stream_s": round(runner.decisions / duration, 3) if duration > 0 else None,
+        "keeps_up": bool(wall <= duration) if duration > 0 else None,
+    }
     if telemetry is not None:
         summary["telemetry_rows_skipped"] = telemetry.skipped
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -419,7 +471,9 @@ def run_stream(runner: StreamRunner, frames: Iterable[tuple[int, float, Any]], o
 
 def report(summary: dict[str, Any]) -> str:
     """The summary as a few lines for a person."""
-    verdict = {True: "keeps up with real time", False: "falls behind real time", None: "nothing decoded"}[summary["keeps_up"]]
+    verdict = {True: "keeps up with real time", False: "falls behind real time", None: "nothing decoded"}[
+        summary["keeps_up"]
+    ]
     return (
         f"{summary['frames_in']} frames ({summary['frames_used']} used after resampling, {summary['frames_refused']} "
         f"refused) in {summary['wall_s']:.2f}s for {summary['stream_s']:.2f}s of video: {verdict} "
@@ -430,9 +484,16 @@ def report(summary: dict[str, Any]) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def load_runner(checkpoint: str | Path, device: str | torch.device = "cpu", precision: str | None = None,
-                vision: FrozenVisionEncoder | None = None, stride: int = 1, fps: float | None = None,
-                risk_high_threshold: float | str | Path | None = None, max_telemetry_age_s: float = 1.0) -> StreamRunner:
+def load_runner(
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    precision: str | None = None,
+    vision: FrozenVisionEncoder | None = None,
+    stride: int = 1,
+    fps: float | None = None,
+    risk_high_threshold: float | str | Path | None = None,
+    max_telemetry_age_s: float = 1.0,
+) -> StreamRunner:
     """A StreamRunner for a checkpoint: its model in its precision, the encoder of its features, and
     the high-risk threshold (a number, or evaluate.py's metrics.json)."""
     from sim.core.checkpoint import load_checkpoint
@@ -442,11 +503,19 @@ def load_runner(checkpoint: str | Path, device: str | torch.device = "cpu", prec
     model = SimV0Model.from_checkpoint(checkpoint, device=device, precision=precision)
     encoder = stream_encoder(model, meta, vision, device)
     threshold = read_threshold(risk_high_threshold)
-    log.info("stream: %s (F=%d, precision %s), encoder %s, stride %d, fps %s, risk 'high' at %s", checkpoint, model.F,
-             model.precision.name, describe(encoder.sim_spec), stride, fps or "every frame",
-             f"P(high) >= {threshold}" if threshold is not None else "the arg-max (no risk_high_threshold given)")
-    return StreamRunner(model, encoder, stride=stride, fps=fps, risk_high_threshold=threshold,
-                        max_telemetry_age_s=max_telemetry_age_s)
+    log.info(
+        "stream: %s (F=%d, precision %s), encoder %s, stride %d, fps %s, risk 'high' at %s",
+        checkpoint,
+        model.F,
+        model.precision.name,
+        describe(encoder.sim_spec),
+        stride,
+        fps or "every frame",
+        f"P(high) >= {threshold}" if threshold is not None else "the arg-max (no risk_high_threshold given)",
+    )
+    return StreamRunner(
+        model, encoder, stride=stride, fps=fps, risk_high_threshold=threshold, max_telemetry_age_s=max_telemetry_age_s
+    )
 
 
 def stream(cfg: DictConfig) -> dict[str, Any]:
@@ -469,16 +538,30 @@ def stream(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("vision") is not None:
         vision = instantiate(cfg.vision, _convert_="all")
     info = video_info(cfg.video)
-    runner = load_runner(cfg.checkpoint, device, cfg.precision, vision, int(cfg.stride), cfg.fps,
-                         cfg.risk_high_threshold, float(cfg.max_telemetry_age_s))
+    runner = load_runner(
+        cfg.checkpoint,
+        device,
+        cfg.precision,
+        vision,
+        int(cfg.stride),
+        cfg.fps,
+        cfg.risk_high_threshold,
+        float(cfg.max_telemetry_age_s),
+    )
     # Without a file the runner warns once and falls back to the training set's mean telemetry.
     telemetry = TelemetryTrack(cfg.telemetry) if cfg.telemetry else None
     frames = read_video(cfg.video)
     if cfg.max_frames:
         frames = (f for f in frames if f[0] < int(cfg.max_frames))
     summary = run_stream(runner, frames, cfg.out, info["rate"], telemetry, bool(cfg.overlay))
-    log.info("wrote %s", ", ".join(str(Path(cfg.out) / n) for n in ("decisions.jsonl", "overlay.mp4", "summary.json")
-                                   if (Path(cfg.out) / n).exists()))
+    log.info(
+        "wrote %s",
+        ", ".join(
+            str(Path(cfg.out) / n)
+            for n in ("decisions.jsonl", "overlay.mp4", "summary.json")
+            if (Path(cfg.out) / n).exists()
+        ),
+    )
     return summary
 
 

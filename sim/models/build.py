@@ -24,12 +24,14 @@ def config_precision(cfg: DictConfig, device: torch.device) -> Precision:
     """The run's precision from `llm.dtype`, `training.amp` and `training.amp_dtype` (see
     `sim.core.precision.resolve_precision`: `auto` is bf16 where `device` computes it natively)."""
     training = cfg.get("training") or {}
-    return resolve_precision(cfg.llm.get("dtype", "auto"), training.get("amp", "auto"),
-                             training.get("amp_dtype", "bfloat16"), device)
+    return resolve_precision(
+        cfg.llm.get("dtype", "auto"), training.get("amp", "auto"), training.get("amp_dtype", "bfloat16"), device
+    )
 
 
-def build_model(cfg: DictConfig, data_dv: int | None, device: torch.device,
-                features_of: dict | None = None) -> SimV0Model:
+def build_model(
+    cfg: DictConfig, data_dv: int | None, device: torch.device, features_of: dict | None = None
+) -> SimV0Model:
     """The model `cfg` describes: its frozen LLM (and vision encoder, for raw frames), built on
     `device` in the run's precision.
 
@@ -71,6 +73,11 @@ def build_model(cfg: DictConfig, data_dv: int | None, device: torch.device,
         head_hidden=int(cfg.model.head_hidden),
         precision=precision,
     ).to(device)
-    log.info("device %s, precision %s (frozen weights %s, autocast %s)", device, precision.name,
-             dtype_name(precision.weights), "off" if precision.autocast is None else dtype_name(precision.autocast))
+    log.info(
+        "device %s, precision %s (frozen weights %s, autocast %s)",
+        device,
+        precision.name,
+        dtype_name(precision.weights),
+        "off" if precision.autocast is None else dtype_name(precision.autocast),
+    )
     return model

@@ -81,7 +81,7 @@ def resolve_weights(name: str | None, key: str = "vision.name_or_path") -> Path:
         if not path.is_file():
             raise LLMLoadError(f"{key}={name}: no such file")
         return path
-    module, _, inner = name[len(PKG_PREFIX):].partition("/")
+    module, _, inner = name[len(PKG_PREFIX) :].partition("/")
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -112,7 +112,7 @@ def weights_identity(name: str, path: Path, pinned: str | None) -> dict[str, Any
             "weights and would give other features. Install the recorded package version, or point "
             "vision.name_or_path at the original file."
         )
-    module = name[len(PKG_PREFIX):].partition("/")[0] if name.startswith(PKG_PREFIX) else None
+    module = name[len(PKG_PREFIX) :].partition("/")[0] if name.startswith(PKG_PREFIX) else None
     return {"file": name, "sha256": digest, "package": module, "version": package_version(module) if module else None}
 
 
@@ -128,9 +128,15 @@ class EfficientNetLiteFeatures(nn.Module):
         return self.net.extract_features(pixel_values).mean(dim=(2, 3))
 
 
-def build_efficientnet_lite(name_or_path: str | None, pretrained: bool, arch: Mapping[str, Any],
-                            sha256: str | None, runtime: str = "torch", image_size: tuple[int, int] = (224, 224),
-                            fingerprint: Any = None) -> tuple[nn.Module, int, dict[str, Any] | None]:
+def build_efficientnet_lite(
+    name_or_path: str | None,
+    pretrained: bool,
+    arch: Mapping[str, Any],
+    sha256: str | None,
+    runtime: str = "torch",
+    image_size: tuple[int, int] = (224, 224),
+    fingerprint: Any = None,
+) -> tuple[nn.Module, int, dict[str, Any] | None]:
     """(backbone, dv, weights identity or None for random weights).
 
     Args:
@@ -151,8 +157,9 @@ def build_efficientnet_lite(name_or_path: str | None, pretrained: bool, arch: Ma
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise LLMLoadError("vision.kind=efficientnet_lite needs the package efficientnet-lite-pytorch "
-                           "(installed by `make install`)") from exc
+        raise LLMLoadError(
+            "vision.kind=efficientnet_lite needs the package efficientnet-lite-pytorch (installed by `make install`)"
+        ) from exc
     try:
         net = EfficientNet.from_name(variant)
     except (NotImplementedError, ValueError) as exc:
@@ -195,12 +202,21 @@ def onnxruntime_twin(module: nn.Module, image_size: tuple[int, int], fingerprint
             # The TorchScript exporter: it needs no extra package and takes ~2 s for this network.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, (torch.zeros(1, 3, *image_size),), buf, input_names=["pixels"],
-                                  output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
-                                  dynamo=False)
-        except Exception as exc:  # noqa: BLE001 - any exporter failure leaves the torch runtime, which works
-            log.warning("could not export the encoder for onnxruntime (%s: %s); running it in torch",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                torch.onnx.export(
+                    module,
+                    (torch.zeros(1, 3, *image_size),),
+                    buf,
+                    input_names=["pixels"],
+                    output_names=["features"],
+                    dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                    dynamo=False,
+                )
+        except Exception as exc:
+            log.warning(
+                "could not export the encoder for onnxruntime (%s: %s); running it in torch",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             return module
         _EXPORTS[key] = buf.getvalue()
     return OnnxBackbone(_EXPORTS[key], "the exported encoder", "pixels", "features", fingerprint=fingerprint)
@@ -213,14 +229,23 @@ def onnx_settings(onnx: Mapping[str, Any] | None) -> dict[str, Any]:
     Raises:
         ConfigError: an unknown key, pooling or layout.
     """
-    settings = {"input": None, "output": None, "pooling": "flatten", "layout": "NCHW", "threads": None, **dict(onnx or {})}
+    settings = {
+        "input": None,
+        "output": None,
+        "pooling": "flatten",
+        "layout": "NCHW",
+        "threads": None,
+        **dict(onnx or {}),
+    }
     unknown = sorted(set(settings) - set(ONNX_KEYS))
     if unknown:
         raise ConfigError(f"vision.onnx: unknown keys {unknown}; expected {', '.join(ONNX_KEYS)}")
     if settings["pooling"] not in ONNX_POOLINGS:
-        raise ConfigError(f"vision.onnx.pooling={settings['pooling']!r}: expected one of {', '.join(ONNX_POOLINGS)} "
-                          "(cls: token 0 of [N, T, C]; mean: mean over tokens; avg: mean over H, W of [N, C, H, W]; "
-                          "flatten: the output as it is, flattened)")
+        raise ConfigError(
+            f"vision.onnx.pooling={settings['pooling']!r}: expected one of {', '.join(ONNX_POOLINGS)} "
+            "(cls: token 0 of [N, T, C]; mean: mean over tokens; avg: mean over H, W of [N, C, H, W]; "
+            "flatten: the output as it is, flattened)"
+        )
     if settings["layout"] not in ("NCHW", "NHWC"):
         raise ConfigError(f"vision.onnx.layout={settings['layout']!r}: expected NCHW or NHWC")
     return settings
@@ -253,7 +278,11 @@ def _prepare_graph(path: Path, input_name: str | None, output_name: str | None) 
         raise ConfigError(f"vision.onnx.output={output_name!r} is not a tensor of {path.name} (its outputs: {outputs})")
     # The extractor needs the type of the new output: shape inference supplies it.
     model = onnx.shape_inference.infer_shapes(model)
-    return onnx.utils.Extractor(model).extract_model([input_name], [output_name]).SerializeToString(), input_name, output_name
+    return (
+        onnx.utils.Extractor(model).extract_model([input_name], [output_name]).SerializeToString(),
+        input_name,
+        output_name,
+    )
 
 
 class OnnxBackbone(nn.Module):
@@ -266,8 +295,17 @@ class OnnxBackbone(nn.Module):
         input_name, output_name: the tensors fed and read. pooling, layout, threads: see `onnx_settings`.
     """
 
-    def __init__(self, graph: bytes, where: str, input_name: str, output_name: str, pooling: str = "flatten",
-                 layout: str = "NCHW", threads: int | None = None, fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        graph: bytes,
+        where: str,
+        input_name: str,
+        output_name: str,
+        pooling: str = "flatten",
+        layout: str = "NCHW",
+        threads: int | None = None,
+        fingerprint: str = "",
+    ) -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -290,7 +328,9 @@ class OnnxBackbone(nn.Module):
         shape = inputs[self.input_name].shape
         # Static spatial sizes of the input, if the export fixed them (None where dynamic).
         hw = shape[1:3] if self.layout == "NHWC" else shape[2:4]
-        self.static_size = tuple(int(s) if isinstance(s, int) else None for s in hw) if len(shape) == 4 else (None, None)
+        self.static_size = (
+            tuple(int(s) if isinstance(s, int) else None for s in hw) if len(shape) == 4 else (None, None)
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.detach().float().cpu()
@@ -307,8 +347,13 @@ class OnnxBackbone(nn.Module):
         return y.reshape(y.shape[0], -1).to(pixel_values.device)
 
 
-def build_onnx(name_or_path: str | None, pretrained: bool, onnx: Mapping[str, Any] | None, sha256: str | None,
-               image_size: tuple[int, int]) -> tuple[nn.Module, int, dict[str, Any]]:
+def build_onnx(
+    name_or_path: str | None,
+    pretrained: bool,
+    onnx: Mapping[str, Any] | None,
+    sha256: str | None,
+    image_size: tuple[int, int],
+) -> tuple[nn.Module, int, dict[str, Any]]:
     """(backbone, dv, weights identity) of an ONNX image model.
 
     Raises:
@@ -316,22 +361,36 @@ def build_onnx(name_or_path: str | None, pretrained: bool, onnx: Mapping[str, An
         LLMLoadError: the file is missing or altered, or onnxruntime cannot run it.
     """
     if not pretrained:
-        raise ConfigError("vision.kind=onnx reads its weights from the ONNX file; vision.pretrained=false has no "
-                          "meaning for it (set it to true)")
+        raise ConfigError(
+            "vision.kind=onnx reads its weights from the ONNX file; vision.pretrained=false has no "
+            "meaning for it (set it to true)"
+        )
     settings = onnx_settings(onnx)
     path = resolve_weights(name_or_path)
     identity = weights_identity(str(name_or_path), path, sha256)
     graph, input_name, output_name = _prepare_graph(path, settings["input"], settings["output"])
-    backbone = OnnxBackbone(graph, str(path), input_name, output_name, settings["pooling"], settings["layout"],
-                            settings["threads"], identity["sha256"][:16])
+    backbone = OnnxBackbone(
+        graph,
+        str(path),
+        input_name,
+        output_name,
+        settings["pooling"],
+        settings["layout"],
+        settings["threads"],
+        identity["sha256"][:16],
+    )
     for want, have, axis in zip(image_size, backbone.static_size, ("height", "width")):
         if have is not None and want != have:
-            raise ConfigError(f"vision.preprocessing.image_size gives {axis} {want}, but {path.name} takes {have} "
-                              f"(input {backbone.input_name!r}); set image_size to [{backbone.static_size[0]}, "
-                              f"{backbone.static_size[1]}]")
+            raise ConfigError(
+                f"vision.preprocessing.image_size gives {axis} {want}, but {path.name} takes {have} "
+                f"(input {backbone.input_name!r}); set image_size to [{backbone.static_size[0]}, "
+                f"{backbone.static_size[1]}]"
+            )
     with torch.no_grad():
         probe = backbone(torch.zeros(1, 3, *image_size))
     if probe.dim() != 2 or probe.shape[1] < 1:
-        raise ConfigError(f"{path.name}: output {backbone.output_name!r} pooled with {settings['pooling']!r} gives "
-                          f"shape {list(probe.shape)}, not one vector per image")
+        raise ConfigError(
+            f"{path.name}: output {backbone.output_name!r} pooled with {settings['pooling']!r} gives "
+            f"shape {list(probe.shape)}, not one vector per image"
+        )
     return backbone, int(probe.shape[1]), identity

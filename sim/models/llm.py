@@ -73,7 +73,11 @@ def describe(spec: dict[str, Any]) -> str:
         where = spec.get("gguf_package") or spec.get("name_or_path")
         return f"{where}/{spec['gguf_file']}"
     name = spec.get("name_or_path") or (spec.get("arch") or {}).get("model_type", "?")
-    return name if spec.get("pretrained", True) else f"{name} (architecture only, random init seed {spec.get('init_seed', 0)})"
+    return (
+        name
+        if spec.get("pretrained", True)
+        else f"{name} (architecture only, random init seed {spec.get('init_seed', 0)})"
+    )
 
 
 def _config_for_arch(spec: dict[str, Any]):
@@ -143,7 +147,7 @@ def build_llm(
         log.info("loading LLM %s (%s)", describe(spec), dtype_name(torch_dtype))
         try:
             model = AutoModel.from_pretrained(source, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             local = os.path.isdir(source)
             raise LLMLoadError(
                 f"could not load LLM {name_or_path or source!r}"

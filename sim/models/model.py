@@ -124,7 +124,9 @@ class SimV0Model(nn.Module):
         if vision_encoder is not None:
             enc_dv = int(vision_encoder.dv)
             if dv is not None and int(dv) != enc_dv:
-                raise ConfigError(f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset")
+                raise ConfigError(
+                    f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset"
+                )
             dv = enc_dv
         if dv is None:
             raise ConfigError("model.dv is unknown: give dv, or let the trainer read it from the data")
@@ -201,7 +203,7 @@ class SimV0Model(nn.Module):
         )
         return report
 
-    def train(self, mode: bool = True) -> "SimV0Model":
+    def train(self, mode: bool = True) -> SimV0Model:
         # Frozen backbones never leave eval mode: a frozen GPT-2 in train mode would keep dropout on.
         super().train(mode)
         for name in FROZEN_MODULES:
@@ -303,8 +305,10 @@ class SimV0Model(nn.Module):
             try:
                 t = torch.as_tensor(value)
             except (TypeError, ValueError, RuntimeError) as exc:
-                raise DataError(f"predict_json: batch[{key!r}] is {type(value).__name__} ({exc}); expected a "
-                                "tensor, a NumPy array or a nested list of numbers") from None
+                raise DataError(
+                    f"predict_json: batch[{key!r}] is {type(value).__name__} ({exc}); expected a "
+                    "tensor, a NumPy array or a nested list of numbers"
+                ) from None
             if t.dtype == torch.bool or t.is_complex():
                 raise DataError(f"predict_json: batch[{key!r}] has dtype {t.dtype}; expected real numbers")
             return t
@@ -313,8 +317,10 @@ class SimV0Model(nn.Module):
         self.eval()
         device = self.vis_proj.weight.device
         inputs = ("vis_feats", "frames", "telemetry")
-        moved = {k: (as_tensor(k, v).to(device) if k in inputs else v.to(device) if torch.is_tensor(v) else v)
-                 for k, v in batch.items()}
+        moved = {
+            k: (as_tensor(k, v).to(device) if k in inputs else v.to(device) if torch.is_tensor(v) else v)
+            for k, v in batch.items()
+        }
         logits = self(moved)
         self.train(was_training)
         probs = {h: torch.softmax(logits[f"{h}_logits"].float(), dim=-1).cpu() for h in L.HEADS}
@@ -410,7 +416,9 @@ class SimV0Model(nn.Module):
         override changes what they are computed in, so fp32 and bf16 runs of one checkpoint differ only
         by arithmetic, and an export or benchmark can switch a model it already holds (`set_precision`).
         """
-        if meta.get("labels") and {k: list(v) for k, v in meta["labels"].items()} != {k: list(v) for k, v in L.LABELS.items()}:
+        if meta.get("labels") and {k: list(v) for k, v in meta["labels"].items()} != {
+            k: list(v) for k, v in L.LABELS.items()
+        }:
             raise CheckpointError(f"checkpoint label maps {meta['labels']} differ from this version's {L.LABELS}")
         trained_in = checkpoint_precision(meta, device)
         if llm is None:
@@ -461,8 +469,11 @@ class SimV0Model(nn.Module):
         state = dict(ckpt["model_state_dict"])
         if precision is not None:  # an explicit override outranks the precision stored with the weights
             state.pop(EXTRA_STATE, None)
-            log.info("computing in %s (the checkpoint was trained in %s)", model.precision.name,
-                     checkpoint_precision(ckpt["metadata"], device).name)
+            log.info(
+                "computing in %s (the checkpoint was trained in %s)",
+                model.precision.name,
+                checkpoint_precision(ckpt["metadata"], device).name,
+            )
         model.load_state_dict(state)
         model.eval()
         return model
@@ -482,7 +493,9 @@ def precision_from_code(code: torch.Tensor) -> Precision:
     dtypes = {v: k for k, v in _DTYPE_CODES.items()}
     values = [int(x) for x in code.flatten().tolist()]
     if len(values) != 2 or values[0] not in dtypes or (values[1] and values[1] not in dtypes):
-        raise CheckpointError(f"model_state_dict[{EXTRA_STATE!r}] is {values}, not a SIM precision code [weights, autocast]")
+        raise CheckpointError(
+            f"model_state_dict[{EXTRA_STATE!r}] is {values}, not a SIM precision code [weights, autocast]"
+        )
     return Precision(dtypes[values[0]], dtypes[values[1]] if values[1] else None)
 
 

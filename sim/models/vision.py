@@ -137,7 +137,7 @@ class FrozenVisionEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "FrozenVisionEncoder":
+    def train(self, mode: bool = True) -> FrozenVisionEncoder:
         # Frozen means frozen: batch-norm statistics and dropout never switch to training behaviour.
         return super().train(False)
 
@@ -206,7 +206,9 @@ class FrozenVisionEncoder(nn.Module):
                 outs.append(self.embed(self.preprocess(chunk)).float())
         feats = torch.cat(outs).reshape(B, F, -1)
         if feats.shape[-1] != self.dv:
-            raise RuntimeError(f"encoder {describe(self.sim_spec)} produced {feats.shape[-1]} features, expected dv={self.dv}")
+            raise RuntimeError(
+                f"encoder {describe(self.sim_spec)} produced {feats.shape[-1]} features, expected dv={self.dv}"
+            )
         return feats[:, 0] if single else feats
 
     def fingerprint(self) -> str:
@@ -245,18 +247,26 @@ def describe(spec: Mapping[str, Any]) -> str:
     name = spec.get("name_or_path") or kind
     if kind == "cached":
         return "cached features"
-    return f"{name}" if spec.get("pretrained") else f"{name} ({kind} architecture, random init seed {spec.get('init_seed', 0)})"
+    return (
+        f"{name}"
+        if spec.get("pretrained")
+        else f"{name} ({kind} architecture, random init seed {spec.get('init_seed', 0)})"
+    )
 
 
 def _preprocessing(pre: Mapping[str, Any] | None) -> tuple[tuple[int, int], list[float], list[float], str]:
     pre = dict(pre or {})
     unknown = set(pre) - {"image_size", "mean", "std", "resize"}
     if unknown:
-        raise ConfigError(f"vision.preprocessing: unknown keys {sorted(unknown)}; expected image_size, mean, std, resize")
+        raise ConfigError(
+            f"vision.preprocessing: unknown keys {sorted(unknown)}; expected image_size, mean, std, resize"
+        )
     size = pre.get("image_size", 224)
     size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"vision.preprocessing.image_size={pre.get('image_size')!r}: expected an int or [height, width]")
+        raise ConfigError(
+            f"vision.preprocessing.image_size={pre.get('image_size')!r}: expected an int or [height, width]"
+        )
     mean = [float(v) for v in pre.get("mean", (0.5, 0.5, 0.5))]
     std = [float(v) for v in pre.get("std", (0.5, 0.5, 0.5))]
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -275,7 +285,9 @@ def _hf_dv(kind: str, config: Any) -> int:
     return int(config.hidden_sizes[-1]) if kind == "resnet" else int(config.hidden_size)
 
 
-def _build_hf(kind: str, name_or_path: str | None, pretrained: bool, arch: dict, torch_dtype: torch.dtype) -> tuple[nn.Module, int]:
+def _build_hf(
+    kind: str, name_or_path: str | None, pretrained: bool, arch: dict, torch_dtype: torch.dtype
+) -> tuple[nn.Module, int]:
     config_cls, model_cls = _hf_classes(kind)
     if pretrained:
         if not name_or_path:
@@ -301,7 +313,9 @@ def _build_hf(kind: str, name_or_path: str | None, pretrained: bool, arch: dict,
         # transformers validates configs with its own error types (not all ValueErrors); any failure
         # here is the arch's fault, and the user needs the key named, not a traceback.
         except Exception as exc:
-            raise ConfigError(f"vision.arch does not describe a {kind} model: {str(exc).strip().splitlines()[-1].strip()}") from exc
+            raise ConfigError(
+                f"vision.arch does not describe a {kind} model: {str(exc).strip().splitlines()[-1].strip()}"
+            ) from exc
     return model, _hf_dv(kind, model.config)
 
 
@@ -314,7 +328,9 @@ def _build_torchvision(name: str | None, pretrained: bool, image_size: tuple[int
             "Install the torchvision build that matches your torch, or use vision=resnet18 (transformers)."
         ) from exc
     if not name:
-        raise ConfigError("vision.kind=torchvision needs vision.name_or_path, a torchvision.models builder (e.g. resnet18)")
+        raise ConfigError(
+            "vision.kind=torchvision needs vision.name_or_path, a torchvision.models builder (e.g. resnet18)"
+        )
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     except ValueError as exc:
@@ -415,8 +431,19 @@ def build_encoder(
         raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
     if runtime != "torch" and kind != "efficientnet_lite":
         raise ConfigError(f"vision.runtime={runtime!r} is for kind efficientnet_lite, not {kind}")
-    spec = vision_spec(kind, name_or_path, pretrained, dtype_name(torch_dtype), arch, init_seed, preprocessing,
-                       frame_batch_size, sha256, onnx, runtime)
+    spec = vision_spec(
+        kind,
+        name_or_path,
+        pretrained,
+        dtype_name(torch_dtype),
+        arch,
+        init_seed,
+        preprocessing,
+        frame_batch_size,
+        sha256,
+        onnx,
+        runtime,
+    )
     image_size, mean, std, resize = _preprocessing(preprocessing)
     arch = dict(arch or {})
     if pretrained:
@@ -441,19 +468,29 @@ def build_encoder(
 
             if kind == "onnx":
                 if torch_dtype != torch.float32:
-                    raise ConfigError(f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32")
+                    raise ConfigError(
+                        f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32"
+                    )
                 backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
             else:
                 if runtime == "onnxruntime" and torch_dtype != torch.float32:
-                    raise ConfigError(f"vision.dtype={dtype} with vision.runtime=onnxruntime: the export runs in float32")
-                backbone, dv, weights = encoders.build_efficientnet_lite(name_or_path, pretrained, arch, sha256, runtime,
-                                                                         image_size, weights_fingerprint)
+                    raise ConfigError(
+                        f"vision.dtype={dtype} with vision.runtime=onnxruntime: the export runs in float32"
+                    )
+                backbone, dv, weights = encoders.build_efficientnet_lite(
+                    name_or_path, pretrained, arch, sha256, runtime, image_size, weights_fingerprint
+                )
             # The checksum of the file actually read, so a checkpoint or cache pins these weights (none
             # for random weights: the seed is their identity).
             spec["sha256"] = None if weights is None else weights["sha256"]
             if weights is not None:
-                log.info("vision weights %s (package %s %s, sha256 %s...)", weights["file"], weights["package"],
-                         weights["version"], weights["sha256"][:16])
+                log.info(
+                    "vision weights %s (package %s %s, sha256 %s...)",
+                    weights["file"],
+                    weights["package"],
+                    weights["version"],
+                    weights["sha256"][:16],
+                )
         else:
             backbone, dv = _build_hf(kind, name_or_path, pretrained, arch, torch_dtype)
     backbone = backbone.to(device=device, dtype=torch_dtype)

@@ -41,7 +41,9 @@ class Callback:
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
         pass
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool) -> None:
+    def on_epoch_end(
+        self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool
+    ) -> None:
         pass
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:

@@ -48,7 +48,9 @@ def _batches(limit: Any, available: int, key: str) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-        raise ConfigError(f"debug.{key}={limit!r}: expected a count of batches (an integer >= 1) or a fraction in (0, 1]")
+        raise ConfigError(
+            f"debug.{key}={limit!r}: expected a count of batches (an integer >= 1) or a fraction in (0, 1]"
+        )
     if isinstance(limit, int):
         if limit < 1:
             raise ConfigError(f"debug.{key}={limit}: a count of batches must be >= 1")
@@ -100,7 +102,9 @@ def limit_loaders(cfg: DictConfig, train_loader: Any, val_loader: Any) -> tuple[
     n_val = _batches(_option(cfg, "limit_val_batches"), len(val_loader), "limit_val_batches")
     if overfit:
         train_loader = FixedBatches(train_loader, min(overfit, len(train_loader)))
-        log.info("debug: overfitting %d fixed train batch(es) of %d samples", len(train_loader), train_loader.batch_size)
+        log.info(
+            "debug: overfitting %d fixed train batch(es) of %d samples", len(train_loader), train_loader.batch_size
+        )
     elif n_train is not None:
         train_loader = LimitedLoader(train_loader, n_train)
         log.info("debug: %d train batch(es) per epoch", n_train)
@@ -122,14 +126,23 @@ class OverfitCheck(Callback):
         last = trainer.history["train"][-1]
         loss, epoch = last.get("loss"), last.get("epoch")
         if loss is not None and loss < self.target:
-            log.info("debug=overfit: the train loss on the fixed batches fell to %.4f (< %g) by epoch %s: the model "
-                     "and the data are wired so that it can learn", loss, self.target, epoch)
+            log.info(
+                "debug=overfit: the train loss on the fixed batches fell to %.4f (< %g) by epoch %s: the model "
+                "and the data are wired so that it can learn",
+                loss,
+                self.target,
+                epoch,
+            )
         else:
-            log.warning("debug=overfit: the train loss on the fixed batches is %s after %s epoch(s), not below %g: the "
-                        "model cannot even memorize them. Look at the labels the loader yields, optim.lr, "
-                        "model.loss_weights and class weights, and whether the trainable modules get gradients "
-                        "(train_step/grad_norm); or give it more epochs (training.epochs=...)",
-                        "null" if loss is None else f"{loss:.4f}", epoch, self.target)
+            log.warning(
+                "debug=overfit: the train loss on the fixed batches is %s after %s epoch(s), not below %g: the "
+                "model cannot even memorize them. Look at the labels the loader yields, optim.lr, "
+                "model.loss_weights and class weights, and whether the trainable modules get gradients "
+                "(train_step/grad_norm); or give it more epochs (training.epochs=...)",
+                "null" if loss is None else f"{loss:.4f}",
+                epoch,
+                self.target,
+            )
 
 
 class Profiler(Callback):
@@ -140,14 +153,25 @@ class Profiler(Callback):
     `tensorboard --logdir <run_dir>/tensorboard`.
     """
 
-    def __init__(self, wait: int = 1, warmup: int = 1, active: int = 3, record_shapes: bool = True,
-                 profile_memory: bool = True, with_stack: bool = False, dir: str | None = None) -> None:
+    def __init__(
+        self,
+        wait: int = 1,
+        warmup: int = 1,
+        active: int = 3,
+        record_shapes: bool = True,
+        profile_memory: bool = True,
+        with_stack: bool = False,
+        dir: str | None = None,
+    ) -> None:
         for key, value, low in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"debug.profiler.{key}={value!r} must be an integer >= {low}")
         self.wait, self.warmup, self.active = wait, warmup, active
-        self.options = {"record_shapes": bool(record_shapes), "profile_memory": bool(profile_memory),
-                        "with_stack": bool(with_stack)}
+        self.options = {
+            "record_shapes": bool(record_shapes),
+            "profile_memory": bool(profile_memory),
+            "with_stack": bool(with_stack),
+        }
         self.dir = dir
         self.prof: Any = None
         self.steps = 0
@@ -165,8 +189,12 @@ class Profiler(Callback):
 
         self.path = Path(self.dir) if self.dir else trainer.run.root / "tensorboard" / "profiler"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-        self.prof = profile(activities=activities, schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1),
-                            on_trace_ready=tensorboard_trace_handler(str(self.path), worker_name="rank0"), **self.options)
+        self.prof = profile(
+            activities=activities,
+            schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.path), worker_name="rank0"),
+            **self.options,
+        )
         self.prof.start()
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
@@ -176,15 +204,24 @@ class Profiler(Callback):
         self.steps += 1
         if self.steps >= self.wait + self.warmup + self.active:
             self._stop()
-            log.info("profiler: a trace of steps %d-%d is in %s (open it in ui.perfetto.dev, or in TensorBoard with "
-                     "torch-tb-profiler: tensorboard --logdir %s)", self.wait + self.warmup + 1, self.steps, self.path,
-                     self.path.parent)
+            log.info(
+                "profiler: a trace of steps %d-%d is in %s (open it in ui.perfetto.dev, or in TensorBoard with "
+                "torch-tb-profiler: tensorboard --logdir %s)",
+                self.wait + self.warmup + 1,
+                self.steps,
+                self.path,
+                self.path.parent,
+            )
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         if self.prof is not None:
             self._stop()
-            log.warning("profiler: the run took %d optimizer step(s); a trace needs debug.profiler.wait + warmup + active = "
-                        "%d, so none was written", self.steps, self.wait + self.warmup + self.active)
+            log.warning(
+                "profiler: the run took %d optimizer step(s); a trace needs debug.profiler.wait + warmup + active = "
+                "%d, so none was written",
+                self.steps,
+                self.wait + self.warmup + self.active,
+            )
 
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         if self.prof is not None:
@@ -208,14 +245,22 @@ class AnomalyDetection(Callback):
         torch.autograd.set_detect_anomaly(True, check_nan=True)
         for name, module in trainer.model.named_modules():
             self.handles.append(module.register_forward_hook(_finite_output_hook(name or type(module).__name__)))
-        log.info("debug=anomaly: autograd anomaly detection on, finite checks on the outputs of %d modules", len(self.handles))
+        log.info(
+            "debug=anomaly: autograd anomaly detection on, finite checks on the outputs of %d modules",
+            len(self.handles),
+        )
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
-        bad = [name for name, p in trainer.model.named_parameters()
-               if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+        bad = [
+            name
+            for name, p in trainer.model.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(p.detach()).all())
+        ]
         if bad:
-            raise NonFiniteError(f"debug=anomaly: after optimizer step {step.global_step} the weights {', '.join(bad[:5])} "
-                                 "hold NaN or inf; usual causes: optim.lr too high, fp16 overflow (training.amp_dtype=bfloat16)")
+            raise NonFiniteError(
+                f"debug=anomaly: after optimizer step {step.global_step} the weights {', '.join(bad[:5])} "
+                "hold NaN or inf; usual causes: optim.lr too high, fp16 overflow (training.amp_dtype=bfloat16)"
+            )
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         self._restore()
@@ -236,8 +281,11 @@ def _finite_output_hook(name: str):
     def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
         for where, tensor in _tensors(output, ""):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(f"debug=anomaly: the output{where} of {name} ({type(module).__name__}) holds NaN or inf; "
-                                     "it is the first module to produce one, so the fault is in it or in the scale of its inputs")
+                raise NonFiniteError(
+                    f"debug=anomaly: the output{where} of {name} ({type(module).__name__}) holds NaN or inf; "
+                    "it is the first module to produce one, so the fault is in it or in the scale of its inputs"
+                )
+
     return hook
 
 

@@ -84,7 +84,7 @@ class DistEnv:
         return tdist.is_available() and tdist.is_initialized()
 
     @classmethod
-    def current(cls) -> "DistEnv":
+    def current(cls) -> DistEnv:
         if tdist.is_available() and tdist.is_initialized():
             return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
         return cls()
@@ -104,11 +104,17 @@ class DistEnv:
             raise ConfigError(f"training.device={name}: CUDA is not available on this machine")
         if self.world_size > 1 or "LOCAL_RANK" in os.environ:
             if device.index is not None and device.index != self.local_rank:
-                log.warning("training.device=%s ignored under a distributed launch: rank %d uses cuda:%d (its LOCAL_RANK)",
-                            name, self.rank, self.local_rank)
+                log.warning(
+                    "training.device=%s ignored under a distributed launch: rank %d uses cuda:%d (its LOCAL_RANK)",
+                    name,
+                    self.rank,
+                    self.local_rank,
+                )
             if self.local_rank >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK={self.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                                  "start at most one process per GPU (--nproc_per_node)")
+                raise ConfigError(
+                    f"LOCAL_RANK={self.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                    "start at most one process per GPU (--nproc_per_node)"
+                )
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -155,7 +161,13 @@ def init_from_env() -> DistEnv:
         atexit.register(shutdown)
         _share_launch_time()
         env = DistEnv.current()
-        log.info("process group: rank %d of %d (local rank %d), backend %s", env.rank, env.world_size, env.local_rank, backend)
+        log.info(
+            "process group: rank %d of %d (local rank %d), backend %s",
+            env.rank,
+            env.world_size,
+            env.local_rank,
+            backend,
+        )
     return DistEnv.current()
 
 
@@ -256,7 +268,7 @@ def _flatten(tree: Any, out: list[Any]) -> None:
     elif isinstance(tree, (list, tuple)):
         for v in tree:
             _flatten(v, out)
-    elif isinstance(tree, bool) or not isinstance(tree, (int, float)) and not torch.is_tensor(tree):
+    elif isinstance(tree, bool) or (not isinstance(tree, (int, float)) and not torch.is_tensor(tree)):
         raise TypeError(f"sum_over_ranks: cannot sum a {type(tree).__name__}")
     else:
         out.append(tree)
@@ -295,8 +307,9 @@ class ShardSampler(Sampler[int]):
     before it (consumed by all ranks together, whatever the world size was) are skipped.
     """
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = False, seed: int = 0,
-                 even: bool = False) -> None:
+    def __init__(
+        self, n: int, rank: int = 0, world_size: int = 1, *, shuffle: bool = False, seed: int = 0, even: bool = False
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n, self.rank, self.world_size = int(n), int(rank), int(world_size)
@@ -316,7 +329,7 @@ class ShardSampler(Sampler[int]):
         return torch.randperm(self.n, generator=g)
 
     def indices(self) -> list[int]:
-        rest = self.order()[self.start:]
+        rest = self.order()[self.start :]
         if self.even:
             rest = rest[: len(rest) // self.world_size * self.world_size]
         return rest[self.rank :: self.world_size].tolist()
@@ -357,7 +370,14 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     ignore += [n for n, _ in model.named_buffers() if n.rpartition(".")[0] not in training]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     # Newer torch renames broadcast_buffers (and warns about the old name).
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False,
-               **no_buffer_sync)
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+        **no_buffer_sync,
+    )

@@ -36,16 +36,21 @@ class Standing:
 
 class EarlyStopping(Callback):
     """Args:
-        monitor: the val metric (checkpoint.monitor).
-        mode: "max" or "min" (checkpoint.mode, resolved).
-        patience: epochs without improvement that end the run (>= 1).
-        min_delta: how much better than the best so far counts as an improvement (>= 0).
+    monitor: the val metric (checkpoint.monitor).
+    mode: "max" or "min" (checkpoint.mode, resolved).
+    patience: epochs without improvement that end the run (>= 1).
+    min_delta: how much better than the best so far counts as an improvement (>= 0).
     """
 
     def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"training.early_stopping.patience={patience!r} must be null (off) or an integer >= 1")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta) or min_delta < 0:
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not math.isfinite(min_delta)
+            or min_delta < 0
+        ):
             raise ConfigError(f"training.early_stopping.min_delta={min_delta!r} must be a finite number >= 0")
         if mode not in ("max", "min"):
             raise ConfigError(f"early stopping mode {mode!r}: expected max or min")
@@ -72,19 +77,37 @@ class EarlyStopping(Callback):
         if history and state.stale >= self.patience:
             self.stopped_epoch = int(history[-1].get("epoch", len(history)))
             trainer.should_stop = True
-            log.info("early stopping: by epoch %d the val history already meets the stopping rule (val %s not better "
-                     "than %s of epoch %d by more than %g for %d epochs); nothing left to train. Raise "
-                     "training.early_stopping.patience to go on",
-                     self.stopped_epoch, self.monitor, _fmt(state.best), state.best_epoch, self.min_delta, state.stale)
+            log.info(
+                "early stopping: by epoch %d the val history already meets the stopping rule (val %s not better "
+                "than %s of epoch %d by more than %g for %d epochs); nothing left to train. Raise "
+                "training.early_stopping.patience to go on",
+                self.stopped_epoch,
+                self.monitor,
+                _fmt(state.best),
+                state.best_epoch,
+                self.min_delta,
+                state.stale,
+            )
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool) -> None:
+    def on_epoch_end(
+        self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool
+    ) -> None:
         state = self.standing(trainer.history["val"])
         if state.stale >= self.patience and epoch < trainer.epochs:
             self.stopped_epoch = epoch
             trainer.should_stop = True
-            log.info("early stopping after epoch %d of %d: val %s has not beaten %s (epoch %d) by more than "
-                     "min_delta=%g for %d epochs (training.early_stopping.patience=%d)", epoch, trainer.epochs,
-                     self.monitor, _fmt(state.best), state.best_epoch, self.min_delta, state.stale, self.patience)
+            log.info(
+                "early stopping after epoch %d of %d: val %s has not beaten %s (epoch %d) by more than "
+                "min_delta=%g for %d epochs (training.early_stopping.patience=%d)",
+                epoch,
+                trainer.epochs,
+                self.monitor,
+                _fmt(state.best),
+                state.best_epoch,
+                self.min_delta,
+                state.stale,
+                self.patience,
+            )
 
 
 def build_early_stopping(cfg: DictConfig) -> list[EarlyStopping]:

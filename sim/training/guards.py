@@ -102,7 +102,12 @@ class NonFiniteGuard:
         what = f"loss ({bad_loss})" if bad_loss is not None else "gradients"
         log.warning(
             "step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all; the run stops at %d in a row: "
-            "training.max_nonfinite_steps)", self.steps, what, self.consecutive, self.skipped, self.max_consecutive,
+            "training.max_nonfinite_steps)",
+            self.steps,
+            what,
+            self.consecutive,
+            self.skipped,
+            self.max_consecutive,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
@@ -115,14 +120,20 @@ class NonFiniteGuard:
         return scaling
 
 
-def check_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, what: str = "checkpoint") -> None:
+def check_finite_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, what: str = "checkpoint"
+) -> None:
     """Refuse to save non-finite weights (or optimizer state).
 
     Raises:
         NonFiniteError: naming the tensors that hold NaN or inf.
     """
     state = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
-    bad = [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in state.items()
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if optimizer is not None:
         for pid, pstate in optimizer.state_dict().get("state", {}).items():
             for key, t in pstate.items():

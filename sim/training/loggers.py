@@ -114,7 +114,7 @@ class TensorBoardLogger(LoggerAdapter):
 
         # Written into this run's own event file (SummaryWriter.add_hparams would open a sub-run), so
         # the HParams tab lists one session per run directory with its scalars as the metrics.
-        experiment, start, end = hparams_summary(hparams, {m: 0.0 for m in metrics})
+        experiment, start, end = hparams_summary(hparams, dict.fromkeys(metrics, 0.0))
         for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)
 
@@ -152,8 +152,13 @@ class MLflowLogger(LoggerAdapter):
 
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str = "sqlite:///outputs/mlflow.db", artifact_location: str | None = None,
-                 request_timeout: float = 10, request_retries: int = 2) -> None:
+    def __init__(
+        self,
+        tracking_uri: str = "sqlite:///outputs/mlflow.db",
+        artifact_location: str | None = None,
+        request_timeout: float = 10,
+        request_retries: int = 2,
+    ) -> None:
         self.tracking_uri, self.artifact_location = str(tracking_uri), artifact_location
         self.request_timeout, self.request_retries = request_timeout, int(request_retries)
         self.client: Any = None
@@ -177,8 +182,12 @@ class MLflowLogger(LoggerAdapter):
         experiment_id = self._experiment(run.experiment, artifacts)
         tag = str(run.root.resolve())
         if run.resumed:  # the same MLflow run continues
-            found = self.client.search_runs([experiment_id], filter_string=f"tags.`sim.run_dir` = '{tag}'",
-                                            order_by=["attributes.start_time DESC"], max_results=1)
+            found = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`sim.run_dir` = '{tag}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             if found:
                 self.run_id = found[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -207,7 +216,7 @@ class MLflowLogger(LoggerAdapter):
         logged = self.client.get_run(self.run_id).data.params
         params = [Param(k[:250], str(v)[:6000]) for k, v in hparams.items() if k[:250] not in logged]
         for i in range(0, len(params), 100):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -218,7 +227,9 @@ class MLflowLogger(LoggerAdapter):
     def log_images(self, images: dict[str, Path], step: int) -> None:
         for tag, path in images.items():
             folder = Path(tag).parent
-            self.client.log_artifact(self.run_id, str(path), artifact_path="images" if folder == Path(".") else f"images/{folder}")
+            self.client.log_artifact(
+                self.run_id, str(path), artifact_path="images" if folder == Path(".") else f"images/{folder}"
+            )
 
     def close(self, ok: bool) -> None:
         if self.client is not None and self.run_id is not None:
@@ -240,8 +251,14 @@ class WandbLogger(LoggerAdapter):
 
     name = "wandb"
 
-    def __init__(self, mode: str = "offline", project: str | None = None, entity: str | None = None,
-                 tags: Sequence[str] = (), dir: str | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "offline",
+        project: str | None = None,
+        entity: str | None = None,
+        tags: Sequence[str] = (),
+        dir: str | None = None,
+    ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.wandb.mode={mode!r}: expected offline, online or disabled")
         self.mode, self.project, self.entity, self.tags, self.dir = mode, project, entity, list(tags), dir
@@ -254,9 +271,17 @@ class WandbLogger(LoggerAdapter):
         directory = Path(self.dir) if self.dir else run.root
         previous = _wandb_run_id(directory / "wandb") if run.resumed else None
         self.run = wandb.init(
-            project=self.project or run.experiment, entity=self.entity, name=run.name, group=run.group,
-            tags=self.tags or None, dir=str(directory), mode=self.mode, config=run.config,
-            id=previous, resume="allow" if previous else None, reinit="create_new",
+            project=self.project or run.experiment,
+            entity=self.entity,
+            name=run.name,
+            group=run.group,
+            tags=self.tags or None,
+            dir=str(directory),
+            mode=self.mode,
+            config=run.config,
+            id=previous,
+            resume="allow" if previous else None,
+            reinit="create_new",
             # The run's own log already has the console; W&B's capture would wrap stdout and stderr.
             settings=wandb.Settings(console="off", silent=True),
         )
@@ -299,7 +324,9 @@ class CSVLogger(LoggerAdapter):
         kept: list[dict[str, str]] = []
         if run.resumed and path.is_file():  # like the JSONL files: keep what the checkpoint has done
             with open(path, newline="", encoding="utf-8") as fh:
-                kept = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= run.global_step]
+                kept = [
+                    r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= run.global_step
+                ]
         self.file = open(path, "w", newline="", encoding="utf-8")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
         self.writer.writeheader()
@@ -308,7 +335,9 @@ class CSVLogger(LoggerAdapter):
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         now = f"{time.time():.3f}"
-        self.writer.writerows({"step": step, "name": k, "value": repr(float(v)), "time": now} for k, v in values.items())
+        self.writer.writerows(
+            {"step": step, "name": k, "value": repr(float(v)), "time": now} for k, v in values.items()
+        )
         self.file.flush()
 
     def close(self, ok: bool) -> None:
@@ -328,8 +357,14 @@ class Loggers(Callback):
         group: the sweep directory of a multirun job.
     """
 
-    def __init__(self, adapters: Sequence[LoggerAdapter], every_n_steps: int = 10, experiment: str = "sim",
-                 run_name: str | None = None, group: str | None = None) -> None:
+    def __init__(
+        self,
+        adapters: Sequence[LoggerAdapter],
+        every_n_steps: int = 10,
+        experiment: str = "sim",
+        run_name: str | None = None,
+        group: str | None = None,
+    ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ConfigError(f"logger.every_n_steps={every_n_steps!r} must be an integer >= 1")
         self.adapters = list(adapters)
@@ -342,13 +377,23 @@ class Loggers(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main or not self.adapters:
             return
-        run = RunInfo(root=trainer.run.root, name=self.run_name or _short(trainer.run.root), experiment=self.experiment,
-                      group=self.group, resumed=trainer.global_step > 0, global_step=trainer.global_step,
-                      monitor=trainer.best_rule.monitor, config=OmegaConf.to_container(trainer.cfg, resolve=True))
+        run = RunInfo(
+            root=trainer.run.root,
+            name=self.run_name or _short(trainer.run.root),
+            experiment=self.experiment,
+            group=self.group,
+            resumed=trainer.global_step > 0,
+            global_step=trainer.global_step,
+            monitor=trainer.best_rule.monitor,
+            config=OmegaConf.to_container(trainer.cfg, resolve=True),
+        )
         self.active = list(self.adapters)
         self._each("starting", lambda a: a.open(run))
         hparams = flatten(run.config)
-        self._each("logging the hyperparameters", lambda a: a.log_hparams(hparams, [f"best/{run.monitor}", f"val/{run.monitor}"]))
+        self._each(
+            "logging the hyperparameters",
+            lambda a: a.log_hparams(hparams, [f"best/{run.monitor}", f"val/{run.monitor}"]),
+        )
         self._samples, self._seconds = 0, 0.0
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
@@ -372,7 +417,9 @@ class Loggers(Callback):
         self._samples, self._seconds = 0, 0.0
         self._each("logging a step", lambda a: a.log_scalars(_finite(values), step.global_step))
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool) -> None:
+    def on_epoch_end(
+        self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool
+    ) -> None:
         self._evaluated = True
         if not self.active:
             return
@@ -413,8 +460,9 @@ class Loggers(Callback):
                 epoch = trainer.history["val"][-1].get("epoch")
                 for head in L.HEADS:
                     images[f"confusion_val/{head}"] = plot_confusion(
-                        confusion[head], L.LABELS[head], tmp / f"confusion_{head}.png", f"val {head}, epoch {epoch}")
-        except Exception as exc:  # noqa: BLE001 - a figure must not fail the run
+                        confusion[head], L.LABELS[head], tmp / f"confusion_{head}.png", f"val {head}, epoch {epoch}"
+                    )
+        except Exception as exc:
             log.warning("could not draw the images for the loggers (%s: %s)", type(exc).__name__, exc)
         return images
 
@@ -422,10 +470,16 @@ class Loggers(Callback):
         for adapter in list(self.active):
             try:
                 call(adapter)
-            except Exception as exc:  # noqa: BLE001 - a logger never takes the training down
+            except Exception as exc:
                 self.active.remove(adapter)
-                log.warning("logger %s failed while %s (%s: %s); it is off for the rest of this run, which goes on "
-                            "(metrics/*.jsonl hold every metric)", adapter.name, what, type(exc).__name__, exc)
+                log.warning(
+                    "logger %s failed while %s (%s: %s); it is off for the rest of this run, which goes on "
+                    "(metrics/*.jsonl hold every metric)",
+                    adapter.name,
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
                 _quietly(adapter, ok=False)
 
     def _close(self, ok: bool) -> None:
@@ -433,7 +487,7 @@ class Loggers(Callback):
         for adapter in active:
             try:
                 adapter.close(ok)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.warning("logger %s failed while closing (%s: %s)", adapter.name, type(exc).__name__, exc)
 
 
@@ -465,7 +519,9 @@ def build_loggers(cfg: DictConfig) -> list[Loggers]:
     if section is None:
         return []
     if not isinstance(section, DictConfig):
-        raise ConfigError(f"logger={section!r}: expected a logger option or a list of them, e.g. logger=[tensorboard,mlflow]")
+        raise ConfigError(
+            f"logger={section!r}: expected a logger option or a list of them, e.g. logger=[tensorboard,mlflow]"
+        )
     adapters: list[LoggerAdapter] = []
     for name, entry in section.items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
@@ -478,8 +534,15 @@ def build_loggers(cfg: DictConfig) -> list[Loggers]:
             adapters.append(adapter)
     if not adapters:
         return []
-    return [Loggers(adapters, every_n_steps=section.get("every_n_steps", 10), experiment=section.get("experiment") or "sim",
-                    run_name=section.get("run_name"), group=_sweep_group())]
+    return [
+        Loggers(
+            adapters,
+            every_n_steps=section.get("every_n_steps", 10),
+            experiment=section.get("experiment") or "sim",
+            run_name=section.get("run_name"),
+            group=_sweep_group(),
+        )
+    ]
 
 
 def _sweep_group() -> str | None:
@@ -506,7 +569,7 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
 
 def _sqlite_path(uri: str) -> Path | None:
     prefix = "sqlite:///"
-    return Path(uri[len(prefix):]) if uri.startswith(prefix) and uri != prefix else None
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri != prefix else None
 
 
 def _wandb_run_id(wandb_dir: Path) -> str | None:
@@ -523,11 +586,13 @@ def _require(module: str, extra: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"logger={extra} needs the {module} package: pip install -e \".[{extra}]\" (make install has it)")
+        raise ImportError(
+            f'logger={extra} needs the {module} package: pip install -e ".[{extra}]" (make install has it)'
+        )
 
 
 def _quietly(adapter: LoggerAdapter, ok: bool) -> None:
     try:
         adapter.close(ok)
-    except Exception:  # noqa: BLE001 - it has failed already; its warning has been given
+    except Exception:
         pass

@@ -55,8 +55,10 @@ def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if isinstance(spec, str):
         if spec.lower() not in PRUNERS:
-            raise ConfigError(f"hydra.sweeper.pruner={spec}: expected one of {', '.join(PRUNERS)} "
-                              "(or hydra/sweeper/pruner=NAME to set its options)")
+            raise ConfigError(
+                f"hydra.sweeper.pruner={spec}: expected one of {', '.join(PRUNERS)} "
+                "(or hydra/sweeper/pruner=NAME to set its options)"
+            )
         spec = OmegaConf.structured(PRUNERS[spec.lower()])
     if isinstance(spec, (dict, DictConfig)):
         spec = instantiate(spec)
@@ -79,14 +81,20 @@ class PruningCallback(Callback):
         self.metric = metric
         self.pruned_at: int | None = None
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool) -> None:
+    def on_epoch_end(
+        self, trainer: Trainer, epoch: int, train: dict[str, Any], val: dict[str, Any], is_best: bool
+    ) -> None:
         prune = False
         if trainer.dist.is_main:
             value = val.get(self.metric)
             if value is None or not math.isfinite(float(value)):
                 # optuna would store NaN and the pruner compare against it; an undefined epoch says nothing.
-                log.warning("trial %d, epoch %d: val %s is undefined; not reported to the pruner",
-                            self.trial.number, epoch, self.metric)
+                log.warning(
+                    "trial %d, epoch %d: val %s is undefined; not reported to the pruner",
+                    self.trial.number,
+                    epoch,
+                    self.metric,
+                )
             else:
                 self.trial.report(float(value), step=epoch)
                 prune = self.trial.should_prune()
@@ -94,21 +102,30 @@ class PruningCallback(Callback):
         if broadcast_object(prune):
             self.pruned_at = epoch
             trainer.should_stop = True
-            log.info("trial %d pruned after epoch %d (val %s = %s): its run ends here, checkpoints and metrics kept",
-                     self.trial.number, epoch, self.metric, val.get(self.metric))
+            log.info(
+                "trial %d pruned after epoch %d (val %s = %s): its run ends here, checkpoints and metrics kept",
+                self.trial.number,
+                epoch,
+                self.metric,
+                val.get(self.metric),
+            )
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         if self.pruned_at is not None:
             result["pruned_at_epoch"] = self.pruned_at
 
 
-def _trial_from_storage(sweeper: DictConfig, number: int, pruner: optuna.pruners.BasePruner) -> optuna.trial.Trial | None:
+def _trial_from_storage(
+    sweeper: DictConfig, number: int, pruner: optuna.pruners.BasePruner
+) -> optuna.trial.Trial | None:
     import optuna
 
     storage_url, study_name = sweeper.get("storage"), sweeper.get("study_name")
     if not storage_url or not study_name:
-        log.warning("pruning is off for this job: it runs outside the sweeper's process, and only a study in "
-                    "hydra.sweeper.storage with a hydra.sweeper.study_name can be reached from here")
+        log.warning(
+            "pruning is off for this job: it runs outside the sweeper's process, and only a study in "
+            "hydra.sweeper.storage with a hydra.sweeper.study_name can be reached from here"
+        )
         return None
     storage = optuna.storages.get_storage(str(storage_url))
     study = optuna.load_study(study_name=str(study_name), storage=storage, pruner=pruner)

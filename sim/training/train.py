@@ -87,9 +87,11 @@ def _check_ranks_agree(cfg: DictConfig) -> None:
     """
     mine = OmegaConf.to_yaml(cfg, resolve=True)
     if not distributed.all_ranks_agree(mine == distributed.broadcast_object(mine)):
-        raise ConfigError("the torchrun processes composed different configs (a sweeper that samples per process, such "
-                          "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
-                          "one torchrun per trial")
+        raise ConfigError(
+            "the torchrun processes composed different configs (a sweeper that samples per process, such "
+            "as optuna, or a value that differs per process); run sweeps with hydra/launcher=slurm, or "
+            "one torchrun per trial"
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
@@ -105,8 +107,13 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     from sim.training.pruning import sweep_callbacks
 
     # Pruning decides after early stopping and before the loggers, which then record the last epoch.
-    return [*build_early_stopping(cfg), *sweep_callbacks(cfg), TrainingCurves(), *build_debug_callbacks(cfg),
-            *build_loggers(cfg)]
+    return [
+        *build_early_stopping(cfg),
+        *sweep_callbacks(cfg),
+        TrainingCurves(),
+        *build_debug_callbacks(cfg),
+        *build_loggers(cfg),
+    ]
 
 
 class TrainingCurves(Callback):
@@ -121,7 +128,7 @@ def _notify_failure(cb: Callback, trainer: Trainer, exc: BaseException) -> None:
     # The run's own error is what the user must see; a callback failing to clean up is only a warning.
     try:
         cb.on_exception(trainer, exc)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         log.warning("%s could not clean up after the failure (%s: %s)", type(cb).__name__, type(err).__name__, err)
 
 
@@ -133,7 +140,7 @@ def _plot_curves(root: Path) -> None:
         path = plot_training_curves(root)
         if path is not None:
             log.info("training curves: %s", path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("could not draw the training curves (%s: %s); the run itself is complete", type(exc).__name__, exc)
 
 

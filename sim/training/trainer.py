@@ -71,8 +71,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": [version, list(mt), gauss],
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -83,15 +88,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, mt, gauss = state["python"]
     random.setstate((int(version), tuple(int(x) for x in mt), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"].numpy(), dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], np.asarray(n["keys"].numpy(), dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("the checkpoint holds the RNG states of %d GPUs, this machine has %d: CUDA RNGs not restored",
-                        len(cuda), torch.cuda.device_count())
+            log.warning(
+                "the checkpoint holds the RNG states of %d GPUs, this machine has %d: CUDA RNGs not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,8 +158,12 @@ class Trainer:
         self.data.log_skipped_to(self.run.logs / "skipped_samples.txt")
         dv_data = self._check_data_shapes()
 
-        self.model = build_model(cfg, dv_data if self.use_cached else None, self.device,
-                                 features_of=self._feature_encoder() if self.use_cached else None)
+        self.model = build_model(
+            cfg,
+            dv_data if self.use_cached else None,
+            self.device,
+            features_of=self._feature_encoder() if self.use_cached else None,
+        )
         self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
         self.class_weights = self._class_weights()
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **OmegaConf.to_container(cfg.model.loss_weights, resolve=True)}
@@ -168,8 +182,9 @@ class Trainer:
         self.forward = torch.compile(train_module) if cfg.training.compile else train_module
         # Evaluation bypasses DDP: there are no gradients to reduce, and ranks may hold one batch more
         # or less of the split (a collective inside the loop would then wait forever).
-        self.eval_forward = self.forward if self.ddp is None else (
-            torch.compile(self.model) if cfg.training.compile else self.model)
+        self.eval_forward = (
+            self.forward if self.ddp is None else (torch.compile(self.model) if cfg.training.compile else self.model)
+        )
         self.train_metrics = EpochMetrics()
         self.val_metrics = EpochMetrics()
         self.best_rule = BestEpochRule.from_config(cfg.checkpoint)
@@ -179,7 +194,9 @@ class Trainer:
         self.global_step = 0
         self.every_n_steps = int(cfg.checkpoint.get("every_n_steps") or 0)
         if self.every_n_steps < 0:
-            raise ConfigError(f"checkpoint.every_n_steps={self.every_n_steps} must be >= 0 (0 or null: only at epoch ends)")
+            raise ConfigError(
+                f"checkpoint.every_n_steps={self.every_n_steps} must be >= 0 (0 or null: only at epoch ends)"
+            )
         self._progress: dict[str, Any] | None = None  # where a resumed run re-enters its epoch
         if self.dist.is_main:
             for directory in (self.run.checkpoints, self.run.metrics):
@@ -212,12 +229,22 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.grad_accum)
         bs = int(self.data.batch_size)
         self.effective_batch_size = bs * self.grad_accum * world
-        log.info("batch size %d per process x %d accumulation step(s) x %d process(es) = %d samples per optimizer step "
-                 "(effective batch size); %d optimizer steps per epoch", bs, self.grad_accum, world,
-                 self.effective_batch_size, self.steps_per_epoch)
+        log.info(
+            "batch size %d per process x %d accumulation step(s) x %d process(es) = %d samples per optimizer step "
+            "(effective batch size); %d optimizer steps per epoch",
+            bs,
+            self.grad_accum,
+            world,
+            self.effective_batch_size,
+            self.steps_per_epoch,
+        )
         if n_train % world:
-            log.info("each epoch leaves out %d of %d train samples (a different few each epoch) so every process "
-                     "takes as many steps", n_train % world, n_train)
+            log.info(
+                "each epoch leaves out %d of %d train samples (a different few each epoch) so every process "
+                "takes as many steps",
+                n_train % world,
+                n_train,
+            )
 
     def _check_data_shapes(self) -> int:
         F = int(self.cfg.model.F)
@@ -225,17 +252,23 @@ class Trainer:
         for split in ("train", "val"):
             shape = self.data.split(split).video_shape()
             if shape[0] != F:
-                raise ConfigError(f"the {split} split has F={shape[0]} frames per sample but model.F={F}; set model.F={shape[0]}")
+                raise ConfigError(
+                    f"the {split} split has F={shape[0]} frames per sample but model.F={F}; set model.F={shape[0]}"
+                )
             shapes[split] = shape
         if shapes["train"][1:] != shapes["val"][1:]:
             raise ConfigError(f"train and val samples differ in shape: {shapes['train']} vs {shapes['val']}")
         shape = shapes["train"]
         if self.use_cached and len(shape) != 2:
-            raise ConfigError(f"vision=cached reads features [F, dv] but the data yields {list(shape)} per sample; "
-                              "for raw frames [F, 3, H, W] pick an encoder (vision=tiny, vision=resnet18, ...)")
+            raise ConfigError(
+                f"vision=cached reads features [F, dv] but the data yields {list(shape)} per sample; "
+                "for raw frames [F, 3, H, W] pick an encoder (vision=tiny, vision=resnet18, ...)"
+            )
         if not self.use_cached and (len(shape) != 4 or shape[1] != 3):
-            raise ConfigError(f"vision={self.cfg.vision.kind} encodes raw frames [F, 3, H, W] but the data yields "
-                              f"{list(shape)} per sample; for cached features use vision=cached")
+            raise ConfigError(
+                f"vision={self.cfg.vision.kind} encodes raw frames [F, 3, H, W] but the data yields "
+                f"{list(shape)} per sample; for cached features use vision=cached"
+            )
         # dv of cached features; for raw frames the encoder gives dv and this value is unused.
         return int(shape[-1])
 
@@ -246,12 +279,16 @@ class Trainer:
             DataError: train and val features come from different encoders (the heads would be
                 validated on features they never saw).
         """
-        found = {split: (getattr(self.data.split(split), "meta", None) or {}).get("encoder") for split in ("train", "val")}
+        found = {
+            split: (getattr(self.data.split(split), "meta", None) or {}).get("encoder") for split in ("train", "val")
+        }
         if found["train"] and found["val"] and found["train"] != found["val"]:
             from sim.models.vision import describe
 
-            raise DataError(f"the train split's features come from {describe(found['train'].get('spec', {}))} but the "
-                            f"val split's from {describe(found['val'].get('spec', {}))}; cache both with one encoder")
+            raise DataError(
+                f"the train split's features come from {describe(found['train'].get('spec', {}))} but the "
+                f"val split's from {describe(found['val'].get('spec', {}))}; cache both with one encoder"
+            )
         return found["train"]
 
     def _class_weights(self) -> dict[str, torch.Tensor] | None:
@@ -266,12 +303,16 @@ class Trainer:
                 counts = np.bincount(arr, minlength=n).astype(np.float64)
                 w = np.where(counts > 0, counts.sum() / (n * np.maximum(counts, 1)), 1.0)
                 out[head] = torch.tensor(w, dtype=torch.float32, device=self.device)
-            log.info("class weights (inverse frequency): %s", {h: [round(float(x), 3) for x in v] for h, v in out.items()})
+            log.info(
+                "class weights (inverse frequency): %s", {h: [round(float(x), 3) for x in v] for h, v in out.items()}
+            )
             return out
         out = {}
         for head, values in OmegaConf.to_container(spec, resolve=True).items():
             if head not in L.NUM_CLASSES or len(values) != L.NUM_CLASSES[head]:
-                raise ConfigError(f"model.class_weights.{head}: expected {L.NUM_CLASSES.get(head, '?')} floats for head {head}")
+                raise ConfigError(
+                    f"model.class_weights.{head}: expected {L.NUM_CLASSES.get(head, '?')} floats for head {head}"
+                )
             out[head] = torch.tensor(values, dtype=torch.float32, device=self.device)
         return out
 
@@ -292,8 +333,14 @@ class Trainer:
         total_micro = micro + len(self.train_loader)
         first_micro, batch_size = micro, int(self.data.batch_size)
         t0 = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs} train", leave=False, disable=self._no_bar(),
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{self.epochs} train",
+            leave=False,
+            disable=self._no_bar(),
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             batch = to_device(batch, self.device)
             group_start = micro // self.grad_accum * self.grad_accum
@@ -324,8 +371,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{losses['loss'].item():.4f}", refresh=False)
         elapsed = D.max_over_ranks(elapsed_before + time.perf_counter() - t0)
         metrics = self._compute(self.train_metrics, "train")
-        return {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                "samples_per_s": self.train_metrics.samples / max(elapsed, 1e-9), **metrics}
+        return {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": self.train_metrics.samples / max(elapsed, 1e-9),
+            **metrics,
+        }
 
     def _optimizer_step(self) -> torch.Tensor:
         """Returns the global gradient norm before clipping, left on the device (reading it waits for the device)."""
@@ -344,8 +395,14 @@ class Trainer:
         self.global_step += 1
         return grad_norm
 
-    def _step_end(self, epoch: int, losses: dict[str, torch.Tensor] | None, grad_norm: torch.Tensor,
-                  micro_batches: int, last_batch: dict[str, Any]) -> None:
+    def _step_end(
+        self,
+        epoch: int,
+        losses: dict[str, torch.Tensor] | None,
+        grad_norm: torch.Tensor,
+        micro_batches: int,
+        last_batch: dict[str, Any],
+    ) -> None:
         """Tell the callbacks about the optimizer step just taken; nothing here waits for the device.
 
         A step whose last micro-batch lost every sample (data.on_bad_sample=skip) has no losses to report."""
@@ -355,8 +412,15 @@ class Trainer:
             return
         # Only an epoch's last micro-batch can be short, so the step's others were full.
         samples = (micro_batches - 1) * int(self.data.batch_size) + int(last_batch["weight"].shape[0])
-        info = StepInfo(global_step=self.global_step, epoch=epoch, losses={k: v.detach() for k, v in losses.items()},
-                        lr=self._step_lr, grad_norm=grad_norm.detach(), samples=samples, seconds=seconds)
+        info = StepInfo(
+            global_step=self.global_step,
+            epoch=epoch,
+            losses={k: v.detach() for k, v in losses.items()},
+            lr=self._step_lr,
+            grad_norm=grad_norm.detach(),
+            samples=samples,
+            seconds=seconds,
+        )
         for cb in self.callbacks:
             cb.on_step_end(self, info)
 
@@ -369,7 +433,11 @@ class Trainer:
             state = metrics.state()
             state.pop("confusion")  # torchmetrics gathers the confusion matrices itself in compute()
             total = D.sum_over_ranks(state)
-            metrics.loss_sums, metrics.weight_sum, metrics.samples = dict(total["loss_sums"]), total["weight_sum"], total["samples"]
+            metrics.loss_sums, metrics.weight_sum, metrics.samples = (
+                dict(total["loss_sums"]),
+                total["weight_sum"],
+                total["samples"],
+            )
         return metrics.compute(split)
 
     def evaluate(self, loader, split: str = "val", epoch: int | None = None) -> dict[str, Any]:
@@ -383,17 +451,32 @@ class Trainer:
         elapsed = D.max_over_ranks(time.perf_counter() - t0)
         metrics = self._compute(self.val_metrics, split)
         out: dict[str, Any] = {"epoch": epoch} if epoch is not None else {}
-        out.update({"lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": self.val_metrics.samples / max(elapsed, 1e-9), **metrics})
+        out.update(
+            {
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "samples_per_s": self.val_metrics.samples / max(elapsed, 1e-9),
+                **metrics,
+            }
+        )
         return out
 
     def _evaluate_shard(self, loader, split: str, epoch: int | None) -> None:
         self.model.eval()
-        evaluate_batches(self.eval_forward, loader, self.device, self.val_metrics, self.loss_weights, self.class_weights,
-                         desc=f"epoch {epoch} {split}" if epoch else split,
-                         progress_bar=False if self._no_bar() else None)
+        evaluate_batches(
+            self.eval_forward,
+            loader,
+            self.device,
+            self.val_metrics,
+            self.loss_weights,
+            self.class_weights,
+            desc=f"epoch {epoch} {split}" if epoch else split,
+            progress_bar=False if self._no_bar() else None,
+        )
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def checkpoint_payload(self, epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint_payload(
+        self, epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """What a checkpoint holds. Every rank must call this (it gathers the ranks' RNG states).
 
         Args:
@@ -454,7 +537,13 @@ class Trainer:
         payload = self.checkpoint_payload(epoch - 1, last_val, progress)
         if self.dist.is_main:
             save_checkpoint(self.run.last, payload)
-            log.info("checkpoint at step %d (epoch %d, %d of its samples done): %s", self.global_step, epoch, position, self.run.last)
+            log.info(
+                "checkpoint at step %d (epoch %d, %d of its samples done): %s",
+                self.global_step,
+                epoch,
+                position,
+                self.run.last,
+            )
 
     def _resume_path(self, resume: str) -> Path:
         if resume == "auto":
@@ -498,7 +587,11 @@ class Trainer:
         self._restore_rng(state)
         history = self._rewrite_metric_files(done, path) if self.dist.is_main else None
         self.history = D.broadcast_object(history)
-        where = f"epoch {self.start_epoch}, sample {self._progress['position']} of its order" if self._progress else f"epoch {self.start_epoch}"
+        where = (
+            f"epoch {self.start_epoch}, sample {self._progress['position']} of its order"
+            if self._progress
+            else f"epoch {self.start_epoch}"
+        )
         log.info("resumed from %s (step %d): continuing at %s", path, self.global_step, where)
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
@@ -508,8 +601,11 @@ class Trainer:
                 torch.set_rng_state(state["torch_rng"])
             return
         if len(states) != self.dist.world_size:
-            log.warning("the checkpoint was written by %d processes, this run has %d: every rank takes rank 0's RNG states",
-                        len(states), self.dist.world_size)
+            log.warning(
+                "the checkpoint was written by %d processes, this run has %d: every rank takes rank 0's RNG states",
+                len(states),
+                self.dist.world_size,
+            )
         set_rng_state(states[self.dist.rank] if len(states) == self.dist.world_size else states[0])
 
     def _check_resume_config(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -517,17 +613,27 @@ class Trainer:
         meta, mine = ckpt["metadata"], self.model.metadata()
         for key in ("dv", "d", "F", "K", "use_cached_vis_feats", "telemetry_hidden", "head_hidden"):
             if key in meta and meta.get(key) != mine.get(key):
-                raise CheckpointError(f"cannot resume from {path}: {key} is {meta.get(key)!r} there, {mine.get(key)!r} in this config")
+                raise CheckpointError(
+                    f"cannot resume from {path}: {key} is {meta.get(key)!r} there, {mine.get(key)!r} in this config"
+                )
         theirs = {k: v for k, v in (meta.get("llm") or {}).items() if k != "dtype"}
         ours = {k: v for k, v in (mine.get("llm") or {}).items() if k != "dtype"}
         if theirs != ours:
-            raise CheckpointError(f"cannot resume from {path}: it was trained on another LLM ({meta.get('llm_name') or theirs}); "
-                                  f"this config loads {mine.get('llm_name') or ours}")
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained on another LLM ({meta.get('llm_name') or theirs}); "
+                f"this config loads {mine.get('llm_name') or ours}"
+            )
         if (meta.get("llm") or {}).get("dtype") != (mine.get("llm") or {}).get("dtype"):
-            log.warning("resuming %s: llm.dtype was %s, now %s", path, meta["llm"].get("dtype"), mine["llm"].get("dtype"))
+            log.warning(
+                "resuming %s: llm.dtype was %s, now %s", path, meta["llm"].get("dtype"), mine["llm"].get("dtype")
+            )
         if meta.get("vision") != mine.get("vision"):
-            log.warning("resuming %s with another vision encoder (%s, now %s): the heads were trained on other features",
-                        path, meta.get("vision"), mine.get("vision"))
+            log.warning(
+                "resuming %s with another vision encoder (%s, now %s): the heads were trained on other features",
+                path,
+                meta.get("vision"),
+                mine.get("vision"),
+            )
         old = ckpt.get("config")
         if not old:
             return
@@ -538,8 +644,14 @@ class Trainer:
                 log.warning("resuming %s: %s was %s, now %s; %s", path, key, then, now, consequence)
         then = (ckpt.get("state") or {}).get("world_size", 1)
         if then != self.dist.world_size:
-            log.warning("resuming %s: it was written by %d processes, this run has %d; the effective batch size is now %d "
-                        "(set training.grad_accum to keep it)", path, then, self.dist.world_size, self.effective_batch_size)
+            log.warning(
+                "resuming %s: it was written by %d processes, this run has %d; the effective batch size is now %d "
+                "(set training.grad_accum to keep it)",
+                path,
+                then,
+                self.dist.world_size,
+                self.effective_batch_size,
+            )
 
     def _restart_metric_files(self) -> None:
         """A run starting from scratch owns its metric files: lines of an earlier attempt are dropped."""
@@ -547,8 +659,12 @@ class Trainer:
             return
         stale = sum(len(read_jsonl(self.run.metrics_file(s))) for s in ("train", "val"))
         if stale:
-            log.warning("%s holds %d metric lines of an earlier run that did not leave a checkpoint to resume from "
-                        "(or training.resume is unset); they are replaced by this run's", self.run.metrics, stale)
+            log.warning(
+                "%s holds %d metric lines of an earlier run that did not leave a checkpoint to resume from "
+                "(or training.resume is unset); they are replaced by this run's",
+                self.run.metrics,
+                stale,
+            )
             for split in ("train", "val"):
                 atomic_write_bytes(self.run.metrics_file(split), b"")
 
@@ -567,7 +683,9 @@ class Trainer:
             records = read_jsonl(source.metrics_file(split))
             kept = [r for r in records if int(r.get("epoch", 0)) <= done]
             if len({r.get("epoch") for r in kept}) < done:
-                log.warning("%s holds %d of the %d epochs the checkpoint completed", source.metrics_file(split), len(kept), done)
+                log.warning(
+                    "%s holds %d of the %d epochs the checkpoint completed", source.metrics_file(split), len(kept), done
+                )
             atomic_write_bytes(self.run.metrics_file(split), "".join(json.dumps(r) + "\n" for r in kept).encode())
             history[split] = kept
         return history
@@ -601,15 +719,25 @@ class Trainer:
             log.info(
                 "epoch %d/%d  train loss %.4f | val loss %.4f  risk_high_recall %s  action_accuracy %s  macro_f1 %s  "
                 "| %.0f samples/s%s",
-                epoch, self.epochs, train_m["loss"], val_m["loss"], _fmt(val_m["risk_high_recall"]),
-                _fmt(val_m["action_accuracy"]), _fmt(val_m["macro_f1"]), train_m["samples_per_s"],
+                epoch,
+                self.epochs,
+                train_m["loss"],
+                val_m["loss"],
+                _fmt(val_m["risk_high_recall"]),
+                _fmt(val_m["action_accuracy"]),
+                _fmt(val_m["macro_f1"]),
+                train_m["samples_per_s"],
                 "  (best)" if is_best else "",
             )
             log.log(logging.WARNING if is_best and rule.shortfalls(val_m) else logging.INFO, "%s", why)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, train_m, val_m, is_best)
-        result = {"best": self._val_of(self.best_epoch), "last": self.history["val"][-1] if self.history["val"] else None,
-                  "best_epoch": self.best_epoch, "run_dir": str(self.run.root)}
+        result = {
+            "best": self._val_of(self.best_epoch),
+            "last": self.history["val"][-1] if self.history["val"] else None,
+            "best_epoch": self.best_epoch,
+            "run_dir": str(self.run.root),
+        }
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result
@@ -622,7 +750,7 @@ class Trainer:
 RESUME_WARNINGS = {
     "training.epochs": "the run ends at the new count (a cosine LR schedule is stretched or shrunk to it)",
     "training.seed": "the rest of the run shuffles by the new seed (inside an interrupted epoch, a sample may then "
-                     "be seen twice or not at all)",
+    "be seen twice or not at all)",
     "data.batch_size": "the position inside the epoch is kept in samples; batches are now of the new size",
     "training.grad_accum": "optimizer steps now take the new number of micro-batches",
     "optim.lr": "the restored optimizer and LR schedule keep the checkpoint's value",
