@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast lint format clean
 
 install: $(STAMP)
 
@@ -33,6 +33,17 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Linter, formatter check and type checker, as configured in pyproject.toml (also run by pre-commit and CI).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Applies the formatter and the linter's safe fixes.
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) outputs/* .pytest_cache
