@@ -24,6 +24,7 @@ from sim.core.checkpoint import CHECKPOINT_FORMAT
 from sim.core.errors import CheckpointError, ConfigError, DataError
 from sim.core.precision import Precision, dtype_name, named_precision
 from sim.models.llm import build_llm, describe, hidden_size
+from sim.models.pretrained import read_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +475,28 @@ class SimV0Model(nn.Module):
                 model.precision.name,
                 checkpoint_precision(ckpt["metadata"], device).name,
             )
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        llm: nn.Module | None = None,
+        precision: Precision | str | None = None,
+    ) -> SimV0Model:
+        """Load a directory `python -m sim.export` wrote (config.json + model.safetensors), as
+        `from_checkpoint` loads a checkpoint: same rebuild, same precision rule.
+
+        Raises:
+            CheckpointError: not such a directory, or its files are damaged or of another architecture.
+        """
+        config, state = read_pretrained(path)
+        model = cls.from_metadata(config, llm=llm, device=device, precision=precision)
+        if precision is not None:
+            state.pop(EXTRA_STATE, None)
         model.load_state_dict(state)
         model.eval()
         return model
