@@ -147,7 +147,7 @@ class LLMCache:
         model = convert()
         try:
             self._write(entry, model, identity)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # RuntimeError: safetensors refusing a tensor layout
             log.warning("could not write the LLM cache entry %s (%s); using the converted weights uncached", entry, exc)
             return model
         del model
@@ -226,12 +226,12 @@ def verify_entry(entry: Path, identity: Mapping[str, Any]) -> str | None:
         path = entry / name
         try:
             size = path.stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if size != expected.get("size"):
-            return f"{name} has {size} bytes, not {expected.get('size')} (truncated?)"
-        if sha256_of(path) != expected.get("sha256"):
-            return f"{name} does not match its checksum"
+            if size != expected.get("size"):
+                return f"{name} has {size} bytes, not {expected.get('size')} (truncated?)"
+            if sha256_of(path) != expected.get("sha256"):
+                return f"{name} does not match its checksum"
+        except OSError as exc:
+            return f"{name} cannot be read: {exc}"
     return None
 
 
