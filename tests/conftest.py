@@ -24,6 +24,16 @@ CONF = ROOT / "conf"
 TINY = ["llm=tiny", "training.progress_bar=false"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llm_cache_dir(tmp_path_factory):
+    """One LLM cache for the whole run, inherited by the commands tests start: the shipped GGUF model
+    is converted at most once per run, and never into the user's own cache."""
+    path = tmp_path_factory.mktemp("sim_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIM_CACHE_DIR", str(path))
+        yield path
+
+
 def make_cfg(*overrides: str) -> DictConfig:
     """The real train config composed with overrides (as `python train.py ...` would)."""
     return compose("train", overrides)

@@ -6,7 +6,8 @@ states, so the vocabulary projection would be wasted memory and time.
 Three ways to get weights, chosen by the config:
 - `pretrained: true` and `name_or_path` a hub id or a local directory: `from_pretrained`.
 - `pretrained: true` and a `gguf_file` (optionally inside an installed package, `gguf_package`):
-  transformers dequantizes the GGUF file to torch tensors. This is how the default runs offline.
+  transformers dequantizes the GGUF file to torch tensors, once: later builds read the result from
+  the LLM cache (`sim.models.llm_cache`). This is how the default runs offline.
 - `pretrained: false`: the architecture only, random weights drawn from a fixed seed (`init_seed`),
   nothing fetched. The config comes from `arch` when given, else from `name_or_path`'s config.
   The fixed seed makes the random LLM part of the model's identity: a checkpoint rebuilds it exactly.
@@ -18,13 +19,17 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from sim.core.errors import LLMLoadError
 from sim.core.precision import dtype_name, resolve_dtype
+from sim.models.llm_cache import LLMCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +118,13 @@ def build_llm(
     arch: dict[str, Any] | None = None,
     init_seed: int = 0,
     device: str | torch.device = "cpu",
-) -> nn.Module:
+    cache: LLMCache | None = None,
+) -> PreTrainedModel:
     """Build the frozen base transformer described by the `llm` config group.
+
+    Args:
+        cache: where weights converted from a GGUF file are kept; default `LLMCache()`, in the
+            directory the environment names (see `sim.models.llm_cache`).
 
     Returns:
         A `transformers` base model (no LM head) in eval mode, every parameter frozen, with
@@ -127,45 +137,62 @@ def build_llm(
     # The spec records the dtype `auto` resolved to here: a checkpoint rebuilds these very weights
     # on a machine whose `auto` would pick another.
     spec = llm_spec(name_or_path, pretrained, dtype_name(torch_dtype), gguf_file, gguf_package, arch, init_seed)
-    from transformers import AutoModel
-
-    if pretrained:
-        source = name_or_path
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if gguf_file:
-            if gguf_package:
-                source = str(package_dir(gguf_package))
-            if not source:
-                raise LLMLoadError("llm.gguf_file needs llm.name_or_path (a directory) or llm.gguf_package")
-            if not (Path(source) / gguf_file).is_file():
-                raise LLMLoadError(f"GGUF file not found: {Path(source) / gguf_file}")
-            kwargs["gguf_file"] = gguf_file
-            # The GGUF weights are dequantized to plain tensors; fp32 keeps that exact.
-            kwargs["dtype"] = torch.float32
-        if not source:
-            raise LLMLoadError("llm.name_or_path is empty: give a hub id or a local directory")
-        log.info("loading LLM %s (%s)", describe(spec), dtype_name(torch_dtype))
-        try:
-            model = AutoModel.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as exc:
-            local = os.path.isdir(source)
-            raise LLMLoadError(
-                f"could not load LLM {name_or_path or source!r}"
-                f"{' from local directory' if local else ''}: {str(exc).splitlines()[0]}\n{OFFLINE_HINT}"
-            ) from exc
-    else:
-        config = _config_for_arch(spec)
-        log.info("building LLM architecture %s with random weights (seed %d)", config.model_type, init_seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = AutoModel.from_config(config)
+    model = _load_pretrained(spec, torch_dtype, cache) if pretrained else _random_llm(spec)
     if model.get_input_embeddings() is None:
         raise LLMLoadError(f"LLM {describe(spec)} has no input embeddings; SIM needs a decoder-only LLM")
-    model = model.to(device=device, dtype=torch_dtype)
+    # Moved as a plain module: the wrapped `PreTrainedModel.to` has no usable type signature.
+    cast(nn.Module, model).to(device=device, dtype=torch_dtype)
     model.requires_grad_(False)
     model.eval()
-    model.sim_spec = spec
+    # nn.Module.__setattr__ is typed for tensors and modules; sim_spec is a plain attribute.
+    model.sim_spec = spec  # type: ignore[assignment]
     return model
+
+
+def _gguf_source(spec: dict[str, Any]) -> str:
+    """The directory holding the spec's GGUF file (its package's, when it names one)."""
+    source = str(package_dir(spec["gguf_package"])) if spec.get("gguf_package") else spec.get("name_or_path")
+    if not source:
+        raise LLMLoadError("llm.gguf_file needs llm.name_or_path (a directory) or llm.gguf_package")
+    if not (Path(source) / spec["gguf_file"]).is_file():
+        raise LLMLoadError(f"GGUF file not found: {Path(source) / spec['gguf_file']}")
+    return source
+
+
+def _load_pretrained(spec: dict[str, Any], torch_dtype: torch.dtype, cache: LLMCache | None) -> PreTrainedModel:
+    from transformers import AutoModel
+
+    gguf_file = spec.get("gguf_file")
+    source = _gguf_source(spec) if gguf_file else spec.get("name_or_path")
+    if not source:
+        raise LLMLoadError("llm.name_or_path is empty: give a hub id or a local directory")
+    log.info("loading LLM %s (%s)", describe(spec), dtype_name(torch_dtype))
+    try:
+        if not gguf_file:
+            return AutoModel.from_pretrained(source, dtype=torch_dtype)
+        # The GGUF weights are dequantized to plain tensors (fp32 keeps that exact), which takes tens
+        # of seconds: the result is converted once and cached.
+        return (cache or LLMCache()).load(
+            Path(source) / gguf_file,
+            lambda: AutoModel.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32),
+        )
+    except (OSError, ValueError) as exc:
+        local = os.path.isdir(source)
+        raise LLMLoadError(
+            f"could not load LLM {spec.get('name_or_path') or source!r}"
+            f"{' from local directory' if local else ''}: {str(exc).splitlines()[0]}\n{OFFLINE_HINT}"
+        ) from exc
+
+
+def _random_llm(spec: dict[str, Any]) -> PreTrainedModel:
+    """The architecture with random weights drawn from the spec's seed, leaving the global RNG alone."""
+    from transformers import AutoModel
+
+    config = _config_for_arch(spec)
+    log.info("building LLM architecture %s with random weights (seed %d)", config.model_type, spec["init_seed"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["init_seed"])
+        return AutoModel.from_config(config)
 
 
 def hidden_size(llm: nn.Module) -> int:
@@ -173,4 +200,5 @@ def hidden_size(llm: nn.Module) -> int:
 
     This is not always `config.hidden_size`: OPT-350m, for one, projects 512-wide embeddings in and out.
     """
-    return int(llm.get_input_embeddings().embedding_dim)
+    embeddings = cast("PreTrainedModel", llm).get_input_embeddings()
+    return int(cast(nn.Embedding, embeddings).embedding_dim)
