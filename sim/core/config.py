@@ -15,8 +15,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from sim.core import labels as L
 from sim.core.errors import ConfigError
-from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES
+from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES, METRICS
 from sim.core.precision import DTYPES
+from sim.core.shapes import check_frames_and_tokens
 
 ON_BAD_SAMPLE = ("error", "skip")
 # Data options whose video kind is fixed: (dataset class, what it yields).
@@ -25,7 +26,7 @@ FRAMES_ONLY = {"sim.data.synthetic_frames.SyntheticFramesDataset"}
 CACHED_SPLIT = "sim.data.dataset.CachedSplitDataset"
 AMP_DTYPES = ("auto", *DTYPES)
 # A floor is a minimum: on a lower-is-better metric (losses, the miss rate) it would favour worse epochs.
-FLOOR_METRICS = tuple(m for m in METRIC_NAMES if not m.startswith("loss") and m != "risk_high_fn_rate")
+FLOOR_METRICS = tuple(m.name for m in METRICS if m.mode == "max")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -43,13 +44,7 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...")
-    F, K = _get(cfg, "model.F"), _get(cfg, "model.K")
-    if not isinstance(F, int) or F < 1:
-        raise ConfigError(f"model.F={F!r} must be a positive integer")
-    if not isinstance(K, int) or K < 1:
-        raise ConfigError(f"model.K={K!r} must be a positive integer")
-    if K > F:
-        raise ConfigError(f"model.K={K} > model.F={F}: K visual tokens are segment means of F frames, so K <= F")
+    check_frames_and_tokens(_get(cfg, "model.F"), _get(cfg, "model.K"))
     epochs = _get(cfg, "training.epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"training.epochs={epochs!r} must be an integer >= 1")

@@ -20,7 +20,7 @@ import torch.nn.functional as Fn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sim.core import labels as L
-from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES
+from sim.core.labels import DEFAULT_LOSS_WEIGHTS, KEY_METRICS, METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,26 @@ def metrics_from_confusion(cms: Mapping[str, torch.Tensor], split: str = "") -> 
     parts = [out["risk_f1_macro"], out["action_f1_macro"]]
     out["macro_f1"] = None if any(p is None for p in parts) else (parts[0] + parts[1]) / 2
     return out
+
+
+def format_value(v: float | None) -> str:
+    """A metric as the logs show it: 4 decimals, `null` where undefined."""
+    return "null" if v is None else f"{v:.4f}"
+
+
+def format_key_metrics(metrics: Mapping[str, Any]) -> str:
+    """`name value` of each key metric of the contract (`sim.core.labels.METRICS`), two spaces apart."""
+    return "  ".join(f"{name} {format_value(metrics.get(name))}" for name in KEY_METRICS)
+
+
+def format_epoch_line(
+    epoch: int, epochs: int, train: Mapping[str, Any], val: Mapping[str, Any], is_best: bool = False
+) -> str:
+    """The line the trainer logs after each epoch: losses, the val key metrics, the training rate."""
+    return (
+        f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f} | val loss {val['loss']:.4f}  "
+        f"{format_key_metrics(val)}  | {train['samples_per_s']:.0f} samples/s{'  (best)' if is_best else ''}"
+    )
 
 
 class EpochMetrics(torch.nn.Module):
