@@ -41,6 +41,7 @@ from tqdm import tqdm
 from sim.core import labels as L
 from sim.core.checkpoint import atomic_write_bytes
 from sim.core.cli import CONF_DIR, fail_cleanly
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError, DataError, SimError
 from sim.core.precision import resolve_device
 from sim.data.dataset import SimDataset, collate_fn
@@ -151,7 +152,7 @@ class _SplitCache:
     def record(self, rows_done: int) -> None:
         _write_json(self.progress_path, {"encoder": self.ident, "job": self.job, "rows_done": rows_done})
 
-    def open_arrays(self, arrays: dict[str, tuple[Any, tuple[int, ...]]], done: int) -> dict[str, np.ndarray]:
+    def open_arrays(self, arrays: dict[str, tuple[Any, tuple[int, ...]]], done: int) -> dict[str, np.memmap]:
         """The memory-mapped output arrays: created for a fresh start, reopened to resume at row `done`."""
         partial_ids = self.out / PARTIAL_IDS
         if done == 0:
@@ -175,7 +176,7 @@ class _SplitCache:
         log.info("resuming %s at row %d of %d", self.out, done, self.job["rows"])
         return maps
 
-    def finish(self, maps: dict[str, np.ndarray]) -> None:
+    def finish(self, maps: dict[str, np.memmap]) -> None:
         """sample_id.json, weight.npy only when it says something, then meta.json: the split is complete."""
         ids = (self.out / PARTIAL_IDS).read_text().splitlines()
         (self.out / "sample_id.json").write_text(json.dumps(ids))
@@ -281,7 +282,7 @@ def _encode(
     encoder: FrozenVisionEncoder,
     loader: DataLoader,
     cache: _SplitCache,
-    maps: dict[str, np.ndarray],
+    maps: dict[str, np.memmap],
     done: int,
     device: str | torch.device,
     progress_bar: bool,
@@ -359,18 +360,17 @@ def cache_features(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     encoder = _instantiate(cfg.vision).to(device)
     out = Path(cfg.out)
     log.info("encoder %s (dv=%d); writing %s", describe(encoder.sim_spec), encoder.dv, out)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg = to_dict(cfg.data)
     results = {}
     for split in cfg.splits:
         dataset = data.split(split)
+        split_path = data_cfg.get(f"{split}_split_path")
         source = {
             "dataset_class_path": data_cfg.get("dataset_class_path"),
-            "split_path": data_cfg.get(f"{split}_split_path"),
+            "split_path": None if split_path is None else str(Path(split_path).resolve()),
             "kwargs": data_cfg.get("dataset_kwargs") or {},
             "split_kwargs": data_cfg.get(f"{split}_kwargs") or {},
         }
-        if source["split_path"] is not None:
-            source["split_path"] = str(Path(source["split_path"]).resolve())
         results[split] = cache_split(
             dataset,
             encoder,

@@ -79,19 +79,16 @@ class _Moments:
                 self.max[0] = max(self.max[0], float(z.max()))
 
     def rows(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for c in range(self.n.size):
-            n = self.n[c]
-            mean = self.sum[c] / n if n else None
-            std = math.sqrt(max(self.sumsq[c] / n - mean * mean, 0.0)) if n else None
+            n, nonfinite = self.n[c], int(self.nonfinite[c])
+            if not n:
+                out.append({"mean": None, "std": None, "min": None, "max": None, "nonfinite": nonfinite})
+                continue
+            mean = self.sum[c] / n
+            std = math.sqrt(max(self.sumsq[c] / n - mean * mean, 0.0))
             out.append(
-                {
-                    "mean": mean,
-                    "std": std,
-                    "min": float(self.min[c]) if n else None,
-                    "max": float(self.max[c]) if n else None,
-                    "nonfinite": int(self.nonfinite[c]),
-                }
+                {"mean": mean, "std": std, "min": float(self.min[c]), "max": float(self.max[c]), "nonfinite": nonfinite}
             )
         return out
 
@@ -119,7 +116,7 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
     n = len(dataset)
     tel = _Moments(len(L.TELEMETRY_FIELDS))
     video = _Moments(1)
-    labels = {h: Counter() for h in L.HEADS}
+    labels: dict[str, Counter[int]] = {h: Counter() for h in L.HEADS}
     ids: Counter[str] = Counter()
     bad: list[BadSample] = []
     bad_samples: set[int | None] = set()
@@ -128,7 +125,7 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
         checked = validator.check_dataset(dataset, range(lo, min(lo + batch_size, n)))
         bad.extend(checked.bad)
         bad_samples.update(b.index for b in checked.bad)
-        if checked.batch is None:
+        if checked.batch is None or checked.good is None:  # no row could be read
             continue
         batch = checked.batch
         good += int(checked.good.sum())

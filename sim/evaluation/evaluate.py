@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from sim.core import labels as L
 from sim.core.checkpoint import load_checkpoint
+from sim.core.config import to_dict
 from sim.core.errors import CheckpointError, ConfigError
 from sim.core.labels import DEFAULT_LOSS_WEIGHTS
 from sim.core.precision import Precision, fast_bf16, named_precision, resolve_device
@@ -169,7 +170,7 @@ def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], pat
     """
     if llm_cfg is None:
         return
-    given = OmegaConf.to_container(llm_cfg, resolve=True)
+    given = to_dict(llm_cfg)
     given.pop("_target_", None)
     known = inspect.signature(llm_spec).parameters
     given = llm_spec(**{k: v for k, v in given.items() if k in known})
@@ -378,6 +379,7 @@ class _Request:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> _Request:
+        path = Path(str(_select(cfg, "checkpoint")))
         split = str(_select(cfg, "split"))
         if split not in ("train", "val"):
             raise ConfigError(f"split={split!r}: expected train or val")
@@ -386,7 +388,7 @@ class _Request:
             raise ConfigError(f"risk_high_target_recall={target} must be in (0, 1]")
         override = cfg.get("precision")
         return cls(
-            path=Path(str(_select(cfg, "checkpoint"))),
+            path=path,
             split=split,
             target_recall=target,
             device=resolve_device(str(cfg.get("device", "auto"))),
@@ -417,7 +419,9 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         labels["risk"] == L.RISK_HIGH,
         req.target_recall,
     )
-    trained = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
+    trained = ckpt.get("metrics")
+    if not isinstance(trained, dict):
+        trained = {}
     report: dict[str, Any] = {
         # epoch and lr are the checkpoint's; every other metric is measured on this split.
         "epoch": ckpt.get("epoch"),

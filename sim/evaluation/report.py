@@ -351,7 +351,7 @@ def plot_heatmap(
         for i, rv in enumerate(rvals):
             for j, cv in enumerate(cvals):
                 row = by_cell.get((rv, cv))
-                if np.isnan(grid[i, j]):
+                if row is None or np.isnan(grid[i, j]):
                     text = "skipped" if row is not None and row.get("note") else "n/a"
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color="0.3")
                     continue

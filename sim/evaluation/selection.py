@@ -6,8 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError
 from sim.core.labels import METRIC_MODES
 
@@ -51,13 +50,11 @@ class BestEpochRule:
     @classmethod
     def from_config(cls, checkpoint: Mapping[str, Any]) -> BestEpochRule:
         """From the `checkpoint` config node (or any mapping with its keys)."""
-        floors = checkpoint.get("min_metrics")
-        floors = OmegaConf.to_container(floors, resolve=True) if OmegaConf.is_config(floors) else floors
         return cls(
             checkpoint.get("monitor", "risk_high_recall"),
             checkpoint.get("mode", "auto"),
             checkpoint.get("tie_breaker"),
-            floors,
+            to_dict(checkpoint.get("min_metrics")),
         )
 
     def _signed(self, metrics: Mapping[str, Any], name: str | None, mode: str) -> float:
