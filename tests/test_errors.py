@@ -262,3 +262,18 @@ def test_predict_json_takes_numpy_arrays_and_lists_as_well_as_tensors():
         model.predict_json({**batch, "telemetry": [["fast"] * 8] * 3})
     with pytest.raises(DataError, match=r"batch\['vis_feats'\] has dtype torch.bool"):
         model.predict_json({**batch, "vis_feats": np.zeros((3, F, DV), dtype=bool)})
+
+
+def test_the_split_must_fit_the_model_with_the_fix_named():
+    from sim.core.shapes import check_split_matches_model, split_mismatches
+
+    assert split_mismatches([8, 64], F=8, dv=64, use_cached=True) == []
+    assert split_mismatches([8, 3, 32, 32], F=8, use_cached=False) == []
+    with pytest.raises(ConfigError, match=r"the train split has F=8 frames per sample but model.F=4; set model.F=8"):
+        check_split_matches_model([8, 64], F=4, use_cached=True, what="the train split")
+    with pytest.raises(DataError, match=r"features 32 wide but checkpoint c.pt reads \[F=8, dv=64\]"):
+        check_split_matches_model([8, 32], F=8, dv=64, use_cached=True, checkpoint="c.pt")
+    (kind,) = split_mismatches([8, 3, 32, 32], F=4, dv=64, use_cached=True)
+    assert "vision=cached reads features [F, dv]" in kind and "pick an encoder" in kind
+    (kind,) = split_mismatches([8, 64], F=8, use_cached=False)
+    assert "use vision=cached" in kind

@@ -286,3 +286,38 @@ def test_evaluate_command_on_a_truncated_checkpoint_says_so_without_a_traceback(
     assert res.returncode == 1
     assert f"error: checkpoint {path} is truncated or corrupt" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+
+
+# ---- the metric table ------------------------------------------------------------------------------
+def test_every_metric_of_the_table_is_computed_and_every_list_derives_from_it():
+    from sim.core.config import FLOOR_METRICS
+    from sim.evaluation.metrics import EpochMetrics, compute_losses, format_epoch_line
+    from sim.evaluation.plots import CURVE_PANELS
+    from sim.evaluation.report import KEY_METRICS
+    from sim.evaluation.selection import monitor_mode
+
+    g = torch.Generator().manual_seed(0)
+    logits = {f"{h}_logits": torch.randn(16, n, generator=g) for h, n in L.NUM_CLASSES.items()}
+    logits["confidence_logits"] = torch.randn(16, generator=g)
+    batch = {f"{h}_id": torch.arange(16) % n for h, n in L.NUM_CLASSES.items()}
+    batch["weight"] = torch.ones(16)
+    tracker = EpochMetrics()
+    tracker.update(logits, batch, compute_losses(logits, batch, L.DEFAULT_LOSS_WEIGHTS))
+    # An entry of the table without its computation (or a computed metric left out of it) shows here.
+    assert set(tracker.compute()) == set(METRIC_NAMES)
+    assert [n for _, names in CURVE_PANELS for n in names] == [m.name for m in L.METRICS if m.panel]
+    assert KEY_METRICS == ("risk_high_recall", "action_accuracy", "macro_f1")
+    assert set(FLOOR_METRICS) == {m.name for m in L.METRICS if m.mode == "max"}
+    assert monitor_mode("risk_high_fn_rate", "auto") == "min" and monitor_mode("loss_action", "auto") == "min"
+    assert monitor_mode("macro_f1", "auto") == "max"
+    line = format_epoch_line(
+        2,
+        4,
+        {"loss": 1.0, "samples_per_s": 99.6},
+        {"loss": 0.5, "risk_high_recall": None, "action_accuracy": 0.25, "macro_f1": 0.5},
+        True,
+    )
+    assert line == (
+        "epoch 2/4  train loss 1.0000 | val loss 0.5000  risk_high_recall null  action_accuracy 0.2500  "
+        "macro_f1 0.5000  | 100 samples/s  (best)"
+    )

@@ -27,8 +27,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sim.commands.cache_features import cache_features
 from sim.core.cli import CONF_DIR, command_line, compose, fail_cleanly
 from sim.core.errors import ConfigError
+from sim.data.synthetic_frames import write_frames_split
 
 
 def _train_rate(run_dir: Path) -> float:
@@ -38,42 +40,19 @@ def _train_rate(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run the benchmark; returns the figures (also written to `<out>/bench.json`).
+def _data(option: str, root: Path) -> list[str]:
+    """Overrides that read the train and val splits under `root` with the data option `option`."""
+    return [f"data={option}", f"data.train_split_path={root}/train", f"data.val_split_path={root}/val"]
 
-    Args:
-        overrides: the command line (this command's keys and any train.py override); the frames run and
-            the cache run compose conf/bench_frames.yaml with it, each with its own data option.
-    """
-    from sim.commands.cache_features import cache_features
-    from sim.data.synthetic_frames import write_frames_split
-    from sim.training.train import train
 
-    cfg = compose("bench_frames", overrides)
-    out = Path(cfg.out or tempfile.mkdtemp(prefix="sim_bench_frames_"))
-    n_train, n_val, H, W = int(cfg.num_samples), int(cfg.num_val), int(cfg.H), int(cfg.W)
-    frames_cfg = compose(
-        "bench_frames",
-        [
-            *overrides,
-            "data=frames",
-            f"data.train_split_path={out}/frames/train",
-            f"data.val_split_path={out}/frames/val",
-        ],
-    )
-    if frames_cfg.vision.kind == "cached":
-        raise ConfigError("bench_frames needs an encoder: vision=tiny, vision=resnet18, ...")
+def _cache_frames(out: Path, frames_cfg: DictConfig) -> dict[str, float]:
+    """Cache `<out>/frames` into `<out>/cache` with the frames run's encoder; its throughput and time."""
     F = int(frames_cfg.model.F)
-    for split, n in (("train", n_train), ("val", n_val)):
-        write_frames_split(out / "frames" / split, n, F, H, W, split=split)
-
     cache_cfg = compose(
         "cache_features",
         [
             "vision=tiny",
-            "data=frames",
-            f"data.train_split_path={out}/frames/train",
-            f"data.val_split_path={out}/frames/val",
+            *_data("frames", out / "frames"),
             f"out={out}/cache",
             "progress_bar=false",
             "overwrite=true",
@@ -88,21 +67,34 @@ def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
     cache_s = time.perf_counter() - t0
     n_frames = sum(r["rows"] for r in cached.values()) * F
     encode_s = sum(r["seconds"] for r in cached.values())
+    return {"cache_frames_per_s": n_frames / encode_s, "cache_seconds": cache_s}
+
+
+def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the benchmark; returns the figures (also written to `<out>/bench.json`).
+
+    Args:
+        overrides: the command line (this command's keys and any train.py override); the frames run and
+            the cache run compose conf/bench_frames.yaml with it, each with its own data option.
+    """
+    from sim.training.train import train  # loads the model stack (seconds): not for --help or --cfg job
+
+    cfg = compose("bench_frames", overrides)
+    out = Path(cfg.out or tempfile.mkdtemp(prefix="sim_bench_frames_"))
+    n_train, n_val, H, W = int(cfg.num_samples), int(cfg.num_val), int(cfg.H), int(cfg.W)
+    frames_cfg = compose("bench_frames", [*overrides, *_data("frames", out / "frames")])
+    if frames_cfg.vision.kind == "cached":
+        raise ConfigError("bench_frames needs an encoder: vision=tiny, vision=resnet18, ...")
+    F = int(frames_cfg.model.F)
+    for split, n in (("train", n_train), ("val", n_val)):
+        write_frames_split(out / "frames" / split, n, F, H, W, split=split)
+    cache = _cache_frames(out, frames_cfg)
 
     # Fresh run directories: figures of an earlier benchmark in the same out= must not mix in.
     for name in ("run_frames", "run_cache"):
         shutil.rmtree(out / name, ignore_errors=True)
     train(frames_cfg, run_dir=out / "run_frames")
-    cached_cfg = compose(
-        "bench_frames",
-        [
-            *overrides,
-            "vision=cached",
-            "data=cached",
-            f"data.train_split_path={out}/cache/train",
-            f"data.val_split_path={out}/cache/val",
-        ],
-    )
+    cached_cfg = compose("bench_frames", [*overrides, "vision=cached", *_data("cached", out / "cache")])
     train(cached_cfg, run_dir=out / "run_cache")
 
     result = {
@@ -113,8 +105,7 @@ def bench(overrides: Sequence[str] = ()) -> dict[str, Any]:
         "train_samples": n_train,
         "batch_size": int(frames_cfg.data.batch_size),
         "epochs": int(frames_cfg.training.epochs),
-        "cache_frames_per_s": n_frames / encode_s,
-        "cache_seconds": cache_s,
+        **cache,
         "train_from_frames_samples_per_s": _train_rate(out / "run_frames"),
         "train_from_cache_samples_per_s": _train_rate(out / "run_cache"),
         "torch_threads": torch.get_num_threads(),

@@ -13,21 +13,33 @@ give), and, for a dataset read sample by sample, the validated collate against t
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from sim.core.cli import CONF_DIR, fail_cleanly
+from sim.core.run import RunDir
+from sim.data.dataset import collate_fn
+from sim.data.validate import SampleValidator
+
+if TYPE_CHECKING:
+    from sim.training.trainer import Trainer
+
+# The trainer and the metrics load torchmetrics and with it the hub libraries, which read
+# HF_HUB_OFFLINE once, at import: they are imported where used, after `main` has set it.
 
 
-def _median_ms(fn, repeat: int) -> float:
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -36,63 +48,82 @@ def _median_ms(fn, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
+@dataclass
+class _Batches:
+    """The timed batches in each form validation meets them: collated as `__getitems__` gives them,
+    as lists of sample dicts, and checked (what the training step runs on)."""
+
+    indices: list[list[int]]
+    raw: list[dict[str, Any]]
+    samples: list[list[dict[str, Any]]]
+    checked: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, dataset: Any, validator: SampleValidator, batch_size: int, n_batches: int) -> _Batches:
+        indices = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(n_batches)]
+        getitems = getattr(dataset, "__getitems__", None)
+        raw = [getitems(idx) if getitems else collate_fn([dataset[i] for i in idx]) for idx in indices]
+        samples = [[dataset[i] for i in idx] for idx in indices]
+        checked = [validator.check_batch(b, idx).batch for b, idx in zip(raw, indices, strict=True)]
+        # on_bad_sample=error: a bad sample raises, so every batch comes back whole.
+        return cls(indices, raw, samples, [b for b in checked if b is not None])
+
+
+def _time_step(trainer: Trainer, batches: list[dict[str, Any]], steps: int, warmup: int) -> float:
+    """Median ms of one training step (forward, loss, backward, optimizer step, zero_grad)."""
+    from sim.evaluation.loop import to_device  # heavy, and after HF_HUB_OFFLINE is set (see the imports)
+    from sim.evaluation.metrics import compute_losses  # heavy, and after HF_HUB_OFFLINE is set
+
+    model, opt = trainer.model, trainer.optimizer
+    model.train()
+    it = itertools.count()
+
+    def step() -> None:
+        batch = to_device(batches[next(it) % len(batches)], trainer.device)
+        logits = trainer.forward(batch)  # under the model's own autocast, as the trainer's step
+        losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
+        losses["objective"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    return _median_ms(step, steps)
+
+
+def _time_validation(validator: SampleValidator, b: _Batches, reps: int) -> tuple[float, float, float]:
+    """Median ms of: checking a collated batch, the validated collate of sample dicts, the plain collate."""
+    k = itertools.count()
+
+    def check_collated() -> None:
+        i = next(k) % len(b.raw)
+        validator.check_batch(b.raw[i], b.indices[i])
+
+    def check_samples() -> None:
+        i = next(k) % len(b.samples)
+        validator.check_samples(b.samples[i], b.indices[i])
+
+    def plain_collate() -> None:
+        collate_fn(b.samples[next(k) % len(b.samples)])
+
+    return _median_ms(check_collated, reps), _median_ms(check_samples, reps), _median_ms(plain_collate, reps)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Set up a trainer from conf/bench_validation.yaml composed (a train config plus steps, warmup,
     budget) and time a step and the validation."""
-    from sim.core.run import RunDir
-    from sim.data.dataset import collate_fn
-    from sim.data.validate import SampleValidator
-    from sim.evaluation.loop import to_device
-    from sim.evaluation.metrics import compute_losses
-    from sim.training.trainer import Trainer
+    from sim.training.trainer import Trainer  # heavy, and after HF_HUB_OFFLINE is set (see the imports)
 
     steps, warmup, budget = int(cfg.steps), int(cfg.warmup), float(cfg.budget)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, RunDir(tmp))
         trainer.setup()
-        data = trainer.data
-        dataset = data.train
-        bs = int(data.batch_size)
-        n_batches = max(1, min(steps + warmup, len(dataset) // bs))
-        index_lists = [list(range(i * bs, (i + 1) * bs)) for i in range(n_batches)]
+        dataset = trainer.data.train
+        bs = int(trainer.data.batch_size)
         validator = SampleValidator(dataset.video_key, dataset.video_shape(), on_bad_sample="error")
-        getitems = getattr(dataset, "__getitems__", None)
-        raw = [getitems(idx) if getitems else collate_fn([dataset[i] for i in idx]) for idx in index_lists]
-        samples = [[dataset[i] for i in idx] for idx in index_lists]
-        batches = [validator.check_batch(b, idx).batch for b, idx in zip(raw, index_lists)]
-
-        model, opt = trainer.model, trainer.optimizer
-        model.train()
-        it = iter(range(10**9))
-
-        def step() -> None:
-            batch = to_device(batches[next(it) % len(batches)], trainer.device)
-            logits = trainer.forward(batch)  # under the model's own autocast, as the trainer's step
-            losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
-            losses["objective"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(warmup):
-            step()
-        step_ms = _median_ms(step, steps)
-        k = iter(range(10**9))
-
-        def check_collated() -> None:
-            i = next(k) % len(raw)
-            validator.check_batch(raw[i], index_lists[i])
-
-        def check_samples() -> None:
-            i = next(k) % len(samples)
-            validator.check_samples(samples[i], index_lists[i])
-
-        def plain_collate() -> None:
-            collate_fn(samples[next(k) % len(samples)])
-
-        reps = max(steps, 50)
-        collated_ms = _median_ms(check_collated, reps)
-        per_sample_ms = _median_ms(check_samples, reps)
-        plain_ms = _median_ms(plain_collate, reps)
+        batches = _Batches.read(dataset, validator, bs, max(1, min(steps + warmup, len(dataset) // bs)))
+        step_ms = _time_step(trainer, batches.checked, steps, warmup)
+        collated_ms, per_sample_ms, plain_ms = _time_validation(validator, batches, max(steps, 50))
     return {
         "llm": cfg.llm.get("name_or_path") or cfg.llm.get("gguf_file"),
         "data": cfg.data.dataset_class_path,

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from sim.core import labels as L
 from sim.core.checkpoint import atomic_write_bytes
 from sim.core.cli import CONF_DIR, fail_cleanly
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError, DataError, SimError
 from sim.core.precision import resolve_device
 from sim.data.dataset import SimDataset, collate_fn
@@ -82,8 +84,8 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 def _check_same_encoder(split_dir: Path, recorded: dict[str, Any] | None, encoder: dict[str, Any], where: str) -> None:
     if recorded is None:
         raise DataError(
-            f"{split_dir} already holds a split that sim.commands.cache_features did not write ({where} has no encoder record); "
-            "refusing to write features into it. Choose another out=DIR."
+            f"{split_dir} already holds a split that sim.commands.cache_features did not write "
+            f"({where} has no encoder record); refusing to write features into it. Choose another out=DIR."
         )
     diffs = _differences(recorded, encoder)
     if diffs:
@@ -92,6 +94,126 @@ def _check_same_encoder(split_dir: Path, recorded: dict[str, Any] | None, encode
             f"({describe(encoder['spec'])}); refusing to mix them. Differences: {'; '.join(diffs[:6])}. "
             "Choose another out=DIR, or overwrite=true to discard the old features."
         )
+
+
+@dataclass
+class _SplitCache:
+    """One split directory being written: whose features it holds (`ident`), for which rows and
+    settings (`job`), and its progress record."""
+
+    out: Path
+    ident: dict[str, Any]
+    job: dict[str, Any]
+
+    @property
+    def progress_path(self) -> Path:
+        return self.out / PROGRESS
+
+    def is_finished(self) -> bool:
+        """True when meta.json says this very cache is complete.
+
+        Raises:
+            DataError: it holds a finished cache of another encoder, other frames or settings.
+        """
+        meta_path = self.out / "meta.json"
+        if not meta_path.is_file():
+            return False
+        meta = json.loads(meta_path.read_text())
+        _check_same_encoder(self.out, meta.get("encoder"), self.ident, "meta.json")
+        if meta.get("cache_job") != self.job:
+            diffs = _differences(meta.get("cache_job") or {}, self.job)
+            raise DataError(
+                f"{self.out} holds a finished cache of other frames or settings ({'; '.join(diffs[:4])}); "
+                "choose another out=DIR, or overwrite=true to recompute it"
+            )
+        return True
+
+    def rows_done(self) -> int:
+        """Rows an earlier, interrupted run of this same cache wrote (0 for a fresh directory).
+
+        Raises:
+            DataError: the directory holds an unfinished cache of another encoder or job, or a split
+                not written here.
+        """
+        if self.progress_path.is_file():
+            progress = json.loads(self.progress_path.read_text())
+            _check_same_encoder(self.out, progress.get("encoder"), self.ident, PROGRESS)
+            if progress.get("job") != self.job:
+                diffs = _differences(progress.get("job") or {}, self.job)
+                raise DataError(
+                    f"{self.out} holds an unfinished cache of other frames or settings ({'; '.join(diffs[:4])}); "
+                    "refusing to mix rows; run the original command again, or overwrite=true"
+                )
+            return int(progress["rows_done"])
+        if any((self.out / name).exists() for name in ("vis_feats.npy", "frames.npy")):
+            _check_same_encoder(self.out, None, self.ident, "the directory")
+        return 0
+
+    def record(self, rows_done: int) -> None:
+        _write_json(self.progress_path, {"encoder": self.ident, "job": self.job, "rows_done": rows_done})
+
+    def open_arrays(self, arrays: dict[str, tuple[Any, tuple[int, ...]]], done: int) -> dict[str, np.memmap]:
+        """The memory-mapped output arrays: created for a fresh start, reopened to resume at row `done`."""
+        partial_ids = self.out / PARTIAL_IDS
+        if done == 0:
+            # A fresh start, or a run stopped before its first batch: (re)create the arrays. The progress
+            # record goes first, so a directory holding our arrays always says whose they are.
+            self.record(0)
+            maps = {
+                name: np.lib.format.open_memmap(self.out / name, mode="w+", dtype=dt, shape=shp)
+                for name, (dt, shp) in arrays.items()
+            }
+            partial_ids.write_text("")
+            return maps
+        maps = {name: np.load(self.out / name, mmap_mode="r+") for name in arrays}
+        ids = partial_ids.read_text().splitlines()[:done] if partial_ids.is_file() else []
+        if len(ids) != done:
+            raise DataError(
+                f"{partial_ids} has {len(ids)} sample ids but {PROGRESS} records {done} rows; "
+                "overwrite=true to start again"
+            )
+        partial_ids.write_text("".join(i + "\n" for i in ids))
+        log.info("resuming %s at row %d of %d", self.out, done, self.job["rows"])
+        return maps
+
+    def finish(self, maps: dict[str, np.memmap]) -> None:
+        """sample_id.json, weight.npy only when it says something, then meta.json: the split is complete."""
+        ids = (self.out / PARTIAL_IDS).read_text().splitlines()
+        (self.out / "sample_id.json").write_text(json.dumps(ids))
+        keep_weight = not np.all(np.asarray(maps["weight.npy"]) == 1.0)
+        maps.clear()  # close the memory maps before a file goes
+        if not keep_weight:  # the format's weight.npy is optional; all ones says nothing
+            (self.out / "weight.npy").unlink()
+        meta = {
+            "format_version": 1,
+            "dv": self.job["dv"],
+            "F": self.job["F"],
+            "labels": L.LABELS,
+            "dtype": self.job["dtype"],
+            "encoder": self.ident,
+            "encoder_name": describe(self.ident["spec"]),
+            "cache_job": self.job,
+        }
+        _write_json(self.out / "meta.json", meta)
+        self.progress_path.unlink()
+        (self.out / PARTIAL_IDS).unlink()
+
+
+def _frames_per_sample(dataset: SimDataset) -> int:
+    shape = tuple(dataset.video_shape())
+    if len(shape) != 4 or shape[1] != 3:
+        raise DataError(f"{dataset.describe()} yields samples of shape {list(shape)}, expected raw frames [F, 3, H, W]")
+    return int(shape[0])
+
+
+def _arrays(N: int, F: int, dv: int, dtype: str) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """name -> (dtype, shape) of each array a cached split holds."""
+    return {
+        "vis_feats.npy": (DTYPES[dtype], (N, F, dv)),
+        "telemetry.npy": (np.float32, (N, 8)),
+        "weight.npy": (np.float32, (N,)),
+        **{f"{h}_id.npy": (np.int64, (N,)) for h in L.HEADS},
+    }
 
 
 def cache_split(
@@ -126,86 +248,63 @@ def cache_split(
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: expected float16 or float32")
     out = Path(out)
-    N = len(dataset)
-    shape = tuple(dataset.video_shape())
-    if len(shape) != 4 or shape[1] != 3:
-        raise DataError(f"{dataset.describe()} yields samples of shape {list(shape)}, expected raw frames [F, 3, H, W]")
-    F, dv = int(shape[0]), int(encoder.dv)
-    ident = encoder.identity()
+    N, F, dv = len(dataset), _frames_per_sample(dataset), int(encoder.dv)
     job = {"rows": N, "F": F, "dv": dv, "dtype": dtype, "source": source or {"dataset": dataset.describe()}}
+    cache = _SplitCache(out, encoder.identity(), job)
     if overwrite and out.is_dir():
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    meta_path, progress_path = out / "meta.json", out / PROGRESS
-
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        _check_same_encoder(out, meta.get("encoder"), ident, "meta.json")
-        if meta.get("cache_job") != job:
-            diffs = _differences(meta.get("cache_job") or {}, job)
-            raise DataError(
-                f"{out} holds a finished cache of other frames or settings ({'; '.join(diffs[:4])}); "
-                "choose another out=DIR, or overwrite=true to recompute it"
-            )
-        log.info("%s is complete (%d rows of %s); nothing to do", out, N, describe(ident["spec"]))
+    if cache.is_finished():
+        log.info("%s is complete (%d rows of %s); nothing to do", out, N, describe(cache.ident["spec"]))
         return {"path": out, "rows": N, "computed": 0, "seconds": 0.0, "frames_per_s": None}
-
-    arrays = {
-        "vis_feats.npy": (DTYPES[dtype], (N, F, dv)),
-        "telemetry.npy": (np.float32, (N, 8)),
-        "weight.npy": (np.float32, (N,)),
-        **{f"{h}_id.npy": (np.int64, (N,)) for h in L.HEADS},
-    }
-    done = 0
-    if progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
-        _check_same_encoder(out, progress.get("encoder"), ident, PROGRESS)
-        if progress.get("job") != job:
-            diffs = _differences(progress.get("job") or {}, job)
-            raise DataError(
-                f"{out} holds an unfinished cache of other frames or settings ({'; '.join(diffs[:4])}); "
-                "refusing to mix rows; run the original command again, or overwrite=true"
-            )
-        done = int(progress["rows_done"])
-    elif any((out / name).exists() for name in ("vis_feats.npy", "frames.npy")):
-        _check_same_encoder(out, None, ident, "the directory")
-    if done == 0:
-        # A fresh start, or a run stopped before its first batch: (re)create the arrays. The progress
-        # record goes first, so a directory holding our arrays always says whose they are.
-        _write_json(progress_path, {"encoder": ident, "job": job, "rows_done": 0})
-        maps = {
-            name: np.lib.format.open_memmap(out / name, mode="w+", dtype=dt, shape=shp)
-            for name, (dt, shp) in arrays.items()
-        }
-        (out / PARTIAL_IDS).write_text("")
-    else:
-        maps = {name: np.load(out / name, mmap_mode="r+") for name in arrays}
-        ids = (out / PARTIAL_IDS).read_text().splitlines()[:done] if (out / PARTIAL_IDS).is_file() else []
-        if len(ids) != done:
-            raise DataError(
-                f"{out / PARTIAL_IDS} has {len(ids)} sample ids but {PROGRESS} records {done} rows; overwrite=true to start again"
-            )
-        (out / PARTIAL_IDS).write_text("".join(i + "\n" for i in ids))
-        log.info("resuming %s at row %d of %d", out, done, N)
-
-    encoder = encoder.to(device).eval()
-    rows = list(range(done, N))
+    done = cache.rows_done()
+    maps = cache.open_arrays(_arrays(N, F, dv, dtype), done)
     loader = DataLoader(
-        dataset, batch_size=int(batch_size), sampler=rows, num_workers=int(num_workers), collate_fn=collate_fn
+        dataset,
+        batch_size=int(batch_size),
+        sampler=list(range(done, N)),
+        num_workers=int(num_workers),
+        collate_fn=collate_fn,
     )
+    t0 = time.perf_counter()
+    _encode(encoder.to(device).eval(), loader, cache, maps, done, device, progress_bar)
+    seconds = time.perf_counter() - t0
+    cache.finish(maps)
+    computed = N - done
+    fps = computed * F / seconds if computed and seconds > 0 else None
+    rate = f", {fps:.1f} frames/s" if fps else ""
+    log.info("wrote %s: %d rows of [%d, %d] %s (%d encoded now%s)", out, N, F, dv, dtype, computed, rate)
+    return {"path": out, "rows": N, "computed": computed, "seconds": seconds, "frames_per_s": fps}
+
+
+def _encode(
+    encoder: FrozenVisionEncoder,
+    loader: DataLoader,
+    cache: _SplitCache,
+    maps: dict[str, np.memmap],
+    done: int,
+    device: str | torch.device,
+    progress_bar: bool,
+) -> None:
+    """Encode the rows from `done` on into `maps`, recording progress after each batch is on disk.
+
+    Raises:
+        DataError: the encoder produced NaN, inf or values the cache's dtype cannot hold.
+    """
+    dtype, N = cache.job["dtype"], cache.job["rows"]
     limit = float(np.finfo(DTYPES[dtype]).max)
-    t0, lo = time.perf_counter(), done
+    lo = done
     bar = tqdm(
         total=N,
         initial=done,
         unit="sample",
-        desc=f"caching {out.name}",
+        desc=f"caching {cache.out.name}",
         file=sys.stderr,
         disable=None if progress_bar else True,
         dynamic_ncols=True,
     )
-    with torch.inference_mode(), bar, (out / PARTIAL_IDS).open("a") as ids_file:
+    with torch.inference_mode(), bar, (cache.out / PARTIAL_IDS).open("a") as ids_file:
         for batch in loader:
             hi = lo + batch["frames"].shape[0]
             feats = encoder(batch["frames"].to(device)).cpu().numpy()
@@ -221,47 +320,13 @@ def cache_split(
                 maps[f"{h}_id.npy"][lo:hi] = batch[f"{h}_id"].numpy()
             for m in maps.values():
                 m.flush()
-            ids_file.write("".join(f"{i if i is not None else r}\n" for r, i in zip(range(lo, hi), batch["sample_id"])))
+            ids = (f"{i if i is not None else r}\n" for r, i in zip(range(lo, hi), batch["sample_id"], strict=True))
+            ids_file.write("".join(ids))
             ids_file.flush()
             # Only after the rows are on disk does the record say so: a crash loses at most this batch.
-            _write_json(progress_path, {"encoder": ident, "job": job, "rows_done": hi})
+            cache.record(hi)
             bar.update(hi - lo)
             lo = hi
-    seconds = time.perf_counter() - t0
-    computed = N - done
-
-    ids = (out / PARTIAL_IDS).read_text().splitlines()
-    (out / "sample_id.json").write_text(json.dumps(ids))
-    weight = np.asarray(maps["weight.npy"])
-    keep_weight = not np.all(weight == 1.0)
-    del maps, weight
-    if not keep_weight:  # the format's weight.npy is optional; all ones says nothing
-        (out / "weight.npy").unlink()
-    meta = {
-        "format_version": 1,
-        "dv": dv,
-        "F": F,
-        "labels": L.LABELS,
-        "dtype": dtype,
-        "encoder": ident,
-        "encoder_name": describe(ident["spec"]),
-        "cache_job": job,
-    }
-    _write_json(meta_path, meta)
-    progress_path.unlink()
-    (out / PARTIAL_IDS).unlink()
-    fps = computed * F / seconds if computed and seconds > 0 else None
-    log.info(
-        "wrote %s: %d rows of [%d, %d] %s (%d encoded now%s)",
-        out,
-        N,
-        F,
-        dv,
-        dtype,
-        computed,
-        f", {fps:.1f} frames/s" if fps else "",
-    )
-    return {"path": out, "rows": N, "computed": computed, "seconds": seconds, "frames_per_s": fps}
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -295,18 +360,17 @@ def cache_features(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     encoder = _instantiate(cfg.vision).to(device)
     out = Path(cfg.out)
     log.info("encoder %s (dv=%d); writing %s", describe(encoder.sim_spec), encoder.dv, out)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg = to_dict(cfg.data)
     results = {}
     for split in cfg.splits:
         dataset = data.split(split)
+        split_path = data_cfg.get(f"{split}_split_path")
         source = {
             "dataset_class_path": data_cfg.get("dataset_class_path"),
-            "split_path": data_cfg.get(f"{split}_split_path"),
+            "split_path": None if split_path is None else str(Path(split_path).resolve()),
             "kwargs": data_cfg.get("dataset_kwargs") or {},
             "split_kwargs": data_cfg.get(f"{split}_kwargs") or {},
         }
-        if source["split_path"] is not None:
-            source["split_path"] = str(Path(source["split_path"]).resolve())
         results[split] = cache_split(
             dataset,
             encoder,

@@ -31,6 +31,7 @@ from sim.core import labels as L
 from sim.core.cli import CONF_DIR, fail_cleanly
 from sim.core.config import check_data_config
 from sim.core.errors import ConfigError, SimError
+from sim.core.shapes import kind_fits, split_mismatches
 from sim.data.dataset import open_split
 from sim.data.validate import BadSample, SampleValidator
 
@@ -78,19 +79,16 @@ class _Moments:
                 self.max[0] = max(self.max[0], float(z.max()))
 
     def rows(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for c in range(self.n.size):
-            n = self.n[c]
-            mean = self.sum[c] / n if n else None
-            std = math.sqrt(max(self.sumsq[c] / n - mean * mean, 0.0)) if n else None
+            n, nonfinite = self.n[c], int(self.nonfinite[c])
+            if not n:
+                out.append({"mean": None, "std": None, "min": None, "max": None, "nonfinite": nonfinite})
+                continue
+            mean = self.sum[c] / n
+            std = math.sqrt(max(self.sumsq[c] / n - mean * mean, 0.0))
             out.append(
-                {
-                    "mean": mean,
-                    "std": std,
-                    "min": float(self.min[c]) if n else None,
-                    "max": float(self.max[c]) if n else None,
-                    "nonfinite": int(self.nonfinite[c]),
-                }
+                {"mean": mean, "std": std, "min": float(self.min[c]), "max": float(self.max[c]), "nonfinite": nonfinite}
             )
         return out
 
@@ -103,37 +101,14 @@ def expected_shape(
     The data's own shape (its first sample) is what samples are checked against, so a config that
     disagrees is reported once instead of refusing every sample.
     """
-    problems: list[str] = []
+    use_cached = video_key == "vis_feats"
+    want: tuple[int | None, ...] = (F, dv) if use_cached else (F, 3, None, None)
     try:
         data_shape = tuple(int(n) for n in dataset.video_shape())
     except Exception as exc:
-        problems.append(f"cannot read the per-sample video shape: {type(exc).__name__}: {exc}")
-        data_shape = None
-    if video_key == "vis_feats":
-        want = (F, dv)
-        if data_shape is not None and len(data_shape) != 2:
-            problems.append(
-                f"samples hold {video_key} of shape {list(data_shape)}; expected [F, dv] "
-                "(raw frames [F, 3, H, W] need an encoder: vision=tiny, vision=resnet18, ...)"
-            )
-            return want, problems
-    else:
-        want = (F, 3, None, None)
-        if data_shape is not None and (len(data_shape) != 4 or data_shape[1] != 3):
-            problems.append(
-                f"samples hold {video_key} of shape {list(data_shape)}; expected [F, 3, H, W] "
-                "(cached features [F, dv] are read with vision=cached)"
-            )
-            return want, problems
-    if data_shape is None:
-        return want, problems
-    if F is not None and data_shape[0] != F:
-        problems.append(
-            f"the split has F={data_shape[0]} frames per sample but model.F={F}; set model.F={data_shape[0]}"
-        )
-    if video_key == "vis_feats" and dv is not None and data_shape[1] != dv:
-        problems.append(f"the split's features are {data_shape[1]} wide but model.dv={dv}; leave model.dv unset")
-    return data_shape, problems
+        return want, [f"cannot read the per-sample video shape: {type(exc).__name__}: {exc}"]
+    problems = split_mismatches(data_shape, F=F, dv=dv, use_cached=use_cached)
+    return (data_shape if kind_fits(data_shape, use_cached) else want), problems
 
 
 def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -> dict[str, Any]:
@@ -141,7 +116,7 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
     n = len(dataset)
     tel = _Moments(len(L.TELEMETRY_FIELDS))
     video = _Moments(1)
-    labels = {h: Counter() for h in L.HEADS}
+    labels: dict[str, Counter[int]] = {h: Counter() for h in L.HEADS}
     ids: Counter[str] = Counter()
     bad: list[BadSample] = []
     bad_samples: set[int | None] = set()
@@ -150,7 +125,7 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
         checked = validator.check_dataset(dataset, range(lo, min(lo + batch_size, n)))
         bad.extend(checked.bad)
         bad_samples.update(b.index for b in checked.bad)
-        if checked.batch is None:
+        if checked.batch is None or checked.good is None:  # no row could be read
             continue
         batch = checked.batch
         good += int(checked.good.sum())
@@ -174,7 +149,7 @@ def scan_split(dataset: Any, validator: SampleValidator, batch_size: int = 64) -
             for b in bad
         ],
         "labels": {h: {name: int(labels[h].get(i, 0)) for i, name in enumerate(L.LABELS[h])} for h in L.HEADS},
-        "telemetry": {name: row for name, row in zip(L.TELEMETRY_FIELDS, tel.rows())},
+        "telemetry": dict(zip(L.TELEMETRY_FIELDS, tel.rows(), strict=True)),
         "video": {"key": validator.video_key, "shape": list(validator.video_shape), **vrow},
         "duplicate_sample_ids": len(duplicates),
         "duplicate_examples": sorted(duplicates)[:5],
@@ -190,7 +165,8 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
     missing = sorted(k for k in OmegaConf.missing_keys(cfg.data))
     if missing:
         raise ConfigError(
-            f"data.{missing[0]} must be set (it is ??? in the config); pass it on the command line: data.{missing[0]}=..."
+            f"data.{missing[0]} must be set (it is ??? in the config); "
+            f"pass it on the command line: data.{missing[0]}=..."
         )
     check_data_config(cfg)
     which = str(cfg.split)
@@ -246,9 +222,8 @@ def format_report(report: dict[str, Any], max_listed: int = 20) -> str:
             lines.append(f"  {h:<12} " + " | ".join(f"{name} {c}" for name, c in counts.items()))
         lines.append(f"  telemetry    {'channel':<8}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}  non-finite")
         for name, row in e["telemetry"].items():
-            lines.append(
-                f"               {name:<8}{_num(row['mean'])}{_num(row['std'])}{_num(row['min'])}{_num(row['max'])}  {row['nonfinite']}"
-            )
+            stats = "".join(_num(row[k]) for k in ("mean", "std", "min", "max"))
+            lines.append(f"               {name:<8}{stats}  {row['nonfinite']}")
         v = e["video"]
         shape = "[" + ", ".join("?" if n is None else str(n) for n in v["shape"]) + "]"
         lines.append(
@@ -256,9 +231,8 @@ def format_report(report: dict[str, Any], max_listed: int = 20) -> str:
             f"min {_num(v['min'], 0)}, max {_num(v['max'], 0)}, non-finite {v['nonfinite']}"
         )
         if e["duplicate_sample_ids"]:
-            lines.append(
-                f"  duplicate sample_ids: {e['duplicate_sample_ids']} (e.g. {', '.join(map(repr, e['duplicate_examples']))})"
-            )
+            examples = ", ".join(map(repr, e["duplicate_examples"]))
+            lines.append(f"  duplicate sample_ids: {e['duplicate_sample_ids']} (e.g. {examples})")
         if e["bad"]:
             keys = ", ".join(f"{k} {c}" for k, c in sorted(e["bad_by_key"].items()))
             lines.append(f"  bad samples  {e['bad']} (problems by key: {keys})")

@@ -7,6 +7,7 @@ A checkpoint holds plain tensors, numbers, strings, lists and dicts only:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -50,10 +51,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -149,17 +148,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from exc
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: it does not unpickle ({detail})") from exc
     except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {first_line})"
         ) from exc
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a SIM checkpoint: expected keys {list(REQUIRED_KEYS)}, found {have}")
     meta = ckpt["metadata"]
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
         raise CheckpointError(
-            f"{path} is not a SIM checkpoint: metadata.format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
-            f"expected {CHECKPOINT_FORMAT!r}"
+            f"{path} is not a SIM checkpoint: metadata.format is {found!r}, expected {CHECKPOINT_FORMAT!r}"
         )
     for key in ("dv", "d", "F", "K", "llm"):
         if key not in meta:

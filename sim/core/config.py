@@ -15,8 +15,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from sim.core import labels as L
 from sim.core.errors import ConfigError
-from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES
+from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES, METRICS
 from sim.core.precision import DTYPES
+from sim.core.shapes import check_frames_and_tokens
 
 ON_BAD_SAMPLE = ("error", "skip")
 # Data options whose video kind is fixed: (dataset class, what it yields).
@@ -25,10 +26,24 @@ FRAMES_ONLY = {"sim.data.synthetic_frames.SyntheticFramesDataset"}
 CACHED_SPLIT = "sim.data.dataset.CachedSplitDataset"
 AMP_DTYPES = ("auto", *DTYPES)
 # A floor is a minimum: on a lower-is-better metric (losses, the miss rate) it would favour worse epochs.
-FLOOR_METRICS = tuple(m for m in METRIC_NAMES if not m.startswith("loss") and m != "risk_high_fn_rate")
+FLOOR_METRICS = tuple(m.name for m in METRICS if m.mode == "max")
 
 
-def _get(cfg: DictConfig, key: str):
+def to_dict(node: Any) -> dict[str, Any]:
+    """A config mapping (or a plain mapping, or None for an empty one) as a resolved plain dict.
+
+    Raises:
+        ConfigError: the node is not a mapping.
+    """
+    value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a mapping, got {value!r}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
@@ -43,13 +58,7 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...")
-    F, K = _get(cfg, "model.F"), _get(cfg, "model.K")
-    if not isinstance(F, int) or F < 1:
-        raise ConfigError(f"model.F={F!r} must be a positive integer")
-    if not isinstance(K, int) or K < 1:
-        raise ConfigError(f"model.K={K!r} must be a positive integer")
-    if K > F:
-        raise ConfigError(f"model.K={K} > model.F={F}: K visual tokens are segment means of F frames, so K <= F")
+    check_frames_and_tokens(_get(cfg, "model.F"), _get(cfg, "model.K"))
     epochs = _get(cfg, "training.epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"training.epochs={epochs!r} must be an integer >= 1")
@@ -104,7 +113,7 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"model.loss_weights={weights!r}: expected {{risk: 1.0, reason: 0.5, action: 1.0, confidence: 0.1}}"
             )
-        for name, v in weights.items():
+        for name, v in to_dict(weights).items():
             if name not in DEFAULT_LOSS_WEIGHTS:
                 raise ConfigError(
                     f"model.loss_weights.{name}: unknown loss; expected {', '.join(DEFAULT_LOSS_WEIGHTS)}"
@@ -116,8 +125,9 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError("model.loss_weights: risk, reason and action are all 0, so nothing would be learned")
     cw = OmegaConf.select(cfg, "model.class_weights")
     if isinstance(cw, DictConfig):
-        for head, values in cw.items():
-            n = L.NUM_CLASSES.get(str(head))
+        for head_key, values in cw.items():
+            head = str(head_key)
+            n = L.NUM_CLASSES.get(head)
             if n is None:
                 raise ConfigError(f"model.class_weights.{head}: unknown head; expected {', '.join(L.HEADS)}")
             if not isinstance(values, ListConfig) or len(values) != n:
@@ -158,7 +168,7 @@ def _check_training(cfg: DictConfig) -> None:
     floors = OmegaConf.select(cfg, "checkpoint.min_metrics")
     if floors is not None and not isinstance(floors, DictConfig):
         raise ConfigError(f"checkpoint.min_metrics={floors!r}: expected {{metric: floor, ...}} or null")
-    for name, floor in (floors or {}).items():
+    for name, floor in to_dict(floors).items():
         if name not in FLOOR_METRICS:
             raise ConfigError(f"checkpoint.min_metrics.{name}: expected one of {', '.join(FLOOR_METRICS)}")
         if floor is not None and not _is_number(floor):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.core import labels as L
 from sim.core.cli import sim_error_in
+from sim.core.config import to_dict
 from sim.core.errors import DataError
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -142,7 +143,7 @@ def run_info() -> dict[str, Any]:
 
 def write_config(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     """config_resolved.yaml: the fully resolved config plus `_run` (git hash, package versions, command)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = to_dict(cfg)
     info = run_info()
     doc = OmegaConf.create({**resolved, "_run": info})
     (run.root / "config_resolved.yaml").write_text(OmegaConf.to_yaml(doc))

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,16 @@ from torch.utils.data import DataLoader
 
 from sim.core import labels as L
 from sim.core.checkpoint import load_checkpoint
-from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.config import to_dict
+from sim.core.errors import CheckpointError, ConfigError
 from sim.core.labels import DEFAULT_LOSS_WEIGHTS
-from sim.core.precision import fast_bf16, named_precision, resolve_device
+from sim.core.precision import Precision, fast_bf16, named_precision, resolve_device
 from sim.core.run import run_log
+from sim.core.shapes import check_split_matches_model
 from sim.data.dataset import SimData, SimDataset, open_split
 from sim.evaluation.loop import evaluate_batches
-from sim.evaluation.metrics import EpochMetrics, per_class_table
+from sim.evaluation.metrics import EpochMetrics, format_key_metrics, format_value, per_class_table
+from sim.evaluation.plots import plot_confusion, plot_reliability
 from sim.models.llm import describe, llm_spec
 from sim.models.model import SimV0Model, checkpoint_precision
 
@@ -166,7 +170,7 @@ def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], pat
     """
     if llm_cfg is None:
         return
-    given = OmegaConf.to_container(llm_cfg, resolve=True)
+    given = to_dict(llm_cfg)
     given.pop("_target_", None)
     known = inspect.signature(llm_spec).parameters
     given = llm_spec(**{k: v for k, v in given.items() if k in known})
@@ -187,21 +191,14 @@ def check_data_matches(dataset: SimDataset, meta: dict[str, Any], split: str, pa
     Raises:
         DataError: F or dv (or the frame layout) differs from the checkpoint's.
     """
-    shape = tuple(int(x) for x in dataset.video_shape())
-    what = f"the {split} split ({dataset.describe()})"
-    if shape[0] != int(meta["F"]):
-        raise DataError(
-            f"{what} has F={shape[0]} frames per sample, but checkpoint {path} was trained with F={meta['F']}; "
-            f"evaluate on data with {meta['F']} frames per sample"
-        )
-    if meta.get("use_cached_vis_feats", True):
-        if len(shape) != 2 or shape[1] != int(meta["dv"]):
-            raise DataError(
-                f"{what} has features of shape {list(shape)}, but checkpoint {path} reads [F={meta['F']}, dv={meta['dv']}]"
-                + (f"; for data=synthetic pass data.dataset_kwargs.dv={meta['dv']}" if len(shape) == 2 else "")
-            )
-    elif len(shape) != 4 or shape[1] != 3:
-        raise DataError(f"{what} has frames of shape {list(shape)}, expected [F={meta['F']}, 3, H, W]")
+    check_split_matches_model(
+        dataset.video_shape(),
+        F=int(meta["F"]),
+        dv=int(meta["dv"]),
+        use_cached=bool(meta.get("use_cached_vis_feats", True)),
+        what=f"the {split} split ({dataset.describe()})",
+        checkpoint=path,
+    )
 
 
 def split_for_checkpoint(cfg: DictConfig, meta: dict[str, Any], split: str, path: str | Path) -> SimDataset:
@@ -369,25 +366,105 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         return _evaluate(cfg, out)
 
 
-def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    path = Path(str(_select(cfg, "checkpoint")))
-    split = str(_select(cfg, "split"))
-    if split not in ("train", "val"):
-        raise ConfigError(f"split={split!r}: expected train or val")
-    target = float(_select(cfg, "risk_high_target_recall"))
-    if not 0.0 < target <= 1.0:
-        raise ConfigError(f"risk_high_target_recall={target} must be in (0, 1]")
-    device = resolve_device(str(cfg.get("device", "auto")))
-    override = cfg.get("precision")
-    precision = None if override in (None, "checkpoint") else named_precision(override)
+@dataclass(frozen=True)
+class _Request:
+    """What the config asks for: which checkpoint on which split, where, in which precision."""
 
+    path: Path
+    split: str
+    target_recall: float
+    device: torch.device
+    precision: Precision | None  # None: the checkpoint's own
+    precision_name: Any  # as typed, for the log
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> _Request:
+        path = Path(str(_select(cfg, "checkpoint")))
+        split = str(_select(cfg, "split"))
+        if split not in ("train", "val"):
+            raise ConfigError(f"split={split!r}: expected train or val")
+        target = float(_select(cfg, "risk_high_target_recall"))
+        if not 0.0 < target <= 1.0:
+            raise ConfigError(f"risk_high_target_recall={target} must be in (0, 1]")
+        override = cfg.get("precision")
+        return cls(
+            path=path,
+            split=split,
+            target_recall=target,
+            device=resolve_device(str(cfg.get("device", "auto"))),
+            precision=None if override in (None, "checkpoint") else named_precision(override),
+            precision_name=override,
+        )
+
+
+def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    req = _Request.from_config(cfg)
+    ckpt = _load_checkpoint(req.path, cfg.get("llm"))
+    meta = ckpt["metadata"]
+    dataset = split_for_checkpoint(cfg, meta, req.split, req.path)
+    log.info("data: %s", dataset.describe())
+    model = _load_model(req, meta)
+    loss_weights, class_weights = loss_settings(ckpt, req.device)
+    loader = split_loader(cfg.data, dataset)
+    metrics, cms, arrays = run_model(
+        model, loader, req.device, loss_weights, class_weights, req.split, bool(cfg.get("progress_bar", True))
+    )
+    ece, bins = expected_calibration_error(
+        arrays["confidence"], _action_correct(arrays), int(cfg.get("calibration_bins", 15))
+    )
+    probs, labels = arrays["probs"], arrays["labels"]
+    op = risk_high_operating_point(
+        probs["risk"][:, L.RISK_HIGH],
+        probs["risk"].argmax(-1) == L.RISK_HIGH,
+        labels["risk"] == L.RISK_HIGH,
+        req.target_recall,
+    )
+    trained = ckpt.get("metrics")
+    if not isinstance(trained, dict):
+        trained = {}
+    report: dict[str, Any] = {
+        # epoch and lr are the checkpoint's; every other metric is measured on this split.
+        "epoch": ckpt.get("epoch"),
+        "lr": trained.get("lr"),
+        **metrics,
+        **_calibration_and_threshold(arrays, ece, op),
+        "evaluation": {
+            "checkpoint": str(req.path),
+            "split": req.split,
+            "data": dataset.describe(),
+            # What was evaluated: with data.on_bad_sample=skip, fewer than the split holds.
+            "num_samples": len(arrays["sample_id"]),
+            "llm": describe(meta["llm"]),
+            "device": str(req.device),
+            "precision": model.precision.to_dict(),
+            "precision_source": "checkpoint" if req.precision is None else "override",
+            "loss_weights": loss_weights,
+            "class_weights": None if class_weights is None else {h: v.tolist() for h, v in class_weights.items()},
+        },
+        "risk_high_operating_point": op,
+        "calibration": {"target": "action prediction is right", "bins": bins},
+        "confusion": {h: {"labels": L.LABELS[h], "matrix": cms[h].tolist()} for h in L.HEADS},
+    }
+    report = {k: _finite(v) for k, v in report.items()}
+    _write_outputs(out, report, cms, arrays, write_predictions_file=bool(cfg.get("write_predictions", True)))
+    _write_figures(out, cms, bins, ece, f"{req.path.name}, {req.split}")
+    _log_summary(report, out)
+    return report
+
+
+def _load_checkpoint(path: Path, llm_cfg: DictConfig | None) -> dict[str, Any]:
+    """The checkpoint, its LLM record checked against an `llm=...` override, and logged.
+
+    Raises:
+        CheckpointError: unreadable, without an LLM spec, or trained with another LLM than `llm_cfg`.
+    """
     ckpt = load_checkpoint(path)
     meta = ckpt["metadata"]
     if not isinstance(meta.get("llm"), dict):
         raise CheckpointError(
             f"checkpoint {path}: metadata.llm is {meta.get('llm')!r}, expected the LLM's spec (a dict)"
         )
-    check_llm_override(cfg.get("llm"), meta["llm"], path)
+    check_llm_override(llm_cfg, meta["llm"], path)
     log.info(
         "checkpoint %s: epoch %s, LLM %s, F=%s K=%s dv=%s d=%s",
         path,
@@ -398,46 +475,40 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         meta["dv"],
         meta["d"],
     )
+    return ckpt
 
-    dataset = split_for_checkpoint(cfg, meta, split, path)
-    log.info("data: %s", dataset.describe())
 
-    model = SimV0Model.from_checkpoint(path, device=device, precision=precision)
-    trained_in = checkpoint_precision(meta, device)
-    if precision is not None and precision != trained_in:
+def _load_model(req: _Request, meta: dict[str, Any]) -> SimV0Model:
+    """The checkpoint's model on the device, warning where its logged metrics will not be reproduced
+    exactly (another precision) or where the evaluation will be slow (bf16 emulated on a CPU)."""
+    model = SimV0Model.from_checkpoint(req.path, device=req.device, precision=req.precision)
+    trained_in = checkpoint_precision(meta, req.device)
+    if req.precision is not None and req.precision != trained_in:
         log.warning(
             "precision=%s: computing in %s, not the %s the checkpoint was trained and validated in; "
             "its logged val metrics will not be reproduced exactly",
-            override,
-            precision.name,
+            req.precision_name,
+            req.precision.name,
             trained_in.name,
         )
-    elif model.precision.autocast == torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
+    elif model.precision.autocast == torch.bfloat16 and req.device.type == "cpu" and not fast_bf16(req.device):
         log.warning(
             "the checkpoint computes in bf16, which this CPU emulates: expect a slow evaluation "
             "(precision=fp32 is fast here, at the cost of exact agreement with the run's logged metrics)"
         )
-    log.info("precision %s%s", model.precision.name, " (the checkpoint's)" if precision is None else " (precision=...)")
-    loss_weights, class_weights = loss_settings(ckpt, device)
-    loader = split_loader(cfg.data, dataset)
-    metrics, cms, arrays = run_model(
-        model, loader, device, loss_weights, class_weights, split, bool(cfg.get("progress_bar", True))
-    )
+    source = " (the checkpoint's)" if req.precision is None else " (precision=...)"
+    log.info("precision %s%s", model.precision.name, source)
+    return model
 
-    probs, labels = arrays["probs"], arrays["labels"]
-    action_correct = probs["action"].argmax(-1) == labels["action"]
-    ece, bins = expected_calibration_error(arrays["confidence"], action_correct, int(cfg.get("calibration_bins", 15)))
-    op = risk_high_operating_point(
-        probs["risk"][:, L.RISK_HIGH], probs["risk"].argmax(-1) == L.RISK_HIGH, labels["risk"] == L.RISK_HIGH, target
-    )
-    tables = {h: per_class_table(cms[h], L.LABELS[h]) for h in L.HEADS}
 
-    trained = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
-    report: dict[str, Any] = {
-        # epoch and lr are the checkpoint's; every other metric is measured on this split.
-        "epoch": ckpt.get("epoch"),
-        "lr": trained.get("lr"),
-        **metrics,
+def _action_correct(arrays: dict[str, Any]) -> np.ndarray:
+    """Per sample: the action prediction is right (the event the confidence head predicts)."""
+    return arrays["probs"]["action"].argmax(-1) == arrays["labels"]["action"]
+
+
+def _calibration_and_threshold(arrays: dict[str, Any], ece: float | None, op: dict[str, Any]) -> dict[str, Any]:
+    """The flat metrics.json entries of the confidence head and the high-risk operating point."""
+    return {
         "confidence_ece": ece,
         "confidence_mean": float(arrays["confidence"].mean()),
         "risk_high_target_recall": op["target_recall"],
@@ -445,34 +516,25 @@ def _evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "risk_high_threshold_recall": op["recall"],
         "risk_high_threshold_precision": op["precision"],
         "risk_high_precision": op["argmax_precision"],
-        "evaluation": {
-            "checkpoint": str(path),
-            "split": split,
-            "data": dataset.describe(),
-            # What was evaluated: with data.on_bad_sample=skip, fewer than the split holds.
-            "num_samples": len(arrays["sample_id"]),
-            "llm": describe(meta["llm"]),
-            "device": str(device),
-            "precision": model.precision.to_dict(),
-            "precision_source": "checkpoint" if precision is None else "override",
-            "loss_weights": loss_weights,
-            "class_weights": None if class_weights is None else {h: v.tolist() for h, v in class_weights.items()},
-        },
-        "risk_high_operating_point": op,
-        "calibration": {"target": "action prediction is right", "bins": bins},
-        "confusion": {h: {"labels": L.LABELS[h], "matrix": cms[h].tolist()} for h in L.HEADS},
     }
-    report = {k: _finite(v) for k, v in report.items()}
+
+
+def _write_outputs(
+    out: Path,
+    report: dict[str, Any],
+    cms: dict[str, torch.Tensor],
+    arrays: dict[str, Any],
+    write_predictions_file: bool,
+) -> None:
+    """metrics.json, per_class.json/.md and (unless turned off) predictions.jsonl."""
+    ev = report["evaluation"]
+    tables = {h: per_class_table(cms[h], L.LABELS[h]) for h in L.HEADS}
     (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out / "per_class.json").write_text(json.dumps(tables, indent=2) + "\n")
-    (out / "per_class.md").write_text(
-        per_class_markdown(tables, f"{path} on the {split} split ({len(arrays['sample_id'])} samples)")
-    )
-    if cfg.get("write_predictions", True):
+    title = f"{ev['checkpoint']} on the {ev['split']} split ({ev['num_samples']} samples)"
+    (out / "per_class.md").write_text(per_class_markdown(tables, title))
+    if write_predictions_file:
         write_predictions(out / "predictions.jsonl", arrays)
-    _write_figures(out, cms, bins, ece, f"{path.name}, {split}")
-    _log_summary(report, out)
-    return report
 
 
 def _write_figures(
@@ -480,8 +542,6 @@ def _write_figures(
 ) -> None:
     # The numbers are on disk already; a figure that fails to draw must not lose them.
     try:
-        from sim.evaluation.plots import plot_confusion, plot_reliability
-
         for h in L.HEADS:
             plot_confusion(cms[h], L.LABELS[h], out / f"confusion_{h}.png", f"{h} confusion ({what})")
         plot_reliability(bins, ece, out / "calibration.png", f"confidence head calibration ({what})")
@@ -490,17 +550,13 @@ def _write_figures(
 
 
 def _log_summary(report: dict[str, Any], out: Path) -> None:
-    def f(v: Any) -> str:
-        return "null" if v is None else f"{v:.4f}"
-
+    f = format_value
     log.info(
-        "%s split, %d samples: loss %s  risk_high_recall %s  action_accuracy %s  macro_f1 %s  confidence_ece %s",
+        "%s split, %d samples: loss %s  %s  confidence_ece %s",
         report["evaluation"]["split"],
         report["evaluation"]["num_samples"],
         f(report.get("loss")),
-        f(report.get("risk_high_recall")),
-        f(report.get("action_accuracy")),
-        f(report.get("macro_f1")),
+        format_key_metrics(report),
         f(report.get("confidence_ece")),
     )
     op = report["risk_high_operating_point"]

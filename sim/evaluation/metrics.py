@@ -13,14 +13,14 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as Fn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from sim.core import labels as L
-from sim.core.labels import DEFAULT_LOSS_WEIGHTS, METRIC_NAMES
+from sim.core.labels import DEFAULT_LOSS_WEIGHTS, KEY_METRICS, METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,29 @@ def metrics_from_confusion(cms: Mapping[str, torch.Tensor], split: str = "") -> 
         log.warning(msg)
     action = cms["action"].double()
     out["action_accuracy"] = float(action.diag().sum() / action.sum()) if action.sum() > 0 else None
-    parts = [out["risk_f1_macro"], out["action_f1_macro"]]
-    out["macro_f1"] = None if any(p is None for p in parts) else (parts[0] + parts[1]) / 2
+    risk_f1, action_f1 = out["risk_f1_macro"], out["action_f1_macro"]
+    out["macro_f1"] = None if risk_f1 is None or action_f1 is None else (risk_f1 + action_f1) / 2
     return out
+
+
+def format_value(v: float | None) -> str:
+    """A metric as the logs show it: 4 decimals, `null` where undefined."""
+    return "null" if v is None else f"{v:.4f}"
+
+
+def format_key_metrics(metrics: Mapping[str, Any]) -> str:
+    """`name value` of each key metric of the contract (`sim.core.labels.METRICS`), two spaces apart."""
+    return "  ".join(f"{name} {format_value(metrics.get(name))}" for name in KEY_METRICS)
+
+
+def format_epoch_line(
+    epoch: int, epochs: int, train: Mapping[str, Any], val: Mapping[str, Any], is_best: bool = False
+) -> str:
+    """The line the trainer logs after each epoch: losses, the val key metrics, the training rate."""
+    return (
+        f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f} | val loss {val['loss']:.4f}  "
+        f"{format_key_metrics(val)}  | {train['samples_per_s']:.0f} samples/s{'  (best)' if is_best else ''}"
+    )
 
 
 class EpochMetrics(torch.nn.Module):
@@ -119,8 +139,12 @@ class EpochMetrics(torch.nn.Module):
         self.cms = torch.nn.ModuleDict({h: MulticlassConfusionMatrix(num_classes=n) for h, n in L.NUM_CLASSES.items()})
         self.reset()
 
+    def _matrices(self) -> dict[str, MulticlassConfusionMatrix]:
+        """The confusion matrix of each head (held in a ModuleDict, which types its items as Module)."""
+        return {h: cast(MulticlassConfusionMatrix, cm) for h, cm in self.cms.items()}
+
     def reset(self) -> None:
-        for cm in self.cms.values():
+        for cm in self._matrices().values():
             cm.reset()
         self.loss_sums: dict[str, float] = {}
         self.weight_sum = 0.0
@@ -136,9 +160,10 @@ class EpochMetrics(torch.nn.Module):
                 self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v) * w
         self.weight_sum += w
         self.samples += int(batch["weight"].shape[0])
+        cms = self._matrices()
         for head in L.HEADS:
             preds = logits[f"{head}_logits"].detach().argmax(-1).cpu()
-            self.cms[head].update(preds, batch[f"{head}_id"].cpu())
+            cms[head].update(preds, batch[f"{head}_id"].cpu())
 
     def state(self) -> dict[str, Any]:
         """What this process has accumulated, as plain floats and tensors: it can be checkpointed
@@ -148,7 +173,7 @@ class EpochMetrics(torch.nn.Module):
             "loss_sums": {k: float(self.loss_sums.get(k, 0.0)) for k in sorted(set(loss_keys) | set(self.loss_sums))},
             "weight_sum": float(self.weight_sum),
             "samples": int(self.samples),
-            "confusion": {h: cm.confmat.detach().cpu().clone() for h, cm in self.cms.items()},
+            "confusion": {h: cm.confmat.detach().cpu().clone() for h, cm in self._matrices().items()},
         }
 
     def merge(self, state: Mapping[str, Any]) -> None:
@@ -157,11 +182,11 @@ class EpochMetrics(torch.nn.Module):
             self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v)
         self.weight_sum += float(state["weight_sum"])
         self.samples += int(state["samples"])
-        for h, cm in self.cms.items():
+        for h, cm in self._matrices().items():
             cm.merge_state({"confmat": state["confusion"][h].to(cm.confmat.device, cm.confmat.dtype)})
 
     def confusion(self) -> dict[str, torch.Tensor]:
-        return {h: cm.compute().cpu() for h, cm in self.cms.items()}
+        return {h: cm.compute().cpu() for h, cm in self._matrices().items()}
 
     def compute(self, split: str = "") -> dict[str, float | None]:
         out: dict[str, float | None] = {

@@ -16,20 +16,25 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sim.core import labels as L
 from sim.core.run import read_jsonl
 
 log = logging.getLogger(__name__)
 
 TRAINING_CURVES = "training_curves.png"
-# (title, metric names) of each panel; a metric missing from the files is skipped.
-CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss", ("loss",)),
-    ("loss per head", ("loss_risk", "loss_reason", "loss_action", "loss_confidence")),
-    ("risk_high_recall", ("risk_high_recall",)),
-    ("action_accuracy", ("action_accuracy",)),
-    ("macro_f1", ("macro_f1",)),
-    ("F1 macro per head", ("risk_f1_macro", "reason_f1_macro", "action_f1_macro")),
-)
+
+
+def _curve_panels() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(title, metric names) of each panel, from the `panel` of each metric in the contract's table."""
+    panels: dict[str, list[str]] = {}
+    for m in L.METRICS:
+        if m.panel is not None:
+            panels.setdefault(m.panel, []).append(m.name)
+    return tuple((title, tuple(names)) for title, names in panels.items())
+
+
+# A metric missing from the files is skipped.
+CURVE_PANELS = _curve_panels()
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -71,7 +76,7 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
     fig = _new_figure(5.0 * cols, 3.4 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     styles = {"train": "--", "val": "-"}
-    for ax, (title, names) in zip(axes, CURVE_PANELS):
+    for ax, (title, names) in zip(axes, CURVE_PANELS, strict=False):  # the grid may hold more axes than panels
         drawn = False
         for ci, name in enumerate(names):
             for split, records in history.items():

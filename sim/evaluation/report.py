@@ -32,11 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from sim.core.labels import KEY_METRICS
 from sim.core.run import read_jsonl
 from sim.evaluation.selection import BestEpochRule
 
-KEY_METRICS: tuple[str, ...] = ("risk_high_recall", "action_accuracy", "macro_f1")
-CURVE_METRICS: tuple[str, ...] = ("loss",) + KEY_METRICS
+CURVE_METRICS: tuple[str, ...] = ("loss", *KEY_METRICS)
 SEED_KEY = "training.seed"
 # Keys that differ between runs without being an experimental choice.
 IGNORED_PREFIXES = ("_run.", "training.resume", "training.progress_bar")
@@ -211,7 +211,7 @@ def summarize(
     rows = []
     for g in order:
         members = groups[g]
-        row: dict[str, Any] = dict(zip(keys, g))
+        row: dict[str, Any] = dict(zip(keys, g, strict=True))
         row.update(runs=len(members), failed=n_failed.get(g, 0), note=notes.get(g, ""))
         for m in metrics:
             values = [v for r in members if (v := _metric(r, m)) is not None]
@@ -238,7 +238,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics:
     for row in rows:
         cells = [_fmt(row.get(k)) for k in keys]
         if row.get("note") and not row["runs"]:
-            cells += [row["note"]] + ["–"] * len(metrics)
+            cells += [row["note"]] + ["-"] * len(metrics)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         cells.append(str(row["runs"]) + (f" ({row['failed']} failed)" if row.get("failed") else ""))
@@ -268,13 +268,13 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
 
 
 def run_rows(
-    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss",) + KEY_METRICS
+    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss", *KEY_METRICS)
 ) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         row: dict[str, Any] = {
             "run_dir": str(r.path),
-            **dict(zip(keys, r.group)),
+            **dict(zip(keys, r.group, strict=True)),
             SEED_KEY: r.seed,
             "epochs": len(r.val),
             "best_epoch": r.best_epoch,
@@ -292,7 +292,7 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def group_label(keys: Sequence[str], group: tuple[Any, ...]) -> str:
-    return " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in zip(keys, group)) or "all runs"
+    return " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in zip(keys, group, strict=True)) or "all runs"
 
 
 def plot_curves(runs: Sequence[Run], keys: Sequence[str], path: Path, metrics: Sequence[str] = CURVE_METRICS) -> Path:
@@ -301,7 +301,7 @@ def plot_curves(runs: Sequence[Run], keys: Sequence[str], path: Path, metrics: S
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     groups = list(dict.fromkeys(r.group for r in runs))
     cmap = colormaps["tab10" if len(groups) <= 10 else "viridis"]
-    for ax, m in zip(axes, metrics):
+    for ax, m in zip(axes, metrics, strict=True):
         labelled: set[tuple[Any, ...]] = set()
         for r in runs:
             gi = groups.index(r.group)
@@ -339,7 +339,7 @@ def plot_heatmap(
     fig = _figure(1.2 + 1.1 * len(cvals) * len(metrics) + 1.2 * len(metrics), 1.2 + 0.75 * len(rvals) + 0.6)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     by_cell = {(r[row_key], r[col_key]): r for r in rows}
-    for ax, m in zip(axes, metrics):
+    for ax, m in zip(axes, metrics, strict=True):
         grid = np.full((len(rvals), len(cvals)), np.nan)
         for i, rv in enumerate(rvals):
             for j, cv in enumerate(cvals):
@@ -351,7 +351,7 @@ def plot_heatmap(
         for i, rv in enumerate(rvals):
             for j, cv in enumerate(cvals):
                 row = by_cell.get((rv, cv))
-                if np.isnan(grid[i, j]):
+                if row is None or np.isnan(grid[i, j]):
                     text = "skipped" if row is not None and row.get("note") else "n/a"
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color="0.3")
                     continue
@@ -415,27 +415,41 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     assign_groups(runs, keys)
     rows = summarize(runs, keys, failed=failed, skipped=skipped, sort=sort)
-    paths: dict[str, Path] = {}
+    paths = write_tables(out, runs, rows, keys)
+    paths["summary_md"] = out / "summary.md"
+    paths["summary_md"].write_text(summary_markdown(title, runs, rows, keys, failed, skipped), encoding="utf-8")
+    if runs:
+        paths["curves"] = plot_curves(runs, keys, out / "curves.png")
+    axes = heatmap or heatmap_axes(rows, keys)
+    if axes is not None and runs:
+        paths["heatmap"] = plot_heatmap(rows, axes[0], axes[1], out / "heatmap.png")
+    return paths
 
-    paths["runs_csv"] = out / "runs.csv"
+
+def write_tables(
+    out: Path, runs: Sequence[Run], rows: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> dict[str, Path]:
+    """runs.csv (one row per run) and summary.csv (one row per group, `rows` of summarize)."""
+    paths = {"runs_csv": out / "runs.csv", "summary_csv": out / "summary.csv"}
     write_csv(
         paths["runs_csv"],
         run_rows(runs, keys),
         ["run_dir", *keys, SEED_KEY, "epochs", "best_epoch", "loss", *KEY_METRICS],
     )
-    paths["summary_csv"] = out / "summary.csv"
-    write_csv(
-        paths["summary_csv"],
-        rows,
-        [
-            *keys,
-            "runs",
-            "failed",
-            "note",
-            *(f"{m}_{s}" for m in KEY_METRICS for s in ("mean", "std", "min", "max", "n")),
-        ],
-    )
+    stats = [f"{m}_{s}" for m in KEY_METRICS for s in ("mean", "std", "min", "max", "n")]
+    write_csv(paths["summary_csv"], rows, [*keys, "runs", "failed", "note", *stats])
+    return paths
 
+
+def summary_markdown(
+    title: str,
+    runs: Sequence[Run],
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    failed: Sequence[tuple[tuple[Any, ...], str]] = (),
+    skipped: Sequence[Skipped] = (),
+) -> str:
+    """summary.md: what was compared and how, the table, then the failed runs and skipped cells."""
     monitors = sorted({str(r.config.get("checkpoint.monitor", "risk_high_recall")) for r in runs})
     seeds = sorted({r.seed for r in runs if r.seed is not None})
     text = [
@@ -450,15 +464,7 @@ def write_report(
         markdown_table(rows, keys),
     ]
     if failed:
-        text += ["## Failed runs", ""] + [f"- {group_label(keys, g)}: {err}" for g, err in failed] + [""]
+        text += ["## Failed runs", "", *(f"- {group_label(keys, g)}: {err}" for g, err in failed), ""]
     if skipped:
-        text += ["## Skipped cells", ""] + [f"- {group_label(keys, s.group)}: {s.reason}" for s in skipped] + [""]
-    paths["summary_md"] = out / "summary.md"
-    paths["summary_md"].write_text("\n".join(text), encoding="utf-8")
-
-    if runs:
-        paths["curves"] = plot_curves(runs, keys, out / "curves.png")
-    axes = heatmap or heatmap_axes(rows, keys)
-    if axes is not None and runs:
-        paths["heatmap"] = plot_heatmap(rows, axes[0], axes[1], out / "heatmap.png")
-    return paths
+        text += ["## Skipped cells", "", *(f"- {group_label(keys, s.group)}: {s.reason}" for s in skipped), ""]
+    return "\n".join(text)

@@ -6,14 +6,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError
+from sim.core.labels import METRIC_MODES
 
 
 def monitor_mode(monitor: str, mode: str) -> str:
+    """The direction `mode` names; `auto` is the metric's own (min for losses and the miss rate)."""
     if mode == "auto":
-        return "min" if monitor.startswith("loss") else "max"
+        return METRIC_MODES.get(monitor, "max")
     if mode not in ("min", "max"):
         raise ConfigError(f"checkpoint.mode={mode!r}: expected auto, min or max")
     return mode
@@ -24,10 +25,11 @@ class BestEpochRule:
 
     A monitor alone can crown a useless model: risk_high_recall is 1.0 for an epoch that calls every
     scene "high". So an epoch counts only if each `checkpoint.min_metrics` floor holds (val metric
-    >= floor; an undefined metric fails it; a null floor is no floor). Among the epochs that count, the better monitor wins, then the better
-    tie-breaker, then the earlier epoch. An epoch that meets the floors always beats one that does
-    not; until one does, best.pt holds the epoch closest to them (smallest summed shortfall, then
-    the monitor), so a run still has a best.pt from its first epoch.
+    >= floor; an undefined metric fails it; a null floor is no floor). Among the epochs that count,
+    the better monitor wins, then the better tie-breaker, then the earlier epoch. An epoch that meets
+    the floors always beats one that does not; until one does, best.pt holds the epoch closest to
+    them (smallest summed shortfall, then the monitor), so a run still has a best.pt from its first
+    epoch.
 
     The rank is a plain tuple (`key`), so the trainer stores it in the checkpoint and a resumed run
     compares against exactly the value it had.
@@ -48,13 +50,11 @@ class BestEpochRule:
     @classmethod
     def from_config(cls, checkpoint: Mapping[str, Any]) -> BestEpochRule:
         """From the `checkpoint` config node (or any mapping with its keys)."""
-        floors = checkpoint.get("min_metrics")
-        floors = OmegaConf.to_container(floors, resolve=True) if OmegaConf.is_config(floors) else floors
         return cls(
             checkpoint.get("monitor", "risk_high_recall"),
             checkpoint.get("mode", "auto"),
             checkpoint.get("tie_breaker"),
-            floors,
+            to_dict(checkpoint.get("min_metrics")),
         )
 
     def _signed(self, metrics: Mapping[str, Any], name: str | None, mode: str) -> float:
