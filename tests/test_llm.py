@@ -206,3 +206,25 @@ def test_the_cached_gguf_model_is_bit_identical_to_the_gguf_load(llm_cache_dir):
     x = torch.randn(1, 4, hidden_size(cached))
     with torch.no_grad():
         assert torch.equal(cached(inputs_embeds=x).last_hidden_state, gguf.eval()(inputs_embeds=x).last_hidden_state)
+
+
+def test_fast_kernels_compute_the_same_function():
+    """attn_implementation=auto (eager on CPU) and fused activations change kernels, not the function."""
+    from transformers.activations import NewGELUActivation
+
+    from sim.models.llm import build_llm
+
+    arch = {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 64, "vocab_size": 16}
+    common = {"name_or_path": "tiny-gpt2", "pretrained": False, "dtype": "float32", "arch": arch}
+    # What a checkpoint written before these options holds: neither key, so the library's defaults.
+    legacy = build_llm(**common)
+    fast = build_llm(**common, attn_implementation="auto", fused_activations=True)
+    assert legacy.sim_spec["attn_implementation"] is None and not legacy.sim_spec["fused_activations"]
+    assert any(isinstance(m, NewGELUActivation) for m in legacy.modules())
+    assert fast.sim_spec["attn_implementation"] == "eager" and fast.sim_spec["fused_activations"]
+    assert not any(isinstance(m, NewGELUActivation) for m in fast.modules())
+    x = torch.randn(4, 6, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = legacy(inputs_embeds=x).last_hidden_state
+        b = fast(inputs_embeds=x).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
