@@ -228,3 +228,11 @@ def test_fast_kernels_compute_the_same_function():
         a = legacy(inputs_embeds=x).last_hidden_state
         b = fast(inputs_embeds=x).last_hidden_state
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_llm_key_is_refused_by_name():
+    from sim.core.errors import ConfigError
+    from sim.models.llm import build_llm
+
+    with pytest.raises(ConfigError, match=r"llm: unknown key\(s\) \['n_layers'\]"):
+        build_llm(name_or_path="tiny-gpt2", pretrained=False, n_layers=2)

@@ -18,7 +18,6 @@ Written into the output directory (Hydra's run dir, `outputs/eval/<date>/<time>`
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from sim.data.dataset import SimData, SimDataset, open_split
 from sim.evaluation.loop import evaluate_batches
 from sim.evaluation.metrics import EpochMetrics, format_key_metrics, format_value, per_class_table
 from sim.evaluation.plots import plot_confusion, plot_reliability
-from sim.models.llm import describe, llm_spec
+from sim.models.llm import SPEC_KEYS, describe, llm_spec
 from sim.models.model import SimV0Model, checkpoint_precision
 
 log = logging.getLogger(__name__)
@@ -172,8 +171,7 @@ def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], pat
         return
     given = to_dict(llm_cfg)
     given.pop("_target_", None)
-    known = inspect.signature(llm_spec).parameters
-    given = llm_spec(**{k: v for k, v in given.items() if k in known})
+    given = llm_spec(**{k: v for k, v in given.items() if k in SPEC_KEYS})
     keys = list(LLM_IDENTITY_KEYS) + ([] if meta_llm.get("pretrained", True) else ["arch"])
     differ = [k for k in keys if given.get(k) != meta_llm.get(k)]
     if differ:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from sim.core.errors import LLMLoadError
+from sim.core.errors import ConfigError, LLMLoadError
 from sim.core.precision import dtype_name, resolve_dtype
 from sim.models.llm_cache import LLMCache
 
@@ -51,29 +52,37 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def llm_spec(
-    name_or_path: str | None = None,
-    pretrained: bool = True,
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    gguf_package: str | None = None,
-    arch: dict[str, Any] | None = None,
-    init_seed: int = 0,
-    attn_implementation: str | None = None,
-    fused_activations: bool = False,
-) -> dict[str, Any]:
-    """The plain-dict identity of an LLM, stored in checkpoints to rebuild it."""
-    return {
-        "name_or_path": name_or_path,
-        "pretrained": bool(pretrained),
-        "dtype": dtype,
-        "gguf_file": gguf_file,
-        "gguf_package": gguf_package,
-        "arch": dict(arch) if arch else None,
-        "init_seed": int(init_seed),
-        "attn_implementation": attn_implementation,
-        "fused_activations": bool(fused_activations),
-    }
+@dataclass(frozen=True)
+class LLMSpec:
+    """The identity of an LLM (the `llm` config group's keys), stored in checkpoints to rebuild it.
+
+    The defaults are what a checkpoint written before a key existed was built with.
+    """
+
+    name_or_path: str | None = None
+    pretrained: bool = True
+    dtype: str = "auto"
+    gguf_file: str | None = None
+    gguf_package: str | None = None
+    arch: dict[str, Any] | None = None
+    init_seed: int = 0
+    attn_implementation: str | None = None
+    fused_activations: bool = False
+
+
+SPEC_KEYS = tuple(f.name for f in fields(LLMSpec))
+
+
+def llm_spec(**keys: Any) -> dict[str, Any]:
+    """The plain-dict form of `LLMSpec(**keys)`, as checkpoints store it."""
+    spec = asdict(LLMSpec(**keys))
+    spec.update(
+        pretrained=bool(spec["pretrained"]),
+        arch=dict(spec["arch"]) if spec["arch"] else None,
+        init_seed=int(spec["init_seed"]),
+        fused_activations=bool(spec["fused_activations"]),
+    )
+    return spec
 
 
 def resolve_attn_implementation(setting: str | None, device: str | torch.device) -> str | None:
@@ -137,25 +146,14 @@ def _config_for_arch(spec: dict[str, Any]):
         ) from exc
 
 
-def build_llm(
-    name_or_path: str | None = None,
-    pretrained: bool = True,
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    gguf_package: str | None = None,
-    arch: dict[str, Any] | None = None,
-    init_seed: int = 0,
-    attn_implementation: str | None = None,
-    fused_activations: bool = False,
-    device: str | torch.device = "cpu",
-    cache: LLMCache | None = None,
-) -> PreTrainedModel:
+def build_llm(device: str | torch.device = "cpu", cache: LLMCache | None = None, **keys: Any) -> PreTrainedModel:
     """Build the frozen base transformer described by the `llm` config group.
 
     Args:
-        attn_implementation: the transformers attention kernel (`eager`, `sdpa`, ...); `auto` picks
-            the faster one for SIM's short prefix on `device` (`resolve_attn_implementation`).
-        fused_activations: compute composite activations with PyTorch's fused kernels (`fuse_activations`).
+        keys: the `LLMSpec` fields. `attn_implementation`: the transformers attention kernel (`eager`,
+            `sdpa`, ...), `auto` picks the faster one for SIM's short prefix on `device`
+            (`resolve_attn_implementation`); `fused_activations`: composite activations computed by
+            PyTorch's fused kernels (`fuse_activations`).
         cache: where weights converted from a GGUF file are kept; default `LLMCache()`, in the
             directory the environment names (see `sim.models.llm_cache`).
 
@@ -166,27 +164,21 @@ def build_llm(
     Raises:
         LLMLoadError: the model cannot be found, fetched or built; the message says how to run offline.
     """
-    torch_dtype = resolve_dtype(dtype, device)
-    # The spec records the dtype `auto` resolved to here: a checkpoint rebuilds these very weights
-    # on a machine whose `auto` would pick another.
-    attention = resolve_attn_implementation(attn_implementation, device)
-    spec = llm_spec(
-        name_or_path,
-        pretrained,
-        dtype_name(torch_dtype),
-        gguf_file,
-        gguf_package,
-        arch,
-        init_seed,
-        attention,
-        fused_activations,
-    )
-    model = _load_pretrained(spec, torch_dtype, cache) if pretrained else _random_llm(spec)
+    unknown = sorted(set(keys) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"llm: unknown key(s) {unknown}; the llm group's keys are {list(SPEC_KEYS)}")
+    given = LLMSpec(**keys)
+    torch_dtype = resolve_dtype(given.dtype, device)
+    # The spec records what `auto` resolved to here (dtype, attention kernel): a checkpoint rebuilds
+    # this very computation on a machine whose `auto` would pick another.
+    attention = resolve_attn_implementation(given.attn_implementation, device)
+    spec = llm_spec(**{**asdict(given), "dtype": dtype_name(torch_dtype), "attn_implementation": attention})
+    model = _load_pretrained(spec, torch_dtype, cache) if spec["pretrained"] else _random_llm(spec)
     if model.get_input_embeddings() is None:
         raise LLMLoadError(f"LLM {describe(spec)} has no input embeddings; SIM needs a decoder-only LLM")
     if attention is not None:
         model.set_attn_implementation(attention)
-    if fused_activations:
+    if spec["fused_activations"]:
         fuse_activations(model)
     # Moved as a plain module: the wrapped `PreTrainedModel.to` has no usable type signature.
     cast(nn.Module, model).to(device=device, dtype=torch_dtype)
