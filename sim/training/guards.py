@@ -16,8 +16,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from sim.core.config import check_writable_dir
 from sim.core.errors import ConfigError, SimError
 
 log = logging.getLogger(__name__)
@@ -165,10 +167,6 @@ class OutputDirCheck(_HydraCallback):  # type: ignore[misc,valid-type]
 
     @staticmethod
     def _check(config: Any, key: str) -> None:
-        from omegaconf import OmegaConf
-
-        from sim.core.config import check_writable_dir
-
         try:
             check_writable_dir(OmegaConf.select(config, key), key)
         except ConfigError as exc:

@@ -384,7 +384,7 @@ class Loggers(Callback):
             group=self.group,
             resumed=trainer.global_step > 0,
             global_step=trainer.global_step,
-            monitor=trainer.best_rule.monitor,
+            monitor=trainer.checkpointer.rule.monitor,
             config=OmegaConf.to_container(trainer.cfg, resolve=True),
         )
         self.active = list(self.adapters)
@@ -427,8 +427,8 @@ class Loggers(Callback):
         for split, metrics in (("train", train), ("val", val)):
             values.update({f"{split}/{k}": float(v) for k, v in metrics.items() if k != "epoch" and v is not None})
         best = next((m for m in trainer.history["val"] if m.get("epoch") == trainer.best_epoch), None)
-        if best is not None and best.get(trainer.best_rule.monitor) is not None:
-            values[f"best/{trainer.best_rule.monitor}"] = float(best[trainer.best_rule.monitor])
+        if best is not None and best.get(trainer.checkpointer.rule.monitor) is not None:
+            values[f"best/{trainer.checkpointer.rule.monitor}"] = float(best[trainer.checkpointer.rule.monitor])
         self._each("logging an epoch", lambda a: a.log_scalars(_finite(values), trainer.global_step))
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
@@ -449,7 +449,7 @@ class Loggers(Callback):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _images(self, trainer: Trainer, confusion: dict[str, torch.Tensor] | None, tmp: Path) -> dict[str, Path]:
-        from sim.evaluation.plots import TRAINING_CURVES, plot_confusion
+        from sim.evaluation.plots import TRAINING_CURVES, plot_confusion  # here: matplotlib only at the end
 
         images: dict[str, Path] = {}
         try:
