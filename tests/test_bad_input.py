@@ -253,7 +253,7 @@ def test_a_validator_checks_f_and_dv_of_the_config():
         "sample 10 (sample_id 'a'): vis_feats has batch shape [2, 8, 16]; expected [B=2] + [F=8, dv=32]",
         "sample 11 (sample_id 'b'): vis_feats has batch shape [2, 8, 16]; expected [B=2] + [F=8, dv=32]",
     ]
-    with pytest.raises(ConfigError, match="data.on_bad_sample='drop'"):
+    with pytest.raises(ConfigError, match=r"data\.on_bad_sample='drop'"):
         SampleValidator(on_bad_sample="drop")
 
 
@@ -315,7 +315,7 @@ def test_guard_skips_and_counts_non_finite_steps_and_stops_after_too_many_in_a_r
         r"5 of 7 steps skipped",
     ):
         step(math.nan)
-    with pytest.raises(ConfigError, match="training.max_nonfinite_steps=0"):
+    with pytest.raises(ConfigError, match=r"training\.max_nonfinite_steps=0"):
         NonFiniteGuard(0)
 
 
@@ -406,7 +406,8 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
         ),
         (
             "data=synthetic_frames",
-            "vision=cached reads cached features but data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset",
+            "vision=cached reads cached features but "
+            "data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset",
         ),
         (
             "data=cached|data.train_split_path=no/such/dir",
@@ -431,7 +432,7 @@ def test_cached_split_of_raw_frames_with_vision_cached_is_refused(tmp_path):
 
 def test_config_errors_come_before_anything_heavy_loads(tmp_path):
     # llm=gpt2 cannot load offline (LLMLoadError); the config error must come first, with nothing written.
-    with pytest.raises(ConfigError, match="optim.lr=0"):
+    with pytest.raises(ConfigError, match=r"optim\.lr=0"):
         train(make_cfg("llm=gpt2", "optim.lr=0"), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
     validate_config(
@@ -573,7 +574,7 @@ def test_an_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypat
     (tmp_path / "file").write_text("")
     with pytest.raises(
         CheckpointError,
-        match="could not write checkpoint .*: File exists \\(a part of the path is a file, not a directory\\)",
+        match=r"could not write checkpoint .*: File exists \(a part of the path is a file, not a directory\)",
     ):
         save_checkpoint(tmp_path / "file" / "last.pt", {"a": 1})
     import sim.core.checkpoint

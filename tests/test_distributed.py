@@ -141,7 +141,7 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
             read_jsonl(single_run / f"metrics/{split}_metrics.jsonl"),
         )
         assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
-        for ra, rb in zip(a, b):
+        for ra, rb in zip(a, b, strict=True):
             for k in LOSSES:
                 assert ra[k] == pytest.approx(rb[k], rel=TRAIN_LOSS_RTOL[precision]), (split, k)
 

@@ -159,7 +159,7 @@ def test_mlflow_run_holds_the_jsonl_numbers_exactly(logged_run):
 def test_wandb_offline_files_hold_the_jsonl_numbers_exactly(logged_run):
     from wandb_offline import config, history
 
-    run_dir, result, cfg, _ = logged_run
+    run_dir, _, cfg, _ = logged_run
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     rows = history(path)
     for tag, values in expected_series(run_dir).items():

@@ -226,7 +226,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_last_pt(tmp_path
 
     torn = Path(marker.read_text())
     assert torn.exists() and torn.parent == run_dir / "checkpoints", "the half-written checkpoint should be left over"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (the error type depends on where the file is torn)
         torch.load(torn, weights_only=True)  # what last.pt would be had it been written in place
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["state"]["global_step"] == 1 and ckpt["state"]["progress"]["epoch"] == 1
