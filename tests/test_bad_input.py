@@ -24,10 +24,13 @@ from sim.core.checkpoint import load_checkpoint, save_checkpoint
 from sim.core.cli import compose
 from sim.core.config import check_writable_dir, validate_config
 from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.run import RunDir
 from sim.data.dataset import SimData, SimDataset
 from sim.data.synthetic import generate, write_split
 from sim.data.validate import SampleValidator, telemetry_stats
+from sim.evaluation.metrics import compute_losses
 from sim.models.model import SimV0Model
+from sim.training.checkpointing import Checkpointer
 from sim.training.guards import (
     NonFiniteError,
     NonFiniteGuard,
@@ -250,7 +253,7 @@ def test_a_validator_checks_f_and_dv_of_the_config():
         "sample 10 (sample_id 'a'): vis_feats has batch shape [2, 8, 16]; expected [B=2] + [F=8, dv=32]",
         "sample 11 (sample_id 'b'): vis_feats has batch shape [2, 8, 16]; expected [B=2] + [F=8, dv=32]",
     ]
-    with pytest.raises(ConfigError, match="data.on_bad_sample='drop'"):
+    with pytest.raises(ConfigError, match=r"data\.on_bad_sample='drop'"):
         SampleValidator(on_bad_sample="drop")
 
 
@@ -312,31 +315,27 @@ def test_guard_skips_and_counts_non_finite_steps_and_stops_after_too_many_in_a_r
         r"5 of 7 steps skipped",
     ):
         step(math.nan)
-    with pytest.raises(ConfigError, match="training.max_nonfinite_steps=0"):
+    with pytest.raises(ConfigError, match=r"training\.max_nonfinite_steps=0"):
         NonFiniteGuard(0)
 
 
-def _poison(monkeypatch, which):
-    """Make the training loss NaN on the train steps `which(step)` selects (evaluation untouched)."""
-    import sim.training.trainer
-
-    real, calls = sim.training.trainer.compute_losses, {"n": 0}
+def _poisoned_loss(which):
+    """A training loss that is NaN on the train steps `which(step)` selects (evaluation keeps its own)."""
+    calls = {"n": 0}
 
     def poisoned(logits, batch, *args, **kwargs):
-        losses = real(logits, batch, *args, **kwargs)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if which(calls["n"]):
-                losses = {**losses, "objective": losses["objective"] * math.nan, "loss": losses["loss"] * math.nan}
+        losses = compute_losses(logits, batch, *args, **kwargs)
+        calls["n"] += 1
+        if which(calls["n"]):
+            losses = {**losses, "objective": losses["objective"] * math.nan, "loss": losses["loss"] * math.nan}
         return losses
 
-    monkeypatch.setattr(sim.training.trainer, "compute_losses", poisoned)
-    return calls
+    return poisoned, calls
 
 
-def test_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
-    calls = _poison(monkeypatch, lambda n: n in (2, 3))
-    result = train(make_cfg(*SMALL, "training.epochs=1"), run_dir=tmp_path)
+def test_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, caplog):
+    loss_fn, calls = _poisoned_loss(lambda n: n in (2, 3))
+    result = train(make_cfg(*SMALL, "training.epochs=1"), run_dir=tmp_path, loss_fn=loss_fn)
     assert calls["n"] == 4 and result["best_epoch"] == 1
     assert "step 3: non-finite loss (nan); optimizer step skipped (2 in a row, 2 in all" in caplog.text
     train_m = json.loads((tmp_path / "metrics" / "train_metrics.jsonl").read_text().splitlines()[0])
@@ -345,31 +344,28 @@ def test_non_finite_steps_are_skipped_and_the_run_goes_on(tmp_path, monkeypatch,
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_too_many_non_finite_steps_stop_the_run_with_no_checkpoint(tmp_path, monkeypatch):
-    _poison(monkeypatch, lambda n: True)
+def test_too_many_non_finite_steps_stop_the_run_with_no_checkpoint(tmp_path):
+    loss_fn, _ = _poisoned_loss(lambda n: True)
     with pytest.raises(NonFiniteError, match=r"training stopped: non-finite loss \(nan\) in 3 consecutive steps"):
-        train(make_cfg(*SMALL, "training.epochs=1", "training.max_nonfinite_steps=3"), run_dir=tmp_path)
+        cfg = make_cfg(*SMALL, "training.epochs=1", "training.max_nonfinite_steps=3")
+        train(cfg, run_dir=tmp_path, loss_fn=loss_fn)
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert "training.max_nonfinite_steps=3" in (tmp_path / "logs" / "stdout.log").read_text()
 
 
-def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch):
-    from sim.training.trainer import Trainer
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
+    class RuinsEpoch2(Checkpointer):
+        def end_epoch(self, epoch, train, val, global_step):
+            if epoch == 2:  # weights ruined between training and saving epoch 2
+                with torch.no_grad():
+                    self.state.model.vis_proj.weight[0, 0] = math.nan
+            return super().end_epoch(epoch, train, val, global_step)
 
-    real_evaluate = Trainer.evaluate
-
-    def evaluate_then_ruin(self, loader, split="val", epoch=None):
-        out = real_evaluate(self, loader, split, epoch)
-        if epoch == 2:  # weights ruined between training and saving epoch 2
-            with torch.no_grad():
-                self.model.vis_proj.weight[0, 0] = math.nan
-        return out
-
-    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_ruin)
+    cfg = make_cfg(*SMALL, "training.epochs=2")
     with pytest.raises(
         NonFiniteError, match=r"refusing to write the checkpoint: 1 tensor\(s\) hold NaN or inf \(vis_proj.weight\)"
     ):
-        train(make_cfg(*SMALL, "training.epochs=2"), run_dir=tmp_path)
+        train(cfg, run_dir=tmp_path, checkpointer=RuinsEpoch2(RunDir(tmp_path), cfg))
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model_state_dict"].values())
 
@@ -410,7 +406,8 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, monkeypatch)
         ),
         (
             "data=synthetic_frames",
-            "vision=cached reads cached features but data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset",
+            "vision=cached reads cached features but "
+            "data.dataset_class_path=sim.data.synthetic_frames.SyntheticFramesDataset",
         ),
         (
             "data=cached|data.train_split_path=no/such/dir",
@@ -435,7 +432,7 @@ def test_cached_split_of_raw_frames_with_vision_cached_is_refused(tmp_path):
 
 def test_config_errors_come_before_anything_heavy_loads(tmp_path):
     # llm=gpt2 cannot load offline (LLMLoadError); the config error must come first, with nothing written.
-    with pytest.raises(ConfigError, match="optim.lr=0"):
+    with pytest.raises(ConfigError, match=r"optim\.lr=0"):
         train(make_cfg("llm=gpt2", "optim.lr=0"), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
     validate_config(
@@ -577,7 +574,7 @@ def test_an_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypat
     (tmp_path / "file").write_text("")
     with pytest.raises(
         CheckpointError,
-        match="could not write checkpoint .*: File exists \\(a part of the path is a file, not a directory\\)",
+        match=r"could not write checkpoint .*: File exists \(a part of the path is a file, not a directory\)",
     ):
         save_checkpoint(tmp_path / "file" / "last.pt", {"a": 1})
     import sim.core.checkpoint
@@ -592,18 +589,15 @@ def test_an_unwritable_checkpoint_directory_is_a_clear_error(tmp_path, monkeypat
 
 def test_training_stops_cleanly_when_the_disk_fills_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     import sim.core.checkpoint
-    import sim.training.trainer
-
-    real_save = sim.training.trainer.save_checkpoint
 
     def save_then_fill(path, payload):
         if payload["epoch"] >= 2:
             monkeypatch.setattr(sim.core.checkpoint.os, "fdopen", _FullDisk)
-        return real_save(path, payload)
+        return save_checkpoint(path, payload)
 
-    monkeypatch.setattr(sim.training.trainer, "save_checkpoint", save_then_fill)
+    cfg = make_cfg(*SMALL, "training.epochs=2")
     with pytest.raises(CheckpointError, match="No space left on device; the previous file is intact"):
-        train(make_cfg(*SMALL, "training.epochs=2"), run_dir=tmp_path)
+        train(cfg, run_dir=tmp_path, checkpointer=Checkpointer(RunDir(tmp_path), cfg, write=save_then_fill))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "last.pt"]

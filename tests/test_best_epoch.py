@@ -15,7 +15,8 @@ from sim.core.run import RunDir, read_jsonl
 from sim.data.synthetic import SyntheticSimDataset
 from sim.evaluation.metrics import metrics_from_confusion
 from sim.evaluation.report import best_epoch
-from sim.training.trainer import BestEpochRule, Trainer
+from sim.evaluation.selection import BestEpochRule
+from sim.training.trainer import Trainer
 
 DEFAULT = BestEpochRule.from_config(make_cfg().checkpoint)
 FLOORS = {"checkpoint.min_metrics.macro_f1": 0.8}  # the default, as sim.report reads it from a run

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import CONF, TINY, make_cfg
 
-import sim.training.trainer
 from sim.core.errors import ConfigError
 from sim.core.run import RunDir, read_jsonl
+from sim.models.build import build_model
 from sim.training.debug import build_debug_callbacks
 from sim.training.guards import NonFiniteError
 from sim.training.train import train
@@ -84,11 +84,11 @@ def test_overfit_trains_on_the_same_batches_every_epoch(tmp_path):
         make_cfg(*DEBUG, "debug=overfit", "debug.overfit_batches=2", "data.batch_size=16"), RunDir(tmp_path)
     )
     trainer.setup()
-    assert trainer.steps_per_epoch == 2
+    assert trainer.loaders.steps_per_epoch == 2
     ids = []
     for epoch in (1, 2):
-        trainer.train_sampler.set_epoch(epoch)
-        ids.append([b["risk_id"].tolist() + b["telemetry"].flatten().tolist() for b in trainer.train_loader])
+        trainer.loaders.train_sampler.set_epoch(epoch)
+        ids.append([b["risk_id"].tolist() + b["telemetry"].flatten().tolist() for b in trainer.loaders.train])
     assert ids[0] == ids[1]
 
 
@@ -107,9 +107,9 @@ def test_limit_takes_a_fraction_or_a_count_of_the_batches(tmp_path, limit, expec
     trainer.setup()
     n_train = math.ceil(cfg.data.train_kwargs.num_samples / 32)
     n_val = math.ceil(cfg.data.val_kwargs.num_samples / 32)
-    assert trainer.steps_per_epoch == expected(n_train)
-    assert len(list(trainer.val_loader)) == expected(n_val)
-    assert len(list(trainer.train_loader)) == expected(n_train)
+    assert trainer.loaders.steps_per_epoch == expected(n_train)
+    assert len(list(trainer.loaders.val)) == expected(n_val)
+    assert len(list(trainer.loaders.train)) == expected(n_train)
 
 
 @pytest.mark.parametrize(
@@ -138,16 +138,13 @@ def test_profiler_writes_a_trace_that_opens(tmp_path):
     assert any(n.startswith("aten::") for n in names) and any("backward" in n.lower() for n in names)
 
 
-def test_anomaly_names_the_module_that_makes_a_nan(tmp_path, monkeypatch):
-    real = sim.training.trainer.build_model
-
+def test_anomaly_names_the_module_that_makes_a_nan(tmp_path):
     def poisoned(*args, **kwargs):
-        model = real(*args, **kwargs)
+        model = build_model(*args, **kwargs)
         with torch.no_grad():
             model.tel_mlp[0].weight[0, 0] = math.nan  # a fault injected into one trainable module
         return model
 
-    monkeypatch.setattr(sim.training.trainer, "build_model", poisoned)
     with pytest.raises(NonFiniteError, match=r"output of tel_mlp\.0 \(Linear\)"):
-        train(make_cfg(*DEBUG, "debug=anomaly"), run_dir=tmp_path)
+        train(make_cfg(*DEBUG, "debug=anomaly"), run_dir=tmp_path, model_builder=poisoned)
     assert not torch.is_anomaly_enabled(), "anomaly detection left on after the run failed"

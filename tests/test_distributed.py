@@ -141,7 +141,7 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
             read_jsonl(single_run / f"metrics/{split}_metrics.jsonl"),
         )
         assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
-        for ra, rb in zip(a, b):
+        for ra, rb in zip(a, b, strict=True):
             for k in LOSSES:
                 assert ra[k] == pytest.approx(rb[k], rel=TRAIN_LOSS_RTOL[precision]), (split, k)
 
@@ -151,7 +151,7 @@ def test_torchrun_two_processes_write_one_run_tree_with_exact_val_metrics(tmp_pa
     trainer.setup()
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
     trainer.model.load_state_dict(ckpt["model_state_dict"])
-    mine = trainer.evaluate(trainer.val_loader, "val", epoch=2)
+    mine = trainer.evaluate(trainer.loaders.val, "val", epoch=2)
     assert trainer.val_metrics.samples == 65
     theirs = read_jsonl(run / "metrics/val_metrics.jsonl")[-1]
     for k in COUNTED:

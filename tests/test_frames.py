@@ -29,22 +29,22 @@ def sim_error(excinfo) -> BaseException:
     return exc if isinstance(exc, (ConfigError, DataError)) else exc.__cause__
 
 
-def no_plots(monkeypatch) -> None:
-    """Skip drawing training curves (tested with the run tree; here they would only cost time)."""
-    import sim.training.train
+def without_curves(cfg) -> list:
+    """The run's callbacks but the training curves (tested with the run tree; here they would only cost time)."""
+    from sim.training.train import TrainingCurves, build_callbacks
 
-    monkeypatch.setattr(sim.training.train, "_plot_curves", lambda root: None, raising=False)
+    return [cb for cb in build_callbacks(cfg) if not isinstance(cb, TrainingCurves)]
 
 
-TINY_VISION = dict(
-    kind="tiny",
-    name_or_path="tiny-cnn",
-    pretrained=False,
-    dtype="float32",
-    init_seed=0,
-    arch={"channels": 16, "grid": [2, 2]},
-    preprocessing={"image_size": 32},
-)
+TINY_VISION = {
+    "kind": "tiny",
+    "name_or_path": "tiny-cnn",
+    "pretrained": False,
+    "dtype": "float32",
+    "init_seed": 0,
+    "arch": {"channels": 16, "grid": [2, 2]},
+    "preprocessing": {"image_size": 32},
+}
 
 
 def hazard_area(frames: np.ndarray, reason: np.ndarray) -> np.ndarray:
@@ -307,7 +307,7 @@ def test_training_on_the_cache_sees_what_training_on_frames_sees(frames_split, t
     )
     assert raw.model.dv == cached.model.dv == 64
     cached.model.load_state_dict(raw.model.trainable_state_dict())
-    for a, b in zip(raw.train_loader, cached.train_loader):
+    for a, b in zip(raw.loaders.train, cached.loaders.train, strict=True):
         assert a["sample_id"] == b["sample_id"]  # the same shuffled order
         fa, fb = raw.model.visual_features(a), cached.model.visual_features(b)
         # float16 keeps 11 significant bits: relative error <= 2^-11, plus subnormals near 0.
@@ -387,9 +387,7 @@ def pixel_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            no_plots(mp)
-            return train(cfg, run_dir=run_dir), run_dir, cfg
+        return train(cfg, run_dir=run_dir, callbacks=without_curves(cfg)), run_dir, cfg
     finally:
         torch.set_num_threads(threads)
 
@@ -421,14 +419,13 @@ def test_raw_frame_checkpoint_rebuilds_its_encoder(pixel_run):
         pred = model(batch)["action_logits"].argmax(-1)
     accuracy = (pred == batch["action_id"]).float().mean().item()
     assert accuracy == pytest.approx(result["best"]["action_accuracy"], abs=1e-6)
-    out = model.predict_json({k: v[:2] if torch.is_tensor(v) else v[:2] for k, v in batch.items()})
+    out = model.predict_json({k: v[:2] for k, v in batch.items()})
     assert out[0]["action"]["label"] in L.ACTION and out[0]["sample_id"] == batch["sample_id"][0]
 
 
-def test_bench_frames_reports_both_rates(tmp_path, monkeypatch):
+def test_bench_frames_reports_both_rates(tmp_path):
     from sim.commands.bench_frames import bench
 
-    no_plots(monkeypatch)
     r = bench(
         [
             "num_samples=8",

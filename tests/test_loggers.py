@@ -23,7 +23,7 @@ from sim.training.loggers import (
     build_loggers,
     flatten,
 )
-from sim.training.train import train
+from sim.training.train import build_callbacks, train
 
 # 3 epochs of 2 optimizer steps with the tiny LLM: a few seconds.
 SMALL = [
@@ -159,7 +159,7 @@ def test_mlflow_run_holds_the_jsonl_numbers_exactly(logged_run):
 def test_wandb_offline_files_hold_the_jsonl_numbers_exactly(logged_run):
     from wandb_offline import config, history
 
-    run_dir, result, cfg, _ = logged_run
+    run_dir, _, cfg, _ = logged_run
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     rows = history(path)
     for tag, values in expected_series(run_dir).items():
@@ -243,20 +243,12 @@ def test_broken_loggers_warn_once_and_the_run_completes(tmp_path, caplog, monkey
         f"logger.mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
         "logger.mlflow.request_retries=0",
     )
-    import sim.training.train
-
     flaky = FailsMidRun()
-    real = sim.training.train.build_callbacks
-
-    def with_flaky(cfg):
-        callbacks = real(cfg)
-        callbacks[-1].adapters.append(flaky)
-        return callbacks
-
-    monkeypatch.setattr(sim.training.train, "build_callbacks", with_flaky)
+    callbacks = build_callbacks(cfg)
+    callbacks[-1].adapters.append(flaky)
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="sim.training.loggers"):
-        train(cfg, run_dir=run_dir)
+        train(cfg, run_dir=run_dir, callbacks=callbacks)
 
     assert [r["epoch"] for r in val_records(run_dir)] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "training_curves.png").is_file()

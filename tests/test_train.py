@@ -22,7 +22,7 @@ CONTRACT_METRICS = set(METRIC_NAMES) | {"epoch", "lr", "samples_per_s"}
 
 
 def test_tiny_llm_learns_the_synthetic_rules(tiny_run):
-    run_dir, result, cfg = tiny_run
+    run_dir, _, cfg = tiny_run
     val = read_jsonl(run_dir / "metrics/val_metrics.jsonl")
     train = read_jsonl(run_dir / "metrics/train_metrics.jsonl")
     assert len(val) == len(train) == cfg.training.epochs
@@ -35,7 +35,7 @@ def test_tiny_llm_learns_the_synthetic_rules(tiny_run):
 
 
 def test_run_tree_is_complete(tiny_run):
-    run_dir, result, cfg = tiny_run
+    run_dir, _, cfg = tiny_run
     for rel in (
         "config_resolved.yaml",
         "checkpoints/best.pt",
@@ -82,7 +82,7 @@ def test_best_checkpoint_follows_the_monitor(tiny_run):
 
 
 def test_checkpoint_loads_safely_and_rebuilds_the_same_predictions(tiny_run):
-    run_dir, result, cfg = tiny_run
+    run_dir, _, _ = tiny_run
     ckpt = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     assert {"model_state_dict", "optimizer_state_dict", "epoch", "metrics", "metadata"} <= set(ckpt)
     meta = ckpt["metadata"]
@@ -98,7 +98,7 @@ def test_checkpoint_loads_safely_and_rebuilds_the_same_predictions(tiny_run):
     acc = (logits["action_logits"].argmax(-1) == batch["action_id"]).float().mean().item()
     assert acc == pytest.approx(ckpt["metrics"]["action_accuracy"], abs=1e-6)
 
-    preds = model.predict_json({k: (v[:3] if k != "sample_id" else v[:3]) for k, v in batch.items()})
+    preds = model.predict_json({k: v[:3] for k, v in batch.items()})
     assert len(preds) == 3 and preds[0]["sample_id"] == batch["sample_id"][0]
     assert preds[0]["action"]["label"] in L.ACTION and math.isclose(
         sum(preds[0]["risk"]["probs"].values()), 1, abs_tol=1e-4
@@ -108,7 +108,7 @@ def test_checkpoint_loads_safely_and_rebuilds_the_same_predictions(tiny_run):
 
 def test_seed_readme_loading_example_works(tiny_run):
     """The README's "Loading checkpoints" flow: build the model with the same config, load the weights."""
-    run_dir, result, cfg = tiny_run
+    run_dir, _, _ = tiny_run
     checkpoint = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     meta = checkpoint["metadata"]
     model = SimV0Model(llm=meta["llm"], dv=meta["dv"], d=meta["d"], F=meta["F"], K=meta["K"], use_cached_vis_feats=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,17 @@ from omegaconf import DictConfig
 
 from sim.core.cli import CONF_DIR, command_line, compose, fail_cleanly
 from sim.core.labels import LABELS
+from sim.core.precision import dtype_name
+from sim.core.run import RunDir
+from sim.data.synthetic import generate
 from sim.evaluation.loop import to_device
 from sim.evaluation.metrics import compute_losses
+from sim.models.model import SimV0Model
+from sim.training.callbacks import Callback, StepInfo
+from sim.training.step import train_step
+from sim.training.trainer import Trainer
+
+PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def sync(device: torch.device) -> None:
@@ -63,13 +72,13 @@ def llm_flops_per_token(llm: torch.nn.Module, tokens: int) -> float:
     emb = {id(m.weight) for m in llm.modules() if isinstance(m, torch.nn.Embedding)}
     matmul_params = sum(p.numel() for p in llm.parameters() if p.dim() >= 2 and id(p) not in emb)
     cfg = llm.config
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0)
+    width = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0)
     attention = 2 * 2 * layers * tokens * width  # QK^T and AV, each 2*T*d per token per layer
     return 2.0 * matmul_params + attention
 
 
-def step_flops(model: torch.nn.Module, batch_size: int) -> float:
+def step_flops(model: SimV0Model, batch_size: int) -> float:
     """Model FLOPs of one training step: the frozen LLM's forward and its backward to the inputs
     (about one more forward: no weight gradients), plus 3x the trainable modules' forward."""
     tokens = model.K + 2
@@ -78,61 +87,59 @@ def step_flops(model: torch.nn.Module, batch_size: int) -> float:
     return batch_size * (2 * llm + 3 * trainable)
 
 
-def time_trainer_steps(trainer, steps: int, warmup: int) -> dict[str, Any]:
-    """Run the trainer's step (its order: autocast forward, scaled backward, unscale, clip, step,
-    update, zero_grad) with timers between the phases."""
-    device, model = trainer.device, trainer.model
-    model.train()
-    clip = trainer.cfg.training.grad_clip
-    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    samples = 0
-    it = iter(trainer.train_loader)
+class PhaseTimer:
+    """`train_step`'s mark hook: the seconds of each phase, the device synchronized at every mark."""
 
-    def next_batch():
-        nonlocal it
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(trainer.train_loader)
-                batch = next(it)
-            if batch:  # an empty batch (all its samples skipped) has nothing to time
-                return batch
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.counting = False  # off during warm-up
+        self._last = time.perf_counter()
 
+    def start(self) -> None:
+        sync(self.device)
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        if self.counting:
+            self.seconds[phase] += now - self._last
+        self._last = now
+
+
+def endless_batches(trainer: Trainer) -> Iterator[dict[str, Any]]:
+    """The train loader's batches on the device, round and round; empty ones (all samples skipped) left out."""
+    while True:
+        for batch in trainer.loaders.train:
+            if batch:
+                yield to_device(batch, trainer.device)
+
+
+def time_trainer_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
+    """Time the trainer's own step (`train_step`) phase by phase: data, forward, backward, optimizer."""
+    trainer.model.train()
+    timer, samples = PhaseTimer(trainer.device), 0
+
+    def count(out: Any, batch: dict[str, Any], losses: Any, finite: bool) -> None:
+        nonlocal samples
+        samples += batch["telemetry"].shape[0] if timer.counting else 0
+
+    batches = endless_batches(trainer)
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        batch = to_device(next_batch(), device)
-        sync(device)
-        t1 = time.perf_counter()
-        logits = trainer.forward(batch)
-        losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
-        sync(device)
-        t2 = time.perf_counter()
-        trainer.scaler.scale(losses["objective"]).backward()
-        sync(device)
-        t3 = time.perf_counter()
-        if clip:
-            trainer.scaler.unscale_(trainer.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), float(clip))
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        t4 = time.perf_counter()
-        if i >= warmup:
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[k] += dt
-            samples += batch["telemetry"].shape[0]
-    total = sum(phases.values())
+        timer.counting = i >= warmup
+        timer.start()
+        train_step(trainer.step, batches, trainer.settings.grad_accum, on_micro=count, mark=timer)
+    total = sum(timer.seconds.values())
     return {
         "samples": samples,
         "seconds": total,
         "samples_per_s": samples / total,
-        "phase_ms_per_step": {k: 1000 * v / steps for k, v in phases.items()},
+        "phase_ms_per_step": {k: 1000 * v / steps for k, v in timer.seconds.items()},
     }
 
 
-def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
+def time_naive_reference(trainer: Trainer, steps: int, warmup: int) -> dict[str, Any]:
     """The naive loop: a causal-LM model (LM head included) asked for all hidden states, fp32,
     eager, its weights left trainable (so backward computes their gradients too)."""
     from transformers import AutoModelForCausalLM
@@ -143,7 +150,7 @@ def time_naive_reference(trainer, steps: int, warmup: int) -> dict[str, Any]:
         lm = AutoModelForCausalLM.from_config(config).to(trainer.device, torch.float32)
     lm.load_state_dict(model.llm.state_dict(), strict=False)
     lm.train()
-    batch = to_device(next(iter(trainer.train_loader)), trainer.device)
+    batch = to_device(next(iter(trainer.loaders.train)), trainer.device)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     elapsed, samples = 0.0, 0
@@ -178,74 +185,70 @@ def rss_anon_bytes() -> int | None:
     return None
 
 
+class RssPeak(Callback):
+    """The highest anonymous RSS seen, sampled every 50 optimizer steps."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def sample(self) -> int | None:
+        now = rss_anon_bytes()
+        self.peak = max(self.peak, now or 0)
+        return now
+
+    def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
+        if step.global_step % 50 == 0:
+            self.sample()
+
+
+def write_cached_splits(root: Path, n_samples: int, F: int, dv: int) -> None:
+    """Synthetic cached splits under `root`: train of `n_samples`, val of 1024, vis_feats memory-mapped."""
+    chunk = 10_000
+    for split, n in (("train", n_samples), ("val", 1024)):
+        out = root / split
+        out.mkdir()
+        vis = np.lib.format.open_memmap(out / "vis_feats.npy", mode="w+", dtype=np.float16, shape=(n, F, dv))
+        tel: list[np.ndarray] = []
+        labels: dict[str, list[np.ndarray]] = {h: [] for h in ("risk", "reason", "action")}
+        for lo in range(0, n, chunk):
+            a = generate(min(chunk, n - lo), F=F, dv=dv, seed=lo, split=split)
+            vis[lo : lo + len(a["telemetry"])] = a["vis_feats"]
+            tel.append(a["telemetry"])
+            for h in labels:
+                labels[h].append(a[f"{h}_id"])
+        vis.flush()
+        del vis
+        np.save(out / "telemetry.npy", np.concatenate(tel))
+        for h, parts in labels.items():
+            np.save(out / f"{h}_id.npy", np.concatenate(parts))
+        (out / "meta.json").write_text(json.dumps({"format_version": 1, "dv": dv, "F": F, "labels": LABELS}))
+
+
 def memory_check(overrides: Sequence[str], n_samples: int, F: int, dv: int) -> dict[str, Any]:
-    """Train one pass over an N-sample cached split on disk and watch anonymous RSS.
+    """Train one epoch over an N-sample cached split on disk and watch anonymous RSS.
 
     `overrides` is the command line: the run is the model it names, on the cached split instead.
     """
-    from sim.core.run import RunDir
-    from sim.data.synthetic import generate
-    from sim.training.trainer import Trainer
-
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
         root = Path(tmp)
-        chunk = 10_000
-        for split, n in (("train", n_samples), ("val", 1024)):
-            out = root / split
-            out.mkdir()
-            vis = np.lib.format.open_memmap(out / "vis_feats.npy", mode="w+", dtype=np.float16, shape=(n, F, dv))
-            tel, labels, ids = [], {h: [] for h in ("risk", "reason", "action")}, []
-            for lo in range(0, n, chunk):
-                a = generate(min(chunk, n - lo), F=F, dv=dv, seed=lo, split=split)
-                vis[lo : lo + len(a["telemetry"])] = a["vis_feats"]
-                tel.append(a["telemetry"])
-                for h in labels:
-                    labels[h].append(a[f"{h}_id"])
-            vis.flush()
-            del vis
-            arrays = {"telemetry": np.concatenate(tel), **{f"{h}_id": np.concatenate(v) for h, v in labels.items()}}
-            np.save(out / "telemetry.npy", arrays["telemetry"])
-            for h in labels:
-                np.save(out / f"{h}_id.npy", arrays[f"{h}_id"])
-            (out / "meta.json").write_text(json.dumps({"format_version": 1, "dv": dv, "F": F, "labels": LABELS}))
+        write_cached_splits(root, n_samples, F, dv)
         size = sum(f.stat().st_size for f in (root / "train").iterdir())
-        cfg = compose(
-            "bench",
-            [
-                *overrides,
-                "data=cached",
-                f"data.train_split_path={root / 'train'}",
-                f"data.val_split_path={root / 'val'}",
-            ],
-        )
-        trainer = Trainer(cfg, RunDir(root / "run"))
+        cached = ["data=cached", f"data.train_split_path={root / 'train'}", f"data.val_split_path={root / 'val'}"]
+        rss = RssPeak()
+        trainer = Trainer(compose("bench", [*overrides, *cached]), RunDir(root / "run"), [rss])
         trainer.setup()
-        base = rss_anon_bytes()
-        peak = base or 0
+        base = rss.sample()
         t0 = time.perf_counter()
-        steps = 0
-        model = trainer.model
-        model.train()
-        for batch in trainer.train_loader:
-            if not batch:  # all its samples skipped (data.on_bad_sample=skip)
-                continue
-            batch = to_device(batch, trainer.device)
-            logits = trainer.forward(batch)
-            losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
-            losses["objective"].backward()
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            if steps % 50 == 0:
-                peak = max(peak, rss_anon_bytes() or 0)
-        peak = max(peak, rss_anon_bytes() or 0)
+        trainer.train_epoch(1)
+        seconds = time.perf_counter() - t0
+        rss.sample()
         return {
             "samples": n_samples,
             "split_bytes_on_disk": size,
-            "steps": steps,
-            "seconds": time.perf_counter() - t0,
+            "steps": trainer.global_step,
+            "seconds": seconds,
             "rss_anon_after_setup": base,
-            "rss_anon_peak": peak,
+            "rss_anon_peak": rss.peak,
         }
 
 
@@ -257,10 +260,6 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         cfg: conf/bench.yaml composed with `overrides` (a train config plus steps, warmup, reference, ...).
         overrides: the command line; the memory check composes its cached-split run from it.
     """
-    from sim.core.precision import dtype_name
-    from sim.core.run import RunDir
-    from sim.training.trainer import Trainer
-
     steps, warmup = int(cfg.steps), int(cfg.warmup)
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
         trainer = Trainer(cfg, RunDir(tmp))
@@ -330,7 +329,8 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append(
             (
                 "RssAnon peak",
-                f"{(m['rss_anon_peak'] or 0) / 2**20:.0f} MiB (after setup {(m['rss_anon_after_setup'] or 0) / 2**20:.0f} MiB)",
+                f"{(m['rss_anon_peak'] or 0) / 2**20:.0f} MiB "
+                f"(after setup {(m['rss_anon_after_setup'] or 0) / 2**20:.0f} MiB)",
             )
         )
     width = max(len(k) for k, _ in rows)

@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -167,7 +167,7 @@ class Profiler(Callback):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"debug.profiler.{key}={value!r} must be an integer >= {low}")
         self.wait, self.warmup, self.active = wait, warmup, active
-        self.options = {
+        self.options: dict[str, Any] = {
             "record_shapes": bool(record_shapes),
             "profile_memory": bool(profile_memory),
             "with_stack": bool(with_stack),
@@ -198,7 +198,7 @@ class Profiler(Callback):
         self.prof.start()
 
     def on_step_end(self, trainer: Trainer, step: StepInfo) -> None:
-        if self.prof is None:
+        if self.prof is None or self.path is None:
             return
         self.prof.step()
         self.steps += 1
@@ -319,7 +319,7 @@ def build_debug_callbacks(cfg: DictConfig) -> list[Callback]:
         callbacks.append(OverfitCheck(_option(cfg, "overfit_loss", 0.05)))
     profiler = _option(cfg, "profiler")
     if profiler:
-        callbacks.append(Profiler(**OmegaConf.to_container(profiler, resolve=True)))
+        callbacks.append(Profiler(**cast(dict[str, Any], OmegaConf.to_container(profiler, resolve=True))))
     if _option(cfg, "anomaly", False):
         callbacks.append(AnomalyDetection())
     return callbacks

@@ -370,7 +370,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.
     ignore += [n for n, _ in model.named_buffers() if n.rpartition(".")[0] not in training]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     # Newer torch renames broadcast_buffers (and warns about the old name).
-    no_buffer_sync = (
+    no_buffer_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(DDP).parameters
         else {"broadcast_buffers": False}

@@ -16,8 +16,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from sim.core.config import check_writable_dir
 from sim.core.errors import ConfigError, SimError
 
 log = logging.getLogger(__name__)
@@ -112,10 +114,12 @@ class NonFiniteGuard:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"training stopped: non-finite {what} in {self.consecutive} consecutive steps "
-                f"(training.max_nonfinite_steps={self.max_consecutive}; {self.skipped} of {self.steps} steps skipped in all). "
+                f"(training.max_nonfinite_steps={self.max_consecutive}; {self.skipped} of {self.steps} steps skipped "
+                "in all). "
                 "No checkpoint was written from these weights; the checkpoints already on disk are intact. "
                 "Usual causes: a learning rate too high (optim.lr), NaN or inf in the data "
-                "(python -m sim check_data data=...), fp16 overflow (training.amp_dtype=bfloat16 or training.amp=false)."
+                "(python -m sim check_data data=...), fp16 overflow (training.amp_dtype=bfloat16 or "
+                "training.amp=false)."
             )
         return scaling
 
@@ -128,7 +132,7 @@ def check_finite_state(
     Raises:
         NonFiniteError: naming the tensors that hold NaN or inf.
     """
-    state = model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+    state = getattr(model, "trainable_state_dict", model.state_dict)()
     bad = [
         name
         for name, t in state.items()
@@ -143,7 +147,8 @@ def check_finite_state(
         raise NonFiniteError(
             f"refusing to write the {what}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:5])}"
             f"{', ...' if len(bad) > 5 else ''}); the checkpoints already on disk are left as they were. "
-            "Usual causes: a learning rate too high (optim.lr), NaN or inf in the data (python -m sim check_data data=...)."
+            "Usual causes: a learning rate too high (optim.lr), NaN or inf in the data "
+            "(python -m sim check_data data=...)."
         )
 
 
@@ -165,10 +170,6 @@ class OutputDirCheck(_HydraCallback):  # type: ignore[misc,valid-type]
 
     @staticmethod
     def _check(config: Any, key: str) -> None:
-        from omegaconf import OmegaConf
-
-        from sim.core.config import check_writable_dir
-
         try:
             check_writable_dir(OmegaConf.select(config, key), key)
         except ConfigError as exc:

@@ -20,6 +20,7 @@ off; training goes on, and the JSONL files stay the record.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -169,7 +170,7 @@ class MLflowLogger(LoggerAdapter):
         from mlflow.tracking import MlflowClient
 
         if self.tracking_uri.startswith(("http://", "https://")):
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(math.ceil(float(self.request_timeout))))
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(math.ceil(float(self.request_timeout)))
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.request_retries)
             os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
         artifacts = self.artifact_location
@@ -277,7 +278,7 @@ class WandbLogger(LoggerAdapter):
             group=run.group,
             tags=self.tags or None,
             dir=str(directory),
-            mode=self.mode,
+            mode=cast(Literal["offline", "online", "disabled"], self.mode),  # checked in __init__
             config=run.config,
             id=previous,
             resume="allow" if previous else None,
@@ -327,7 +328,7 @@ class CSVLogger(LoggerAdapter):
                 kept = [
                     r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= run.global_step
                 ]
-        self.file = open(path, "w", newline="", encoding="utf-8")
+        self.file = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (open for the run; close() closes it)
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
         self.writer.writeheader()
         self.writer.writerows(kept)
@@ -384,8 +385,8 @@ class Loggers(Callback):
             group=self.group,
             resumed=trainer.global_step > 0,
             global_step=trainer.global_step,
-            monitor=trainer.best_rule.monitor,
-            config=OmegaConf.to_container(trainer.cfg, resolve=True),
+            monitor=trainer.checkpointer.rule.monitor,
+            config=cast(dict[str, Any], OmegaConf.to_container(trainer.cfg, resolve=True)),
         )
         self.active = list(self.adapters)
         self._each("starting", lambda a: a.open(run))
@@ -408,7 +409,7 @@ class Loggers(Callback):
         if step.grad_norm is not None:
             tensors.append(step.grad_norm.float().reshape(()))
         read = torch.stack(tensors).tolist()  # the one wait for the device, on logged steps only
-        values = {f"train_step/{k}": v for k, v in zip(names, read)}
+        values = {f"train_step/{k}": v for k, v in zip(names, read, strict=False)}
         if step.grad_norm is not None:
             values["train_step/grad_norm"] = read[-1]
         values["train_step/lr"] = float(step.lr)
@@ -427,8 +428,8 @@ class Loggers(Callback):
         for split, metrics in (("train", train), ("val", val)):
             values.update({f"{split}/{k}": float(v) for k, v in metrics.items() if k != "epoch" and v is not None})
         best = next((m for m in trainer.history["val"] if m.get("epoch") == trainer.best_epoch), None)
-        if best is not None and best.get(trainer.best_rule.monitor) is not None:
-            values[f"best/{trainer.best_rule.monitor}"] = float(best[trainer.best_rule.monitor])
+        if best is not None and best.get(trainer.checkpointer.rule.monitor) is not None:
+            values[f"best/{trainer.checkpointer.rule.monitor}"] = float(best[trainer.checkpointer.rule.monitor])
         self._each("logging an epoch", lambda a: a.log_scalars(_finite(values), trainer.global_step))
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
@@ -449,7 +450,7 @@ class Loggers(Callback):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _images(self, trainer: Trainer, confusion: dict[str, torch.Tensor] | None, tmp: Path) -> dict[str, Path]:
-        from sim.evaluation.plots import TRAINING_CURVES, plot_confusion
+        from sim.evaluation.plots import TRAINING_CURVES, plot_confusion  # here: matplotlib only at the end
 
         images: dict[str, Path] = {}
         try:
@@ -529,7 +530,7 @@ def build_loggers(cfg: DictConfig) -> list[Loggers]:
                 adapter = instantiate(entry)
             except Exception as exc:  # Hydra wraps what the adapter raised; the user needs the adapter's words
                 cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
-                raise cause or ConfigError(f"logger.{name}: cannot build {entry._target_} ({exc})") from None
+                raise cause or ConfigError(f"logger.{name!s}: cannot build {entry._target_} ({exc})") from None
             adapter.name = str(name)
             adapters.append(adapter)
     if not adapters:
@@ -592,7 +593,5 @@ def _require(module: str, extra: str) -> None:
 
 
 def _quietly(adapter: LoggerAdapter, ok: bool) -> None:
-    try:
+    with contextlib.suppress(Exception):
         adapter.close(ok)
-    except Exception:
-        pass

@@ -53,10 +53,12 @@ def adamw(
         raise ConfigError(f"optim.lr={lr} must be > 0")
     if weight_decay < 0:
         raise ConfigError(f"optim.weight_decay={weight_decay} must be >= 0")
-    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    opt = torch.optim.AdamW(
+        list(params), lr=lr, weight_decay=weight_decay, betas=(float(betas[0]), float(betas[1])), eps=eps
+    )
     if schedule in (None, "none", "constant"):
         return opt, None
     if schedule == "cosine":
-        warm = int(warmup_steps) or int(round(warmup_ratio * total_steps))
+        warm = int(warmup_steps) or round(warmup_ratio * total_steps)
         return opt, warmup_cosine(opt, total_steps, warm, min_lr_ratio)
     raise ConfigError(f"optim.schedule={schedule!r}: expected none or cosine")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,15 @@ from sim.core.errors import ConfigError
 from sim.core.run import RunDir, run_log, write_config, write_exports
 from sim.training import distributed
 from sim.training.callbacks import Callback
+from sim.training.debug import build_debug_callbacks
+from sim.training.early_stopping import build_early_stopping
+from sim.training.loggers import build_loggers
+from sim.training.pruning import raise_if_pruned, sweep_callbacks
 
 if TYPE_CHECKING:
+    from sim.models.model import SimV0Model
+    from sim.training.checkpointing import Checkpointer
+    from sim.training.step import LossFn
     from sim.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -30,8 +38,20 @@ def hydra_run_dir() -> Path | None:
         return None
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig,
+    run_dir: str | Path | None = None,
+    *,
+    callbacks: Sequence[Callback] | None = None,
+    loss_fn: LossFn | None = None,
+    checkpointer: Checkpointer | None = None,
+    model_builder: Callable[..., SimV0Model] | None = None,
+) -> dict[str, Any]:
     """Train, writing the contract's run tree into `run_dir` (default: Hydra's run directory).
+
+    Args:
+        callbacks: what watches the run (default: `build_callbacks(cfg)`).
+        loss_fn, checkpointer, model_builder: passed to the `Trainer` (None: its defaults).
 
     Returns:
         {"best": best-epoch val metrics, "last": last-epoch val metrics, "best_epoch", "run_dir"}.
@@ -60,10 +80,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             log.info("run directory %s (git %s)", run.root, info["git"]["commit"])
             log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
             write_exports(run)
-        from sim.training.trainer import Trainer
+        from sim.training.trainer import Trainer  # here: torchmetrics and the model stay out of start-up
 
-        callbacks = build_callbacks(cfg)
-        trainer = Trainer(cfg, run, callbacks)
+        callbacks = build_callbacks(cfg) if callbacks is None else list(callbacks)
+        trainer = Trainer(cfg, run, callbacks, loss_fn=loss_fn, checkpointer=checkpointer, model_builder=model_builder)
         try:
             trainer.setup()
             result = trainer.fit()
@@ -101,11 +121,6 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     Raises:
         ConfigError: a bad `training.early_stopping`, `debug` or `logger` setting.
     """
-    from sim.training.debug import build_debug_callbacks
-    from sim.training.early_stopping import build_early_stopping
-    from sim.training.loggers import build_loggers
-    from sim.training.pruning import sweep_callbacks
-
     # Pruning decides after early stopping and before the loggers, which then record the last epoch.
     return [
         *build_early_stopping(cfg),
@@ -135,7 +150,7 @@ def _notify_failure(cb: Callback, trainer: Trainer, exc: BaseException) -> None:
 def _plot_curves(root: Path) -> None:
     # The checkpoints and metrics are already on disk: a figure that fails to draw must not fail the run.
     try:
-        from sim.evaluation.plots import plot_training_curves
+        from sim.evaluation.plots import plot_training_curves  # here: matplotlib only once a run has ended
 
         path = plot_training_curves(root)
         if path is not None:
@@ -150,8 +165,6 @@ def objective(result: dict[str, Any], names: str | list[str]) -> float | tuple[f
     Raises:
         optuna.TrialPruned: the sweep's pruner stopped the run (the sweeper records it as pruned).
     """
-    from sim.training.pruning import raise_if_pruned
-
     raise_if_pruned(result)
     best = result.get("best") or {}
     single = isinstance(names, str)
