@@ -280,7 +280,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
                 "K": trainer.model.K,
                 "llm_dtype": dtype_name(trainer.model.llm_dtype),
                 "autocast": dtype_name(trainer.precision.autocast) if trainer.precision.autocast else "off",
-                "compile": bool(cfg.training.compile),
+                "compile": trainer.compile_choice.enabled,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
             },

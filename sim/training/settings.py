@@ -17,7 +17,8 @@ class TrainingSettings:
     device: str | None
     grad_clip: float | None  # max global grad norm; None: no clipping
     grad_accum: int  # micro-batches per optimizer step
-    compile: bool
+    compile: bool | str  # true | false | auto (sim.training.compiling.resolve_compile)
+    compile_min_steps: int
     progress_bar: bool
     max_nonfinite_steps: int
     resume: str | None  # auto | a checkpoint | a run directory; None: start fresh
@@ -39,7 +40,8 @@ class TrainingSettings:
             device=None if device is None else str(device),
             grad_clip=float(clip) if clip else None,
             grad_accum=grad_accum,
-            compile=bool(training.get("compile")),
+            compile=_compile_setting(training.get("compile", "auto")),
+            compile_min_steps=int(training.get("compile_min_steps", 1000)),
             progress_bar=bool(training.get("progress_bar", True)),
             max_nonfinite_steps=int(training.get("max_nonfinite_steps", 10)),
             resume=str(resume) if resume else None,
@@ -49,3 +51,19 @@ class TrainingSettings:
     def clip_bound(self) -> float:
         """The norm bound for clip_grad_norm_: without clipping, an infinite one still measures the norm."""
         return math.inf if self.grad_clip is None else self.grad_clip
+
+
+def _compile_setting(value: Any) -> bool | str:
+    """`training.compile` as true, false or "auto" (also given as the strings true/false).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).lower()
+    if text in ("true", "false"):
+        return text == "true"
+    if text != "auto":
+        raise ConfigError(f"training.compile={value!r}: expected true, false or auto")
+    return "auto"

@@ -37,6 +37,7 @@ from sim.models.model import SimV0Model
 from sim.training import distributed as D
 from sim.training.callbacks import Callback, StepInfo
 from sim.training.checkpointing import Checkpointer, History, TrainingState
+from sim.training.compiling import choose_compile
 from sim.training.guards import NonFiniteGuard
 from sim.training.inputs import class_weights, feature_encoder, loss_weights, open_data, shard_loaders
 from sim.training.settings import TrainingSettings
@@ -116,7 +117,9 @@ class Trainer:
 
     def _build_step(self) -> StepParts:
         """The step's parts; `forward` runs through DDP (several processes) and torch.compile as configured."""
-        compiled = self.settings.compile
+        steps = self.epochs * self.loaders.steps_per_epoch
+        self.compile_choice = choose_compile(self.cfg, self.settings, self.device, self.model.llm, steps)
+        compiled = self.compile_choice.enabled
         # DDP over the trainable modules only: the frozen LLM has no gradients to reduce.
         micro = MicroStep(self.model)
         ddp = D.wrap_ddp(micro, self.device) if self.dist.world_size > 1 else None
