@@ -54,6 +54,8 @@ def test_bench_prints_the_table_and_json(tmp_path):
         "steps=2",
         "warmup=1",
         "reference=true",
+        "peer=1",
+        "profile=3",
         f"json={out}",
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -61,3 +63,7 @@ def test_bench_prints_the_table_and_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["train"]["samples_per_s"] > 0 and 0 < result["mfu"] < 1
     assert set(result["train"]["phase_ms_per_step"]) == {"data", "forward", "backward", "optimizer"}
+    # The Lightning peer ran the same model and batches, and the profile names where the time went.
+    assert "speed-up vs Lightning" in res.stdout
+    assert result["peer"]["lightning_samples_per_s"][0] > 0 and result["peer"]["speedup_vs_lightning"] > 0
+    assert len(result["profile"]) == 3 and all(0 < op["share"] <= 1 for op in result["profile"])

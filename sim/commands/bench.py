@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from sim.commands.bench_peer import time_lightning_peer
 from sim.core.cli import CONF_DIR, command_line, compose, fail_cleanly
 from sim.core.labels import LABELS
 from sim.core.precision import dtype_name
@@ -294,9 +295,43 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             ref = time_naive_reference(trainer, max(3, steps // 2), 1)
             result["naive_reference"] = ref
             result["speedup_vs_naive"] = timing["samples_per_s"] / ref["samples_per_s"]
+        if cfg.get("peer"):
+            result["peer"] = alternate_with_peer(trainer, cfg, int(cfg.peer), steps, warmup)
+        if cfg.get("profile"):
+            result["profile"] = where_time_goes(trainer, int(cfg.profile))
     if cfg.memory:
         result["memory"] = memory_check(overrides, int(cfg.memory), trainer.model.F, trainer.model.dv)
     return result
+
+
+def alternate_with_peer(trainer: Trainer, cfg: DictConfig, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
+    """SIM's step and the Lightning peer's, timed in turn `rounds` times (so both see the same machine
+    load); the medians and their ratio."""
+    sim_runs, peer_runs = [], []
+    for _ in range(rounds):
+        sim_runs.append(time_trainer_steps(trainer, steps, warmup)["samples_per_s"])
+        peer = time_lightning_peer(cfg, trainer.model.dv, trainer.loaders.train, trainer.loss_weights, steps, warmup)
+        peer_runs.append(peer["samples_per_s"])
+    sim_median, peer_median = float(np.median(sim_runs)), float(np.median(peer_runs))
+    return {
+        "sim_samples_per_s": sim_runs,
+        "lightning_samples_per_s": peer_runs,
+        "lightning": peer["lightning"],
+        "speedup_vs_lightning": sim_median / peer_median,
+    }
+
+
+def where_time_goes(trainer: Trainer, top: int) -> list[dict[str, Any]]:
+    """The `top` operators by self CPU time over 5 profiled steps, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile  # only when asked: the profiler is heavy to import
+
+    time_trainer_steps(trainer, 2, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_trainer_steps(trainer, 5, 0)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in rows]
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -317,6 +352,15 @@ def print_table(r: dict[str, Any]) -> None:
     if "naive_reference" in r:
         rows.append(("naive loop samples/s", f"{r['naive_reference']['samples_per_s']:.1f}"))
         rows.append(("speed-up vs naive", f"{r['speedup_vs_naive']:.2f}x"))
+    if "peer" in r:
+        p = r["peer"]
+        rows.append(("SIM, alternating", "  ".join(f"{v:.1f}" for v in p["sim_samples_per_s"]) + " samples/s"))
+        rows.append(
+            (f"Lightning {p['lightning']}", "  ".join(f"{v:.1f}" for v in p["lightning_samples_per_s"]) + " samples/s")
+        )
+        rows.append(("speed-up vs Lightning", f"{p['speedup_vs_lightning']:.2f}x (medians)"))
+    for op in r.get("profile", []):
+        rows.append((f"  {op['op'][:40]}", f"{100 * op['share']:.1f}% of CPU time ({op['calls']} calls)"))
     if "memory" in r:
         m = r["memory"]
         rows.append(
