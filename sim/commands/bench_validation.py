@@ -70,21 +70,16 @@ class _Batches:
 
 
 def _time_step(trainer: Trainer, batches: list[dict[str, Any]], steps: int, warmup: int) -> float:
-    """Median ms of one training step (forward, loss, backward, optimizer step, zero_grad)."""
+    """Median ms of one training step: the trainer's own `train_step` (forward, loss, backward, clip,
+    optimizer step, zero_grad) on batches already checked."""
     from sim.evaluation.loop import to_device  # heavy, and after HF_HUB_OFFLINE is set (see the imports)
-    from sim.evaluation.metrics import compute_losses  # heavy, and after HF_HUB_OFFLINE is set
+    from sim.training.step import train_step  # heavy, and after HF_HUB_OFFLINE is set
 
-    model, opt = trainer.model, trainer.optimizer
-    model.train()
-    it = itertools.count()
+    trainer.model.train()
+    on_device = itertools.cycle([to_device(b, trainer.device) for b in batches])
 
     def step() -> None:
-        batch = to_device(batches[next(it) % len(batches)], trainer.device)
-        logits = trainer.forward(batch)  # under the model's own autocast, as the trainer's step
-        losses = compute_losses(logits, batch, trainer.loss_weights, trainer.class_weights)
-        losses["objective"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(trainer.step, on_device, 1)
 
     for _ in range(warmup):
         step()
