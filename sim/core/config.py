@@ -43,12 +43,18 @@ def to_dict(node: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()}
 
 
-def _get(cfg: DictConfig, key: str) -> Any:
+def select_required(cfg: DictConfig, key: str, prefix: str = "") -> Any:
+    """`cfg`'s value at `key` (None when absent).
+
+    Raises:
+        ConfigError: the value is ??? in the config; the message names `prefix + key` as users type it.
+    """
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
+        name = prefix + key
         raise ConfigError(
-            f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=..."
+            f"{name} must be set (it is ??? in the config); pass it on the command line: {name}=..."
         ) from None
 
 
@@ -58,28 +64,28 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=...")
-    check_frames_and_tokens(_get(cfg, "model.F"), _get(cfg, "model.K"))
-    epochs = _get(cfg, "training.epochs")
+    check_frames_and_tokens(select_required(cfg, "model.F"), select_required(cfg, "model.K"))
+    epochs = select_required(cfg, "training.epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"training.epochs={epochs!r} must be an integer >= 1")
-    clip = _get(cfg, "training.grad_clip")
+    clip = select_required(cfg, "training.grad_clip")
     if clip is not None and (not isinstance(clip, (int, float)) or clip < 0):
         raise ConfigError(f"training.grad_clip={clip!r} must be null or >= 0")
-    amp = _get(cfg, "training.amp")
+    amp = select_required(cfg, "training.amp")
     if amp not in ("auto", True, False):
         raise ConfigError(f"training.amp={amp!r}: expected auto, true or false")
-    monitor = _get(cfg, "checkpoint.monitor")
+    monitor = select_required(cfg, "checkpoint.monitor")
     if monitor not in METRIC_NAMES:
         raise ConfigError(f"checkpoint.monitor={monitor!r}: expected one of {', '.join(METRIC_NAMES)}")
-    names = _get(cfg, "objective")
+    names = select_required(cfg, "objective")
     for name in [names] if isinstance(names, str) else list(names or []):
         if name not in METRIC_NAMES:
             raise ConfigError(f"objective={name!r}: expected metric names from {', '.join(METRIC_NAMES)}")
     for key in ("data.batch_size", "data.num_workers"):
-        v = _get(cfg, key)
+        v = select_required(cfg, key)
         if not isinstance(v, int) or v < (1 if key.endswith("batch_size") else 0):
             raise ConfigError(f"{key}={v!r} must be an integer >= {1 if key.endswith('batch_size') else 0}")
-    cw = _get(cfg, "model.class_weights")
+    cw = select_required(cfg, "model.class_weights")
     if cw is not None and cw != "auto" and not isinstance(cw, DictConfig):
         raise ConfigError(
             f"model.class_weights={cw!r}: expected null, auto or {{risk: [...], reason: [...], action: [...]}}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sim.core.errors import ConfigError, DataError
 
@@ -86,21 +87,13 @@ def split_mismatches(
     return problems
 
 
-def check_split_matches_model(
-    shape: Sequence[int],
-    *,
-    F: int | None,
-    use_cached: bool,
-    dv: int | None = None,
-    what: str = "the split",
-    checkpoint: str | Path | None = None,
-) -> None:
+def check_split_matches_model(shape: Sequence[int], **fit: Any) -> None:
     """Refuse a split whose samples do not fit the model (arguments as `split_mismatches`).
 
     Raises:
         ConfigError: the model comes from the config, whose keys are to change.
         DataError: the model comes from a checkpoint, so the data is what is wrong.
     """
-    problems = split_mismatches(shape, F=F, use_cached=use_cached, dv=dv, what=what, checkpoint=checkpoint)
+    problems = split_mismatches(shape, **fit)
     if problems:
-        raise (ConfigError if checkpoint is None else DataError)(problems[0])
+        raise (ConfigError if fit.get("checkpoint") is None else DataError)(problems[0])

@@ -30,12 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from sim.core import labels as L
 from sim.core.checkpoint import load_checkpoint
-from sim.core.config import to_dict
+from sim.core.config import select_required, to_dict
 from sim.core.errors import CheckpointError, ConfigError
 from sim.core.labels import DEFAULT_LOSS_WEIGHTS
 from sim.core.precision import Precision, fast_bf16, named_precision, resolve_device
@@ -151,15 +150,6 @@ def risk_high_operating_point(
 
 
 # ---- config, checkpoint and data ---------------------------------------------------------------
-def _select(cfg: DictConfig, key: str) -> Any:
-    try:
-        return OmegaConf.select(cfg, key, throw_on_missing=True)
-    except MissingMandatoryValue:
-        raise ConfigError(
-            f"{key} must be set (it is ??? in the config); pass it on the command line: {key}=..."
-        ) from None
-
-
 def check_llm_override(llm_cfg: DictConfig | None, meta_llm: dict[str, Any], path: Path) -> None:
     """Refuse an `llm=...` that is not the LLM the checkpoint was trained with (its dtype does not
     count: the precision is the checkpoint's, or `precision=...`).
@@ -377,11 +367,11 @@ class _Request:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> _Request:
-        path = Path(str(_select(cfg, "checkpoint")))
-        split = str(_select(cfg, "split"))
+        path = Path(str(select_required(cfg, "checkpoint")))
+        split = str(select_required(cfg, "split"))
         if split not in ("train", "val"):
             raise ConfigError(f"split={split!r}: expected train or val")
-        target = float(_select(cfg, "risk_high_target_recall"))
+        target = float(select_required(cfg, "risk_high_target_recall"))
         if not 0.0 < target <= 1.0:
             raise ConfigError(f"risk_high_target_recall={target} must be in (0, 1]")
         override = cfg.get("precision")

@@ -146,11 +146,13 @@ def _config_for_arch(spec: dict[str, Any]):
         ) from exc
 
 
-def build_llm(device: str | torch.device = "cpu", cache: LLMCache | None = None, **keys: Any) -> PreTrainedModel:
+def build_llm(
+    name_or_path: str | None = None, *, device: str | torch.device = "cpu", cache: LLMCache | None = None, **keys: Any
+) -> PreTrainedModel:
     """Build the frozen base transformer described by the `llm` config group.
 
     Args:
-        keys: the `LLMSpec` fields. `attn_implementation`: the transformers attention kernel (`eager`,
+        name_or_path, keys: the `LLMSpec` fields. `attn_implementation`: the transformers attention kernel (`eager`,
             `sdpa`, ...), `auto` picks the faster one for SIM's short prefix on `device`
             (`resolve_attn_implementation`); `fused_activations`: composite activations computed by
             PyTorch's fused kernels (`fuse_activations`).
@@ -167,7 +169,7 @@ def build_llm(device: str | torch.device = "cpu", cache: LLMCache | None = None,
     unknown = sorted(set(keys) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"llm: unknown key(s) {unknown}; the llm group's keys are {list(SPEC_KEYS)}")
-    given = LLMSpec(**keys)
+    given = LLMSpec(name_or_path=name_or_path, **keys)
     torch_dtype = resolve_dtype(given.dtype, device)
     # The spec records what `auto` resolved to here (dtype, attention kernel): a checkpoint rebuilds
     # this very computation on a machine whose `auto` would pick another.
