@@ -125,7 +125,7 @@ def test_evaluate_writes_tables_figures_and_predictions(evaluation):
 
 
 def test_reported_threshold_is_what_predict_json_applies(evaluation):
-    """Applying the reported threshold through predict_json on the same split gives the reported recall and precision."""
+    """The reported threshold applied through predict_json on the same split gives the reported recall and precision."""
     run_dir, _, _, report = evaluation
     path = run_dir / "checkpoints" / "best.pt"
     model = SimV0Model.from_checkpoint(path)
@@ -135,7 +135,7 @@ def test_reported_threshold_is_what_predict_json_applies(evaluation):
     tp = predicted = positives = 0
     for batch in split_loader(cfg.data, dataset):
         decisions = model.predict_json(batch, risk_high_threshold=t)
-        for d, true in zip(decisions, batch["risk_id"].tolist()):
+        for d, true in zip(decisions, batch["risk_id"].tolist(), strict=True):
             is_pred, is_true = d["risk"]["label"] == "high", true == L.RISK_HIGH
             tp += is_pred and is_true
             predicted += is_pred

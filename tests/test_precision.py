@@ -27,11 +27,11 @@ def test_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch, native):
 
 
 def test_precision_rules_refuse_what_cannot_work():
-    with pytest.raises(ConfigError, match="training.amp_dtype=float16 needs CUDA"):
+    with pytest.raises(ConfigError, match=r"training\.amp_dtype=float16 needs CUDA"):
         resolve_precision("float32", True, "float16", "cpu")
-    with pytest.raises(ConfigError, match="training.amp='maybe'"):
+    with pytest.raises(ConfigError, match=r"training\.amp='maybe'"):
         resolve_precision("float32", "maybe", "bfloat16", "cpu")
-    with pytest.raises(ConfigError, match="llm.dtype"):
+    with pytest.raises(ConfigError, match=r"llm\.dtype"):
         resolve_precision("int4", False, "bfloat16", "cpu")
     with pytest.raises(ConfigError, match="precision='fp8'"):
         named_precision("fp8")
