@@ -71,6 +71,8 @@ class LLMSpec:
 
 
 SPEC_KEYS = tuple(f.name for f in fields(LLMSpec))
+# What a new LLM gets unless told otherwise (conf/llm/base.yaml says the same): the faster kernels.
+FAST_KERNELS: dict[str, Any] = {"attn_implementation": "auto", "fused_activations": True}
 
 
 def llm_spec(**keys: Any) -> dict[str, Any]:

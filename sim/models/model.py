@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from sim.core import labels as L
 from sim.core.checkpoint import CHECKPOINT_FORMAT
 from sim.core.errors import CheckpointError, ConfigError, DataError
 from sim.core.precision import Precision, dtype_name, named_precision
-from sim.models.llm import build_llm, describe, hidden_size
+from sim.models.llm import FAST_KERNELS, build_llm, describe, hidden_size
 from sim.models.pretrained import read_pretrained
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,13 @@ class SimV0Model(nn.Module):
         ConfigError: K > F, a typed d or dv that disagrees, raw frames without an encoder.
     """
 
+    # For the type checker: nn.Module's __getattr__ types submodules and buffers only loosely.
+    llm: Any  # a transformers PreTrainedModel carrying `sim_spec`
+    vision: Any  # the frozen vision encoder (raw frames), or None
+    pool: torch.Tensor
+    tel_mean: torch.Tensor
+    tel_std: torch.Tensor
+
     def __init__(
         self,
         llm_name_or_path: str | None = None,
@@ -111,7 +118,7 @@ class SimV0Model(nn.Module):
         if llm is None:
             if not llm_name_or_path:
                 raise ConfigError("SimV0Model needs llm_name_or_path or llm")
-            llm = build_llm(llm_name_or_path, pretrained=llm_pretrained, dtype=llm_dtype)
+            llm = build_llm(llm_name_or_path, pretrained=llm_pretrained, dtype=llm_dtype, **FAST_KERNELS)
         elif isinstance(llm, Mapping):
             llm = build_llm(**llm)
         if not use_cached_vis_feats and vision_encoder is None:
@@ -123,7 +130,7 @@ class SimV0Model(nn.Module):
                 "leave model.d unset (null) and it is read from the LLM"
             )
         if vision_encoder is not None:
-            enc_dv = int(vision_encoder.dv)
+            enc_dv = int(cast(Any, vision_encoder).dv)
             if dv is not None and int(dv) != enc_dv:
                 raise ConfigError(
                     f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset"
@@ -338,7 +345,7 @@ class SimV0Model(nn.Module):
                 item[head] = {
                     "label": L.LABELS[head][idx],
                     "id": idx,
-                    "probs": {name: round(float(v), 6) for name, v in zip(L.LABELS[head], p)},
+                    "probs": {name: round(float(v), 6) for name, v in zip(L.LABELS[head], p, strict=True)},
                 }
             item["confidence"] = round(float(conf[i]), 6)
             results.append(item)

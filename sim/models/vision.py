@@ -33,8 +33,8 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as Fn
@@ -72,7 +72,7 @@ def cached(**spec: object) -> None:
 
 def feature_dim(encoder: nn.Module | None) -> int | None:
     """dv of an encoder, or None for cached features (dv then comes from the data)."""
-    return None if encoder is None else int(encoder.dv)
+    return None if encoder is None else int(cast(Any, encoder).dv)
 
 
 class TinyCNN(nn.Module):
@@ -106,6 +106,9 @@ class FrozenVisionEncoder(nn.Module):
         dv: feature width.
         sim_spec: the plain-dict spec that rebuilds this encoder (`from_spec`).
     """
+
+    mean: torch.Tensor  # buffers, typed for the checker
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -382,6 +385,82 @@ def vision_spec(
     return spec
 
 
+# ---- one backbone builder per kind: (spec, arch, dtype, image_size) -> (backbone, dv) ---------------
+def _tiny_backbone(
+    spec: dict[str, Any], arch: dict[str, Any], torch_dtype: torch.dtype, image_size: Any
+) -> tuple[nn.Module, int]:
+    if spec["pretrained"]:
+        raise ConfigError("vision=tiny has no pretrained weights; set vision.pretrained=false")
+    unknown = set(arch) - {"channels", "grid"}
+    if unknown:
+        raise ConfigError(f"vision.arch for kind tiny: unknown keys {sorted(unknown)}; expected channels, grid")
+    backbone = TinyCNN(int(arch.get("channels", 16)), arch.get("grid", (2, 2)))
+    return backbone, backbone.dv
+
+
+def _torchvision_backbone(
+    spec: dict[str, Any], arch: dict[str, Any], torch_dtype: torch.dtype, image_size: Any
+) -> tuple[nn.Module, int]:
+    return _build_torchvision(spec["name_or_path"], spec["pretrained"], image_size)
+
+
+def _file_backbone(
+    spec: dict[str, Any], arch: dict[str, Any], torch_dtype: torch.dtype, image_size: Any
+) -> tuple[nn.Module, int]:
+    """efficientnet_lite and onnx: weights read from a file whose checksum goes into `spec`."""
+    from sim.models import encoders  # onnxruntime and the weight packages only for these kinds
+
+    kind, name, pretrained, sha256 = spec["kind"], spec["name_or_path"], spec["pretrained"], spec["sha256"]
+    if torch_dtype != torch.float32 and kind == "onnx":
+        raise ConfigError(
+            f"vision.dtype={spec['dtype']}: an ONNX encoder computes in the graph's own types; use float32"
+        )
+    if torch_dtype != torch.float32 and spec.get("runtime") == "onnxruntime":
+        raise ConfigError(f"vision.dtype={spec['dtype']} with vision.runtime=onnxruntime: the export runs in float32")
+    weights: dict[str, Any] | None
+    if kind == "onnx":
+        backbone, dv, weights = encoders.build_onnx(name, pretrained, spec["onnx"], sha256, image_size)
+    else:
+        backbone, dv, weights = encoders.build_efficientnet_lite(
+            name, pretrained, arch, sha256, spec["runtime"], image_size, weights_fingerprint
+        )
+    # The checksum of the file actually read, so a checkpoint or cache pins these weights (none for
+    # random weights: the seed is their identity).
+    spec["sha256"] = None if weights is None else weights["sha256"]
+    if weights is not None:
+        log.info(
+            "vision weights %s (package %s %s, sha256 %s...)",
+            weights["file"],
+            weights["package"],
+            weights["version"],
+            weights["sha256"][:16],
+        )
+    return backbone, dv
+
+
+def _hf_backbone(
+    spec: dict[str, Any], arch: dict[str, Any], torch_dtype: torch.dtype, image_size: Any
+) -> tuple[nn.Module, int]:
+    return _build_hf(spec["kind"], spec["name_or_path"], spec["pretrained"], arch, torch_dtype)
+
+
+BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "tiny": _tiny_backbone,
+    "torchvision": _torchvision_backbone,
+    "efficientnet_lite": _file_backbone,
+    "onnx": _file_backbone,
+}
+
+
+def _check_kind_options(kind: str, sha256: str | None, onnx: Mapping[str, Any] | None, runtime: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"vision.kind={kind!r}: expected one of {', '.join(KINDS)}")
+    if kind not in FILE_KINDS and (sha256 or onnx):
+        raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
+    if runtime != "torch" and kind != "efficientnet_lite":
+        raise ConfigError(f"vision.runtime={runtime!r} is for kind efficientnet_lite, not {kind}")
+
+
 def build_encoder(
     kind: str,
     name_or_path: str | None = None,
@@ -423,14 +502,9 @@ def build_encoder(
     """
     if kind == "cached":
         return None
-    if kind not in KINDS:
-        raise ConfigError(f"vision.kind={kind!r}: expected one of {', '.join(KINDS)}")
-    torch_dtype = resolve_dtype(dtype, device)
+    _check_kind_options(kind, sha256, onnx, runtime)
     # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
-    if kind not in FILE_KINDS and (sha256 or onnx):
-        raise ConfigError(f"vision.sha256 and vision.onnx are for kinds {', '.join(FILE_KINDS)}, not {kind}")
-    if runtime != "torch" and kind != "efficientnet_lite":
-        raise ConfigError(f"vision.runtime={runtime!r} is for kind efficientnet_lite, not {kind}")
+    torch_dtype = resolve_dtype(dtype, device)
     spec = vision_spec(
         kind,
         name_or_path,
@@ -444,8 +518,16 @@ def build_encoder(
         onnx,
         runtime,
     )
-    image_size, mean, std, resize = _preprocessing(preprocessing)
-    arch = dict(arch or {})
+    return _encoder_from_spec(spec, torch_dtype, device)
+
+
+def _encoder_from_spec(
+    spec: dict[str, Any], torch_dtype: torch.dtype, device: str | torch.device
+) -> FrozenVisionEncoder:
+    """The encoder a checked spec describes: its backbone (seeded), preprocessing and frozen wrapper."""
+    kind, pretrained, init_seed = spec["kind"], spec["pretrained"], spec["init_seed"]
+    image_size, mean, std, resize = _preprocessing(spec["preprocessing"])
+    arch = dict(spec["arch"] or {})
     if pretrained:
         log.info("loading vision encoder %s (%s)", describe(spec), dtype_name(torch_dtype))
     else:
@@ -453,48 +535,9 @@ def build_encoder(
     # Random weights come from a fixed seed without disturbing the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(init_seed))
-        if kind == "tiny":
-            if pretrained:
-                raise ConfigError("vision=tiny has no pretrained weights; set vision.pretrained=false")
-            unknown = set(arch) - {"channels", "grid"}
-            if unknown:
-                raise ConfigError(f"vision.arch for kind tiny: unknown keys {sorted(unknown)}; expected channels, grid")
-            backbone = TinyCNN(int(arch.get("channels", 16)), arch.get("grid", (2, 2)))
-            dv = backbone.dv
-        elif kind == "torchvision":
-            backbone, dv = _build_torchvision(name_or_path, pretrained, image_size)
-        elif kind in FILE_KINDS:
-            from sim.models import encoders
-
-            if kind == "onnx":
-                if torch_dtype != torch.float32:
-                    raise ConfigError(
-                        f"vision.dtype={dtype}: an ONNX encoder computes in the graph's own types; use float32"
-                    )
-                backbone, dv, weights = encoders.build_onnx(name_or_path, pretrained, onnx, sha256, image_size)
-            else:
-                if runtime == "onnxruntime" and torch_dtype != torch.float32:
-                    raise ConfigError(
-                        f"vision.dtype={dtype} with vision.runtime=onnxruntime: the export runs in float32"
-                    )
-                backbone, dv, weights = encoders.build_efficientnet_lite(
-                    name_or_path, pretrained, arch, sha256, runtime, image_size, weights_fingerprint
-                )
-            # The checksum of the file actually read, so a checkpoint or cache pins these weights (none
-            # for random weights: the seed is their identity).
-            spec["sha256"] = None if weights is None else weights["sha256"]
-            if weights is not None:
-                log.info(
-                    "vision weights %s (package %s %s, sha256 %s...)",
-                    weights["file"],
-                    weights["package"],
-                    weights["version"],
-                    weights["sha256"][:16],
-                )
-        else:
-            backbone, dv = _build_hf(kind, name_or_path, pretrained, arch, torch_dtype)
+        backbone, dv = BACKBONES.get(kind, _hf_backbone)(spec, arch, torch_dtype, image_size)
     backbone = backbone.to(device=device, dtype=torch_dtype)
-    encoder = FrozenVisionEncoder(backbone, kind, dv, image_size, mean, std, resize, frame_batch_size, spec)
+    encoder = FrozenVisionEncoder(backbone, kind, dv, image_size, mean, std, resize, spec["frame_batch_size"], spec)
     return encoder.to(device)
 
 
