@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sim.core import labels as L
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,11 @@ class SimDataset(Dataset):
                     )
                 )
                 if not 0 <= label < L.NUM_CLASSES[h]:
+                    sid = s.get("sample_id") if isinstance(s, dict) else None
+                    expected = f"0..{L.NUM_CLASSES[h] - 1} ({', '.join(L.LABELS[h])})"
                     raise DataError(
-                        f"{self.describe()}: sample {i} (sample_id {s.get('sample_id') if isinstance(s, dict) else None!r}) "
-                        f"has {h}_id={value!r}; expected an integer in 0..{L.NUM_CLASSES[h] - 1} ({', '.join(L.LABELS[h])})"
+                        f"{self.describe()}: sample {i} (sample_id {sid!r}) "
+                        f"has {h}_id={value!r}; expected an integer in {expected}"
                     )
                 out[h].append(label)
         return {h: np.asarray(v, dtype=np.int64) for h, v in out.items()}
@@ -532,7 +535,7 @@ def open_split(data_cfg: Any, split: str, use_cached_vis_feats: bool) -> SimData
 
     def plain(key: str) -> dict[str, Any]:
         value = data_cfg.get(key)
-        return dict(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value or {})
+        return to_dict(value)
 
     return make_split(
         str(required("dataset_class_path")),

@@ -124,7 +124,7 @@ def _as_tensor(x: Any) -> torch.Tensor | str:
         if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
             return f"is a {x.layout} / {x.dtype} tensor on {x.device.type}"
         t = x.detach()
-    elif isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+    elif isinstance(x, (np.ndarray, list, tuple)):
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:  # ragged nesting
@@ -248,7 +248,9 @@ class SampleValidator:
         return None
 
     def _shape_matches(self, shape: Sequence[int], expected: Sequence[int | None]) -> bool:
-        return len(shape) == len(expected) and all(s >= 1 and (e is None or s == e) for s, e in zip(shape, expected))
+        return len(shape) == len(expected) and all(
+            s >= 1 and (e is None or s == e) for s, e in zip(shape, expected, strict=True)
+        )
 
     def check_sample(self, sample: Any) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
         """Structural checks of one sample dict; values (NaN, inf) are checked once stacked.
@@ -393,10 +395,10 @@ class SampleValidator:
         normalized: list[dict[str, Any]] = []
         rows: list[int | None] = []
         ref_shape: tuple[int, ...] | None = None
-        for sample, index in zip(samples, indices):
+        for sample, index in zip(samples, indices, strict=True):
             norm, problems = self.check_sample(sample)
             sid = _sample_id(sample.get("sample_id")) if isinstance(sample, Mapping) else None
-            sid = None if sid is False else sid
+            sid = sid if isinstance(sid, str) else None
             if norm is not None:
                 shape = tuple(norm[self.video_key].shape)
                 if ref_shape is None:
@@ -509,7 +511,7 @@ class SampleValidator:
         return self._check_values(out, indices, [])
 
     def _whole_batch(self, indices: list[int | None], ids: list[str | None], key: str, problem: str) -> Checked:
-        return Checked(None, [], None, [BadSample(i, s, key, problem) for i, s in zip(indices, ids)])
+        return Checked(None, [], None, [BadSample(i, s, key, problem) for i, s in zip(indices, ids, strict=True)])
 
     # ---- values (NaN, inf, label ranges), vectorized -----------------------------------------------
     def _check_values(self, batch: dict[str, Any], rows: list[int | None], bad: list[BadSample]) -> Checked:
@@ -685,8 +687,7 @@ class SkipLog:
         batch_samples = {(e[0], e[1], e[2]) for e in entries}
         self.events += len(batch_samples)
         for entry in entries:
-            key = (entry[0], entry[1], entry[2])
-            if key not in self.seen:
+            if (entry[0], entry[1], entry[2]) not in self.seen:
                 fresh.append(entry)
         self.seen.update(batch_samples)
         if not fresh:

