@@ -46,7 +46,7 @@ def load_wrapper(run_dir: Path):
 
 
 def test_wrapper_script_prints_what_predict_json_returns(precision_run, trained, tmp_path):
-    best, model, batch = trained
+    _best, model, batch = trained
     window = tmp_path / "window.npz"
     np.savez(
         window,
@@ -85,7 +85,7 @@ def test_wrapper_imports_applies_the_threshold_and_takes_batches(precision_run, 
 
 
 def test_wrapper_refuses_bad_windows_by_name(precision_run, trained, tmp_path):
-    _, model, batch = trained
+    _, _model, batch = trained
     infer = load_wrapper(precision_run[0]).SimInference()
     with pytest.raises(DataError, match=r"vis_feats has shape \[8, 32\], expected \[F=8, dv=64\]"):
         infer(batch["telemetry"][0].numpy(), vis_feats=np.zeros((8, 32), np.float32))
@@ -141,7 +141,7 @@ def test_seed_readme_loading_example_works_as_written_with_a_local_llm(trained, 
 def test_onnx_export_matches_pytorch(precision_run, trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    best, model, batch = trained
+    best, _model, batch = trained
     from sim.export.onnx import export_and_check
 
     out = tmp_path / "sim.onnx"

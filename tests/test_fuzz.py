@@ -241,7 +241,7 @@ def run_both_policies(tiny, dataset, n: int, video_key: str = "vis_feats", shape
         kept = lenient.__getitems__(indices)
         skipped = kept.pop(SKIPPED_KEY)
         assert skipped, "skip policy found nothing the error policy refused"
-        for split, index, sid, key, problem in skipped:
+        for _split, index, _sid, key, problem in skipped:
             assert key and problem and index in indices
         if kept:
             assert kept[video_key].shape[0] == len(kept["sample_id"]) < n

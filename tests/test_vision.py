@@ -10,15 +10,15 @@ from hydra.utils import instantiate
 from sim.core.errors import ConfigError, LLMLoadError
 from sim.models.vision import FrozenVisionEncoder, build_encoder, from_spec
 
-TINY_SPEC = dict(
-    kind="tiny",
-    name_or_path="tiny-cnn",
-    pretrained=False,
-    dtype="float32",
-    init_seed=0,
-    arch={"channels": 8, "grid": [2, 2]},
-    preprocessing={"image_size": 32},
-)
+TINY_SPEC = {
+    "kind": "tiny",
+    "name_or_path": "tiny-cnn",
+    "pretrained": False,
+    "dtype": "float32",
+    "init_seed": 0,
+    "arch": {"channels": 8, "grid": [2, 2]},
+    "preprocessing": {"image_size": 32},
+}
 
 
 def frames(B=2, F=3, H=24, W=40, seed=0) -> torch.Tensor:
@@ -97,9 +97,14 @@ def test_each_option_builds_its_architecture_offline(option, dv, small):
 def test_pretrained_loads_a_local_directory(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    arch = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
+    arch = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     torch.manual_seed(3)
     CLIPVisionModel(CLIPVisionConfig(**arch)).save_pretrained(tmp_path / "clip")
     enc = build_encoder(
@@ -113,14 +118,14 @@ def test_pretrained_loads_a_local_directory(tmp_path):
 
 
 def test_unreachable_pretrained_encoder_says_how_to_run_offline(tmp_path):
-    with pytest.raises(LLMLoadError, match="vision.pretrained=false"):
+    with pytest.raises(LLMLoadError, match=r"vision\.pretrained=false"):
         build_encoder(kind="clip", name_or_path="no-such-org/no-such-clip", pretrained=True)
     with pytest.raises(LLMLoadError, match="local directory"):
         build_encoder(kind="dinov2", name_or_path=str(tmp_path), pretrained=True)
 
 
 def test_torchvision_kind_builds_or_says_what_is_missing():
-    spec = dict(kind="torchvision", name_or_path="resnet18", pretrained=False, preprocessing={"image_size": 32})
+    spec = {"kind": "torchvision", "name_or_path": "resnet18", "pretrained": False, "preprocessing": {"image_size": 32}}
     try:
         import torchvision  # noqa: F401
     except Exception:
@@ -173,7 +178,7 @@ def test_model_with_an_encoder_freezes_it_and_reads_frames():
     assert out["risk_logits"].shape == (2, 4)
     out["risk_logits"].sum().backward()
     assert all(p.grad is None for p in enc.parameters())
-    with pytest.raises(ConfigError, match="model.dv=5"):
+    with pytest.raises(ConfigError, match=r"model\.dv=5"):
         SimV0Model(dv=5, F=3, K=2, use_cached_vis_feats=False, llm=llm, vision_encoder=enc)
     rebuilt = SimV0Model.from_metadata(model.metadata(), llm=llm)
     rebuilt.load_state_dict(model.trainable_state_dict())

@@ -124,7 +124,7 @@ class GridSweeper(Sweeper):
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
             results = list(self.launcher.launch([cell for cell, _ in batch], initial_job_idx=start))
-            for n, ((cell, values), ret) in enumerate(zip(batch, results), start):
+            for n, ((cell, values), ret) in enumerate(zip(batch, results, strict=True), start):
                 entry = {
                     "job": n,
                     "state": "COMPLETE",

@@ -34,7 +34,7 @@ from optuna.distributions import (
 
 
 def _choices(override: Override) -> list[CategoricalChoiceType]:
-    choices = []
+    choices: list[CategoricalChoiceType] = []
     for x in override.sweep_iterator(transformer=Transformer.encode):
         if not isinstance(x, (str, int, float, bool, type(None))):
             raise TypeError(
@@ -91,6 +91,8 @@ def distribution_from_config(config: Mapping[str, Any]) -> BaseDistribution:
     low, high, step, log = config.get("low"), config.get("high"), config.get("step"), bool(config.get("log", False))
     if kind == "categorical":
         return CategoricalDistribution(list(config["choices"]))
+    if low is None or high is None:
+        raise ValueError(f"search_space type {kind!r} needs low and high, got {dict(config)}")
     if kind == "int":
         if log:
             return IntDistribution(int(low), int(high), log=True)

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from hydra.core.plugins import Plugins
@@ -176,7 +176,7 @@ class OptunaSweeperImpl(Sweeper):
             storage=self.storage,
             sampler=self.sampler,
             pruner=self.pruner,
-            directions=directions,
+            directions=cast(Any, directions),  # validated names: minimize | maximize
             load_if_exists=True,
         )
         self._check_study(study, directions, sweep_dir, dists, fixed_params)
@@ -215,7 +215,7 @@ class OptunaSweeperImpl(Sweeper):
                 for t in batch:
                     pruning.LIVE_TRIALS.pop(t.number, None)
             failures = []
-            for trial, ovr, ret in zip(batch, overrides, returns):
+            for trial, ovr, ret in zip(batch, overrides, returns, strict=True):
                 record = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
                 if record["error"] is not None:
                     failures.append(record)
@@ -239,7 +239,7 @@ class OptunaSweeperImpl(Sweeper):
             for name, value in fixed_params.items():
                 trial.set_user_attr(name, value)
             if self.extend_search_space is not None:
-                self.extend_search_space(self.config, trial)
+                self.extend_search_space(cast(DictConfig, self.config), trial)
             overlap = trial.params.keys() & trial.user_attrs.keys()
             if overlap:
                 raise ConfigError(
@@ -265,7 +265,8 @@ class OptunaSweeperImpl(Sweeper):
                 "or hydra.sweep.dir"
             )
         n_trials = len(study.get_trials(deepcopy=False))
-        subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
+        sweep_node = OmegaConf.to_container(cast(DictConfig, self.config).hydra.sweep, resolve=False)
+        subdir = sweep_node.get("subdir") if isinstance(sweep_node, dict) else None
         if subdir == "${hydra.job.num}" and (sweep_dir / str(n_trials)).exists():
             raise ConfigError(
                 f"{sweep_dir / str(n_trials)} exists but study {study.study_name!r} in "
@@ -296,10 +297,14 @@ class OptunaSweeperImpl(Sweeper):
 
     def _launch(self, trials: list[Trial], overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Launch with hydra.job.num = trial number (one launch per trial if the numbers are not a run)."""
+        launcher = self.launcher
+        assert launcher is not None, "setup() sets the launcher"
         numbers = [t.number for t in trials]
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-            return list(self.launcher.launch(overrides, initial_job_idx=numbers[0]))
-        return [r for t, o in zip(trials, overrides) for r in self.launcher.launch([o], initial_job_idx=t.number)]
+            return list(launcher.launch(overrides, initial_job_idx=numbers[0]))
+        return [
+            r for t, o in zip(trials, overrides, strict=True) for r in launcher.launch([o], initial_job_idx=t.number)
+        ]
 
     def _finish(
         self,

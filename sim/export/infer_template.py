@@ -29,7 +29,7 @@ import json
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,9 +55,9 @@ def read_threshold(value: float | str | Path | None) -> float | None:
     if value is None:
         return None
     try:
-        threshold = float(value)
+        threshold = float(cast(Any, value))
     except (TypeError, ValueError):
-        path = Path(value)
+        path = Path(str(value))
         try:
             threshold = json.loads(path.read_text())["risk_high_threshold"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -66,7 +66,7 @@ def read_threshold(value: float | str | Path | None) -> float | None:
                 f"with risk_high_threshold ({type(exc).__name__}: {exc})"
             ) from None
         if threshold is None:
-            raise DataError(f"{path}: risk_high_threshold is null (the split had no 'high' sample)")
+            raise DataError(f"{path}: risk_high_threshold is null (the split had no 'high' sample)") from None
         threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise DataError(f"risk_high_threshold={threshold} must be a probability in [0, 1]")

@@ -183,7 +183,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     _, ref = time_backend(torch_runner(model), windows, warmup)
     results: dict[str, Any] = {}
     tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
-    out_dir = Path(onnx_dir or tmp.name)
+    out_dir = Path(str(onnx_dir)) if tmp is None else Path(tmp.name)
     exported = False
     try:
         for backend in backends:

@@ -34,9 +34,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint
 from sim.core.cli import CONF_DIR, fail_cleanly, require
 from sim.core.errors import ConfigError, SimError
 from sim.core.precision import named_precision
+from sim.evaluation.evaluate import check_llm_override, split_for_checkpoint, split_loader
+from sim.models.model import SimV0Model
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def require_onnx() -> Any:
     return onnxruntime
 
 
-def model_key(model: nn.Module) -> str:
+def model_key(model: SimV0Model) -> str:
     """The video input a model reads: cached features or raw frames."""
     return "vis_feats" if model.use_cached_vis_feats else "frames"
 
@@ -70,7 +73,7 @@ def model_key(model: nn.Module) -> str:
 class ExportWrapper(nn.Module):
     """Positional tensors in, a tuple of logits out: the signature an ONNX graph has."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SimV0Model) -> None:
         super().__init__()
         self.model = model
         self.video_key = model_key(model)
@@ -93,12 +96,12 @@ def quiet_exporter() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
 def example_inputs(
-    model: nn.Module, batch: dict[str, Any] | None = None, size: int = 2
+    model: SimV0Model, batch: dict[str, Any] | None = None, size: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs to trace with: `size` windows of a real batch, or random ones of the model's shapes.
 
@@ -116,7 +119,7 @@ def example_inputs(
 
 
 def export_model(
-    model: nn.Module, out: str | Path, example: tuple[torch.Tensor, torch.Tensor], opset: int | None = None
+    model: SimV0Model, out: str | Path, example: tuple[torch.Tensor, torch.Tensor], opset: int | None = None
 ) -> Path:
     """Export `model` (eval mode, fp32) to `out` with a dynamic batch dimension.
 
@@ -158,7 +161,7 @@ def export_model(
 
 
 @contextlib.contextmanager
-def one_encoder_pass(model: nn.Module) -> Iterator[None]:
+def one_encoder_pass(model: SimV0Model) -> Iterator[None]:
     """A raw-frames encoder feeds its frames through in chunks, a Python loop over B*F that the tracer
     can only unroll for the example's batch size. While exporting, all frames go through in one pass
     (the same preprocessing and backbone; the parity check compares against the chunked forward)."""
@@ -240,7 +243,7 @@ def run_session(
     }
     if feeds[names[0]].dtype == np.float64:
         feeds[names[0]] = feeds[names[0]].astype(np.float32)
-    return dict(zip(OUTPUTS, sess.run(list(OUTPUTS), feeds)))
+    return dict(zip(OUTPUTS, sess.run(list(OUTPUTS), feeds), strict=True))
 
 
 def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -252,9 +255,9 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
     for head in L.HEADS:
         a, b = reference[f"{head}_logits"].argmax(-1), other[f"{head}_logits"].argmax(-1)
         out["label_agreement"][head] = float((a == b).mean()) if a.size else None
-    a = np.asarray(reference["confidence_logits"]) > 0
-    b = np.asarray(other["confidence_logits"]) > 0
-    out["label_agreement"]["confidence"] = float((a == b).mean()) if a.size else None
+    high_a = np.asarray(reference["confidence_logits"]) > 0
+    high_b = np.asarray(other["confidence_logits"]) > 0
+    out["label_agreement"]["confidence"] = float((high_a == high_b).mean()) if high_a.size else None
     out["max_abs_logit_diff_all"] = max(v for v in out["max_abs_logit_diff"].values() if v is not None)
     out["num_samples"] = int(reference["risk_logits"].shape[0])
     return out
@@ -262,7 +265,7 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
 
 @torch.inference_mode()
 def torch_logits(
-    model: nn.Module, loader: Any, limit: int
+    model: SimV0Model, loader: Any, limit: int
 ) -> tuple[dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
     """PyTorch logits (in the model's precision) over the first `limit` samples of a loader, and the
     inputs they came from."""
@@ -284,7 +287,7 @@ def torch_logits(
 
 
 @torch.inference_mode()
-def logits_of(model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+def logits_of(model: SimV0Model, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
     """PyTorch logits of `model` on the inputs `torch_logits` kept."""
     key = model_key(model)
     parts = [model({key: v, "telemetry": t}) for v, t in inputs]
@@ -296,16 +299,8 @@ def onnx_logits(sess: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> d
     return {n: np.concatenate([p[n] for p in parts]) for n in OUTPUTS}
 
 
-def load_for_export(cfg: DictConfig) -> tuple[nn.Module, Any, Path]:
+def load_for_export(cfg: DictConfig) -> tuple[SimV0Model, Any, Path]:
     """(model, loader over the parity split, checkpoint path) for this command's config."""
-    from sim.core.checkpoint import load_checkpoint
-    from sim.evaluation.evaluate import (
-        check_llm_override,
-        split_for_checkpoint,
-        split_loader,
-    )
-    from sim.models.model import SimV0Model
-
     path = Path(str(cfg.checkpoint))
     ckpt = load_checkpoint(path)
     check_llm_override(cfg.get("llm"), ckpt["metadata"]["llm"], path)
@@ -373,7 +368,8 @@ def main(cfg: DictConfig) -> None:
     diff = report["fp32"]["max_abs_logit_diff_all"]
     if diff is not None and diff > float(cfg.max_abs_diff):
         print(
-            f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} (> max_abs_diff={cfg.max_abs_diff})",
+            f"error: ONNX Runtime logits differ from PyTorch fp32 by up to {diff:.3g} "
+            f"(> max_abs_diff={cfg.max_abs_diff})",
             file=sys.stderr,
         )
         sys.exit(2)

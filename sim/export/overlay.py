@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class OverlayPainter:
         img = Image.fromarray(frame).convert("RGBA")
         layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
         d = ImageDraw.Draw(layer)
-        u, W, H = self.unit, self.width, self.height
+        u, W, _H = self.unit, self.width, self.height
         bar_h = int(u * 1.6)
         if decision is None:
             d.rectangle([0, 0, W, bar_h], fill=(*WAITING_RGB, 210))
@@ -175,7 +175,7 @@ class OverlayWriter:
         self.width, self.height = int(width) - int(width) % 2, int(height) - int(height) % 2
         self.container = av.open(str(self.path), "w")
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self.stream = self.container.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
+        self.stream = cast(Any, self.container.add_stream(codec, rate=Fraction(rate).limit_denominator(1001)))
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, "yuv420p"
         if codec == "libx264":
             self.stream.options = {"preset": "veryfast", "crf": "23"}

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -79,6 +79,8 @@ def stream_encoder(
     record = (meta.get("vision") or {}).get("features_of")
     if record:
         encoder = from_spec(record["spec"], device=device)
+        if encoder is None:
+            raise CheckpointError(f"the checkpoint records cached features of {record['spec']}, not an encoder")
         if encoder.fingerprint() != record.get("fingerprint"):
             raise CheckpointError(
                 f"the features this checkpoint was trained on came from {describe(record['spec'])} with weights "
@@ -199,7 +201,7 @@ class StreamRunner:
         self.spacing = None if fps is None else 1.0 / float(fps)
         self.threshold = risk_high_threshold
         self.max_age = float(max_telemetry_age_s)
-        self.window: deque[torch.Tensor] = deque(maxlen=self.F)
+        self.window: deque[tuple[torch.Tensor, float]] = deque(maxlen=self.F)
         self.next_t: float | None = None
         self.last_t: float | None = None
         self.shape: tuple[int, ...] | None = None
@@ -316,7 +318,7 @@ class StreamRunner:
             self.next_t = t
         if t + 1e-6 < self.next_t:
             return 0
-        n = int(math.floor((t - self.next_t) / self.spacing + 1e-6)) + 1
+        n = math.floor((t - self.next_t) / self.spacing + 1e-6) + 1
         self.next_t += n * self.spacing
         return min(n, self.F)
 
@@ -441,17 +443,18 @@ def run_stream(
                         painter.add(decision)
                 if overlay:
                     if writer is None:
+                        assert runner.shape is not None, "a frame was accepted"
                         h, w = runner.shape[:2]
                         painter, writer = OverlayPainter(w, h), OverlayWriter(out / "overlay.mp4", w, h, rate)
                         if current is not None:
                             painter.add(current)
                     status = f"filling the window: {len(runner.window)}/{runner.F} frames"
-                    writer.write(painter.draw(np.asarray(frame), current, status))
+                    writer.write(cast(OverlayPainter, painter).draw(np.asarray(frame), current, status))
         finally:
             if writer is not None:
                 writer.close()
     wall = time.perf_counter() - t0
-    duration = (last_t - first_t + 1.0 / rate) if first_t is not None else 0.0
+    duration = (last_t - first_t + 1.0 / rate) if first_t is not None and last_t is not None else 0.0
     summary = {
         **runner.summary(),
         "frames_drawn": writer.frames if writer is not None else 0,
@@ -478,8 +481,9 @@ def report(summary: dict[str, Any]) -> str:
         f"{summary['frames_in']} frames ({summary['frames_used']} used after resampling, {summary['frames_refused']} "
         f"refused) in {summary['wall_s']:.2f}s for {summary['stream_s']:.2f}s of video: {verdict} "
         f"({summary['processed_fps']} frames/s processed vs the stream's {summary['stream_fps']:.2f})\n"
-        f"{summary['decisions']} decisions: {summary['decisions_per_s']}/s achieved vs {summary['decisions_per_stream_s']}/s "
-        f"the stream asks for; latency p50 {_percent(summary['latency_ms_p50'])} ms, p90 {_percent(summary['latency_ms_p90'])} ms"
+        f"{summary['decisions']} decisions: {summary['decisions_per_s']}/s achieved vs "
+        f"{summary['decisions_per_stream_s']}/s the stream asks for; "
+        f"latency p50 {_percent(summary['latency_ms_p50'])} ms, p90 {_percent(summary['latency_ms_p90'])} ms"
     )
 
 
