@@ -15,12 +15,12 @@ import torch
 from conftest import TINY, make_cfg, run_cmd
 from test_bad_input import DV, F, cached, good_sample, small_split, tiny_model
 
-from sim.core.checkpoint import save_checkpoint
+from sim.core.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from sim.core.errors import ConfigError, DataError, LLMLoadError
 from sim.core.run import run_log
 from sim.data.dataset import CachedSplitDataset
 from sim.models.llm import build_llm
-from sim.models.model import CHECKPOINT_FORMAT, SimV0Model, segment_mean_matrix
+from sim.models.model import SimV0Model, segment_mean_matrix
 from sim.training.train import train
 
 

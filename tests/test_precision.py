@@ -12,7 +12,8 @@ from sim.core import precision as P
 from sim.core.checkpoint import load_checkpoint
 from sim.core.errors import ConfigError
 from sim.core.precision import Precision, named_precision, resolve_precision
-from sim.models.model import SimV0Model, checkpoint_precision
+from sim.models.model import SimV0Model
+from sim.models.serialization import checkpoint_precision
 
 
 @pytest.mark.parametrize("native", [True, False])

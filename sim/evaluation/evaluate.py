@@ -45,7 +45,8 @@ from sim.evaluation.loop import evaluate_batches
 from sim.evaluation.metrics import EpochMetrics, format_key_metrics, format_value, per_class_table
 from sim.evaluation.plots import plot_confusion, plot_reliability
 from sim.models.llm import SPEC_KEYS, describe, llm_spec
-from sim.models.model import SimV0Model, checkpoint_precision
+from sim.models.model import SimV0Model
+from sim.models.serialization import checkpoint_precision
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,28 @@ import torch
 from torch import nn
 
 from sim.core import labels as L
-from sim.core.checkpoint import CHECKPOINT_FORMAT
-from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.checkpoint import load_checkpoint
+from sim.core.errors import ConfigError, DataError
 from sim.core.precision import Precision, dtype_name, named_precision
 from sim.models.llm import FAST_KERNELS, build_llm, describe, hidden_size
 from sim.models.pretrained import read_pretrained
+from sim.models.serialization import (
+    EXTRA_STATE,
+    STAT_BUFFERS,
+    TRAINABLE_MODULES,
+    check_state_dict,
+    from_metadata,
+    model_metadata,
+    precision_code,
+    precision_from_code,
+    rebuild,
+)
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads")
 FROZEN_MODULES = ("llm", "vision")
-STAT_BUFFERS = ("tel_mean", "tel_std")
 # The precision travels with the weights as the model's extra state (`get_extra_state`): a
 # `load_state_dict(checkpoint["model_state_dict"])` computes as training and validation did.
-EXTRA_STATE = "_extra_state"
 
 
 def segment_mean_matrix(F: int, K: int) -> torch.Tensor:
@@ -369,44 +377,12 @@ class SimV0Model(nn.Module):
         Raises:
             CheckpointError: keys missing or unexpected (strict), or shapes of another architecture.
         """
-        own = super().state_dict()
-        expected = {k for k in own if k.split(".")[0] in TRAINABLE_MODULES + STAT_BUFFERS}
-        missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"state dict does not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}"
-            )
-        for k, v in state_dict.items():
-            if k in own and tuple(own[k].shape) != tuple(v.shape):
-                raise CheckpointError(
-                    f"checkpoint is of another architecture: {k} has shape {list(v.shape)} in the checkpoint, "
-                    f"this model (dv={self.dv}, d={self.d}) expects {list(own[k].shape)}"
-                )
+        check_state_dict(self, super().state_dict(), state_dict, strict)
         return super().load_state_dict(dict(state_dict), strict=False, assign=assign)
 
     def metadata(self) -> dict[str, Any]:
         """Everything needed to rebuild this model without the config that trained it (plain types)."""
-        llm_spec = dict(getattr(self.llm, "sim_spec", {}) or {})
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": 1,
-            "dv": self.dv,
-            "d": self.d,
-            "F": self.F,
-            "K": self.K,
-            "use_cached_vis_feats": self.use_cached_vis_feats,
-            "telemetry_hidden": self.telemetry_hidden,
-            "head_hidden": self.head_hidden,
-            "llm": llm_spec,
-            "llm_name": describe(llm_spec) if llm_spec else None,
-            "vision": self.vision_spec,
-            "labels": {k: list(v) for k, v in L.LABELS.items()},
-            "telemetry_fields": list(L.TELEMETRY_FIELDS),
-            "telemetry_mean": [float(x) for x in self.tel_mean],
-            "telemetry_std": [float(x) for x in self.tel_std],
-            "precision": self.precision.to_dict(),
-        }
+        return model_metadata(self)
 
     @classmethod
     def from_metadata(
@@ -418,39 +394,8 @@ class SimV0Model(nn.Module):
         precision: Precision | str | None = None,
     ) -> SimV0Model:
         """Build an (untrained) model of the architecture a checkpoint describes, computing in the
-        checkpoint's precision unless `precision` says otherwise.
-
-        The frozen weights are always the ones the checkpoint was trained with (its weight dtype); an
-        override changes what they are computed in, so fp32 and bf16 runs of one checkpoint differ only
-        by arithmetic, and an export or benchmark can switch a model it already holds (`set_precision`).
-        """
-        if meta.get("labels") and {k: list(v) for k, v in meta["labels"].items()} != {
-            k: list(v) for k, v in L.LABELS.items()
-        }:
-            raise CheckpointError(f"checkpoint label maps {meta['labels']} differ from this version's {L.LABELS}")
-        trained_in = checkpoint_precision(meta, device)
-        if llm is None:
-            llm = build_llm(**{**dict(meta["llm"]), "dtype": dtype_name(trained_in.weights)}, device=device)
-        if vision_encoder is None and not meta.get("use_cached_vis_feats", True):
-            from sim.models import vision
-
-            vision_encoder = vision.from_spec(meta.get("vision"), device=device)
-        model = cls(
-            dv=meta["dv"],
-            d=meta["d"],
-            F=meta["F"],
-            K=meta["K"],
-            use_cached_vis_feats=meta.get("use_cached_vis_feats", True),
-            llm=llm,
-            vision_encoder=vision_encoder,
-            vision_spec=meta.get("vision"),
-            telemetry_hidden=meta.get("telemetry_hidden", 256),
-            head_hidden=meta.get("head_hidden", 256),
-            telemetry_mean=meta.get("telemetry_mean"),
-            telemetry_std=meta.get("telemetry_std"),
-            precision=trained_in if precision is None else named_precision(precision),
-        )
-        return model.to(device)
+        checkpoint's precision unless `precision` says otherwise (see `serialization.from_metadata`)."""
+        return from_metadata(cls, meta, llm, vision_encoder, device, precision)
 
     @classmethod
     def from_checkpoint(
@@ -470,21 +415,8 @@ class SimV0Model(nn.Module):
         Raises:
             CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
         """
-        from sim.core.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path)
-        model = cls.from_metadata(ckpt["metadata"], llm=llm, device=device, precision=precision)
-        state = dict(ckpt["model_state_dict"])
-        if precision is not None:  # an explicit override outranks the precision stored with the weights
-            state.pop(EXTRA_STATE, None)
-            log.info(
-                "computing in %s (the checkpoint was trained in %s)",
-                model.precision.name,
-                checkpoint_precision(ckpt["metadata"], device).name,
-            )
-        model.load_state_dict(state)
-        model.eval()
-        return model
+        return rebuild(cls, ckpt["metadata"], dict(ckpt["model_state_dict"]), llm, device, precision)
 
     @classmethod
     def from_pretrained(
@@ -501,42 +433,4 @@ class SimV0Model(nn.Module):
             CheckpointError: not such a directory, or its files are damaged or of another architecture.
         """
         config, state = read_pretrained(path)
-        model = cls.from_metadata(config, llm=llm, device=device, precision=precision)
-        if precision is not None:
-            state.pop(EXTRA_STATE, None)
-        model.load_state_dict(state)
-        model.eval()
-        return model
-
-
-# The precision as the state dict stores it: [weights, autocast] codes (0: no autocast).
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-
-
-def precision_code(precision: Precision) -> torch.Tensor:
-    autocast = 0 if precision.autocast is None else _DTYPE_CODES[precision.autocast]
-    return torch.tensor([_DTYPE_CODES[precision.weights], autocast], dtype=torch.uint8)
-
-
-def precision_from_code(code: torch.Tensor) -> Precision:
-    """Raises CheckpointError for a code no version of SIM writes."""
-    dtypes = {v: k for k, v in _DTYPE_CODES.items()}
-    values = [int(x) for x in code.flatten().tolist()]
-    if len(values) != 2 or values[0] not in dtypes or (values[1] and values[1] not in dtypes):
-        raise CheckpointError(
-            f"model_state_dict[{EXTRA_STATE!r}] is {values}, not a SIM precision code [weights, autocast]"
-        )
-    return Precision(dtypes[values[0]], dtypes[values[1]] if values[1] else None)
-
-
-def checkpoint_precision(meta: Mapping[str, Any], device: str | torch.device = "cpu") -> Precision:
-    """The precision a checkpoint was trained and validated in.
-
-    Checkpoints written before the precision was recorded hold only `llm.dtype`; their autocast is
-    what `training.amp=auto` picks on this machine, as it did when they were evaluated before.
-    """
-    if isinstance(meta.get("precision"), Mapping):
-        return Precision.from_dict(meta["precision"])
-    from sim.core.precision import resolve_precision
-
-    return resolve_precision((meta.get("llm") or {}).get("dtype", "auto"), "auto", "bfloat16", device)
+        return rebuild(cls, config, state, llm, device, precision)

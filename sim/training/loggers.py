@@ -409,7 +409,7 @@ class Loggers(Callback):
         if step.grad_norm is not None:
             tensors.append(step.grad_norm.float().reshape(()))
         read = torch.stack(tensors).tolist()  # the one wait for the device, on logged steps only
-        values = {f"train_step/{k}": v for k, v in zip(names, read, strict=True)}
+        values = {f"train_step/{k}": v for k, v in zip(names, read[: len(names)], strict=True)}
         if step.grad_norm is not None:
             values["train_step/grad_norm"] = read[-1]
         values["train_step/lr"] = float(step.lr)
