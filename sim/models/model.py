@@ -13,28 +13,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from sim.core import labels as L
-from sim.core.checkpoint import load_checkpoint
-from sim.core.errors import ConfigError, DataError
+from sim.core.errors import ConfigError
 from sim.core.precision import Precision, dtype_name, named_precision
+from sim.models.inference import decisions, model_input
 from sim.models.llm import FAST_KERNELS, build_llm, describe, hidden_size
-from sim.models.pretrained import read_pretrained
 from sim.models.serialization import (
     EXTRA_STATE,
     STAT_BUFFERS,
     TRAINABLE_MODULES,
     check_state_dict,
+    from_checkpoint,
     from_metadata,
+    from_pretrained,
     model_metadata,
     precision_code,
     precision_from_code,
-    rebuild,
 )
 
 log = logging.getLogger(__name__)
@@ -123,31 +122,10 @@ class SimV0Model(nn.Module):
     ) -> None:
         super().__init__()
         P = segment_mean_matrix(int(F), int(K))
-        if llm is None:
-            if not llm_name_or_path:
-                raise ConfigError("SimV0Model needs llm_name_or_path or llm")
-            llm = build_llm(llm_name_or_path, pretrained=llm_pretrained, dtype=llm_dtype, **FAST_KERNELS)
-        elif isinstance(llm, Mapping):
-            llm = build_llm(**llm)
+        llm = resolve_llm(llm, llm_name_or_path, llm_pretrained, llm_dtype)
         if not use_cached_vis_feats and vision_encoder is None:
             raise ConfigError("raw frames (use_cached_vis_feats=False) need a vision encoder (vision=...)")
-        d_llm = hidden_size(llm)
-        if d is not None and int(d) != d_llm:
-            raise ConfigError(
-                f"model.d={d} but the LLM {describe(getattr(llm, 'sim_spec', {}))} has embedding width {d_llm}; "
-                "leave model.d unset (null) and it is read from the LLM"
-            )
-        if vision_encoder is not None:
-            enc_dv = int(cast(Any, vision_encoder).dv)
-            if dv is not None and int(dv) != enc_dv:
-                raise ConfigError(
-                    f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset"
-                )
-            dv = enc_dv
-        if dv is None:
-            raise ConfigError("model.dv is unknown: give dv, or let the trainer read it from the data")
-
-        self.F, self.K, self.dv, self.d = int(F), int(K), int(dv), d_llm
+        self.F, self.K, self.d, self.dv = int(F), int(K), *resolve_widths(llm, d, dv, vision_encoder)
         self.use_cached_vis_feats = bool(use_cached_vis_feats)
         self.telemetry_hidden = int(telemetry_hidden)
         self.head_hidden = int(head_hidden)
@@ -189,35 +167,11 @@ class SimV0Model(nn.Module):
     # ---- freezing -------------------------------------------------------------------------------
     def param_report(self) -> dict[str, dict[str, int]]:
         """Trainable and frozen parameter counts per top-level module."""
-        report: dict[str, dict[str, int]] = {}
-        for name, p in self.named_parameters():
-            top = name.split(".")[0]
-            entry = report.setdefault(top, {"trainable": 0, "frozen": 0})
-            entry["trainable" if p.requires_grad else "frozen"] += p.numel()
-        return report
+        return param_report(self)
 
     def check_frozen(self) -> dict[str, dict[str, int]]:
-        """Assert the freezing contract and log the counts.
-
-        Raises:
-            AssertionError: a backbone weight would train, nothing would train, or something
-                outside the named trainable modules would.
-        """
-        report = self.param_report()
-        for name in FROZEN_MODULES:
-            assert report.get(name, {}).get("trainable", 0) == 0, f"{name} has trainable parameters"
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        named = sum(report.get(m, {}).get("trainable", 0) for m in TRAINABLE_MODULES)
-        assert trainable > 0, "no trainable parameters"
-        assert trainable == named, f"{trainable - named} trainable parameters outside {TRAINABLE_MODULES}"
-        frozen = sum(v["frozen"] for v in report.values())
-        log.info(
-            "parameters: trainable %s, frozen %s (%s)",
-            f"{trainable:,}",
-            f"{frozen:,}",
-            ", ".join(f"{k}: {v['trainable']:,} trainable / {v['frozen']:,} frozen" for k, v in report.items()),
-        )
-        return report
+        """Assert the freezing contract and log the counts (`check_frozen`)."""
+        return check_frozen(self)
 
     def train(self, mode: bool = True) -> SimV0Model:
         # Frozen backbones never leave eval mode: a frozen GPT-2 in train mode would keep dropout on.
@@ -315,49 +269,13 @@ class SimV0Model(nn.Module):
             DataError: an input that is none of those, naming its key.
         """
 
-        def as_tensor(key: str, value: Any) -> torch.Tensor:
-            if torch.is_tensor(value):
-                return value
-            try:
-                t = torch.as_tensor(value)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise DataError(
-                    f"predict_json: batch[{key!r}] is {type(value).__name__} ({exc}); expected a "
-                    "tensor, a NumPy array or a nested list of numbers"
-                ) from None
-            if t.dtype == torch.bool or t.is_complex():
-                raise DataError(f"predict_json: batch[{key!r}] has dtype {t.dtype}; expected real numbers")
-            return t
-
         was_training = self.training
         self.eval()
         device = self.vis_proj.weight.device
-        inputs = ("vis_feats", "frames", "telemetry")
-        moved = {
-            k: (as_tensor(k, v).to(device) if k in inputs else v.to(device) if torch.is_tensor(v) else v)
-            for k, v in batch.items()
-        }
+        moved = {k: model_input(k, v, device) for k, v in batch.items()}
         logits = self(moved)
         self.train(was_training)
-        probs = {h: torch.softmax(logits[f"{h}_logits"].float(), dim=-1).cpu() for h in L.HEADS}
-        conf = torch.sigmoid(logits["confidence_logits"].float()).cpu()
-        ids = batch.get("sample_id")
-        results = []
-        for i in range(conf.shape[0]):
-            item: dict[str, Any] = {"sample_id": None if ids is None else str(ids[i])}
-            for head in L.HEADS:
-                p = probs[head][i]
-                idx = int(p.argmax())
-                if head == "risk" and risk_high_threshold is not None and float(p[L.RISK_HIGH]) >= risk_high_threshold:
-                    idx = L.RISK_HIGH
-                item[head] = {
-                    "label": L.LABELS[head][idx],
-                    "id": idx,
-                    "probs": {name: round(float(v), 6) for name, v in zip(L.LABELS[head], p, strict=True)},
-                }
-            item["confidence"] = round(float(conf[i]), 6)
-            results.append(item)
-        return results
+        return decisions(logits, batch.get("sample_id"), risk_high_threshold)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def set_telemetry_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -384,53 +302,78 @@ class SimV0Model(nn.Module):
         """Everything needed to rebuild this model without the config that trained it (plain types)."""
         return model_metadata(self)
 
-    @classmethod
-    def from_metadata(
-        cls,
-        meta: Mapping[str, Any],
-        llm: nn.Module | None = None,
-        vision_encoder: nn.Module | None = None,
-        device: str | torch.device = "cpu",
-        precision: Precision | str | None = None,
-    ) -> SimV0Model:
-        """Build an (untrained) model of the architecture a checkpoint describes, computing in the
-        checkpoint's precision unless `precision` says otherwise (see `serialization.from_metadata`)."""
-        return from_metadata(cls, meta, llm, vision_encoder, device, precision)
+    # Rebuilding from what a checkpoint or an exported directory holds (sim.models.serialization).
+    from_metadata = classmethod(from_metadata)
+    from_checkpoint = classmethod(from_checkpoint)
+    from_pretrained = classmethod(from_pretrained)
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        llm: nn.Module | None = None,
-        precision: Precision | str | None = None,
-    ) -> SimV0Model:
-        """Rebuild a trained model from a checkpoint alone (its metadata names the LLM, dims and the
-        precision it was trained and validated in).
 
-        Args:
-            precision: None computes as the checkpoint did (what reproduces its val metrics);
-                "fp32" or "bf16" overrides it (logged).
+def resolve_llm(
+    llm: nn.Module | Mapping[str, Any] | None, name_or_path: str | None, pretrained: bool, dtype: str
+) -> nn.Module:
+    """The LLM given as a module, as a spec dict (as checkpoints store it), or by name."""
+    if isinstance(llm, nn.Module):
+        return llm
+    if isinstance(llm, Mapping):
+        return build_llm(**llm)
+    if not name_or_path:
+        raise ConfigError("SimV0Model needs llm_name_or_path or llm")
+    return build_llm(name_or_path, pretrained=pretrained, dtype=dtype, **FAST_KERNELS)
 
-        Raises:
-            CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
-        """
-        ckpt = load_checkpoint(path)
-        return rebuild(cls, ckpt["metadata"], dict(ckpt["model_state_dict"]), llm, device, precision)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        llm: nn.Module | None = None,
-        precision: Precision | str | None = None,
-    ) -> SimV0Model:
-        """Load a directory `python -m sim.export` wrote (config.json + model.safetensors), as
-        `from_checkpoint` loads a checkpoint: same rebuild, same precision rule.
+def resolve_widths(llm: nn.Module, d: int | None, dv: int | None, vision_encoder: nn.Module | None) -> tuple[int, int]:
+    """(d, dv): d read from the LLM, dv from the encoder or given; a typed value that disagrees is refused.
 
-        Raises:
-            CheckpointError: not such a directory, or its files are damaged or of another architecture.
-        """
-        config, state = read_pretrained(path)
-        return rebuild(cls, config, state, llm, device, precision)
+    Raises:
+        ConfigError: naming the key to leave unset.
+    """
+    d_llm = hidden_size(llm)
+    if d is not None and int(d) != d_llm:
+        raise ConfigError(
+            f"model.d={d} but the LLM {describe(getattr(llm, 'sim_spec', {}))} has embedding width {d_llm}; "
+            "leave model.d unset (null) and it is read from the LLM"
+        )
+    if vision_encoder is not None:
+        enc_dv = int(cast(Any, vision_encoder).dv)
+        if dv is not None and int(dv) != enc_dv:
+            raise ConfigError(
+                f"model.dv={dv} but the vision encoder produces {enc_dv}-wide features; leave model.dv unset"
+            )
+        dv = enc_dv
+    if dv is None:
+        raise ConfigError("model.dv is unknown: give dv, or let the trainer read it from the data")
+    return d_llm, int(dv)
+
+
+def param_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Trainable and frozen parameter counts per top-level module."""
+    report: dict[str, dict[str, int]] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        entry = report.setdefault(top, {"trainable": 0, "frozen": 0})
+        entry["trainable" if p.requires_grad else "frozen"] += p.numel()
+    return report
+
+
+def check_frozen(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Assert the freezing contract and log the counts.
+
+    Raises:
+        AssertionError: a backbone weight would train, nothing would train, or something
+            outside the named trainable modules would.
+    """
+    report = param_report(model)
+    for name in FROZEN_MODULES:
+        assert report.get(name, {}).get("trainable", 0) == 0, f"{name} has trainable parameters"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    named = sum(report.get(m, {}).get("trainable", 0) for m in TRAINABLE_MODULES)
+    assert trainable > 0, "no trainable parameters"
+    assert trainable == named, f"{trainable - named} trainable parameters outside {TRAINABLE_MODULES}"
+    frozen = sum(v["frozen"] for v in report.values())
+    log.info(
+        "parameters: trainable %s, frozen %s (%s)",
+        f"{trainable:,}",
+        f"{frozen:,}",
+        ", ".join(f"{k}: {v['trainable']:,} trainable / {v['frozen']:,} frozen" for k, v in report.items()),
+    )
+    return report

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sim.core import labels as L
-from sim.core.checkpoint import CHECKPOINT_FORMAT
+from sim.core.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from sim.core.errors import CheckpointError
 from sim.core.precision import Precision, dtype_name, named_precision, resolve_precision
 from sim.models import vision
 from sim.models.llm import build_llm, describe
+from sim.models.pretrained import read_pretrained
 
 if TYPE_CHECKING:
     from sim.models.model import SimV0Model
@@ -171,3 +173,41 @@ def rebuild(
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+def from_checkpoint(
+    cls: type[SimV0Model],
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    llm: nn.Module | None = None,
+    precision: Precision | str | None = None,
+) -> SimV0Model:
+    """A trained model from a checkpoint alone (its metadata names the LLM, dims and the precision it
+    was trained and validated in), as `SimV0Model.from_checkpoint`.
+
+    Args:
+        precision: None computes as the checkpoint did (what reproduces its val metrics);
+            "fp32" or "bf16" overrides it (logged).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
+    """
+    ckpt = load_checkpoint(path)
+    return rebuild(cls, ckpt["metadata"], dict(ckpt["model_state_dict"]), llm, device, precision)
+
+
+def from_pretrained(
+    cls: type[SimV0Model],
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    llm: nn.Module | None = None,
+    precision: Precision | str | None = None,
+) -> SimV0Model:
+    """A directory `python -m sim.export` wrote (config.json + model.safetensors), loaded as
+    `from_checkpoint` loads a checkpoint: the same rebuild, the same precision rule.
+
+    Raises:
+        CheckpointError: not such a directory, or its files are damaged or of another architecture.
+    """
+    config, state = read_pretrained(path)
+    return rebuild(cls, config, state, llm, device, precision)
