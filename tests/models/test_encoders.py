@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
-from conftest import make_cfg
+from conftest import decode, make_cfg
 from hydra.utils import instantiate
-from test_stream import decode
 
 from sim.core.errors import ConfigError, DataError, LLMLoadError
 from sim.models.vision import build_encoder, from_spec
