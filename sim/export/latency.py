@@ -56,7 +56,7 @@ from sim.models.model import SimV0Model
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager_fp32", "eager_bf16", "onnx_fp32", "onnx_int8")
+BACKENDS = ("eager_fp32", "eager_bf16", "onnx_fp32", "onnx_int8", "onnx_int8_pc")
 Runner = Callable[[torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
 
 
@@ -142,6 +142,50 @@ def backend_names(value: str | list[str] | ListConfig) -> list[str]:
     return [b.strip() for b in items if b.strip()]
 
 
+def export_fp32(model: SimV0Model, windows: list[Any], out_dir: Path) -> Path:
+    """The model as one fp32 ONNX graph in `out_dir` (exported anew: a graph left there may be another model's)."""
+    key = model_key(model)
+    batch = {key: torch.cat([w[0] for w in windows[:2]]), "telemetry": torch.cat([w[1] for w in windows[:2]])}
+    fp32 = copy.deepcopy(model)
+    fp32.set_precision(named_precision("fp32"))
+    return export_model(fp32, out_dir / "sim_v0.onnx", example_inputs(fp32, batch))
+
+
+def _run_backend(
+    backend: str, model: SimV0Model, windows: list[Any], warmup: int, out_dir: Path, threads: int
+) -> tuple[list[float], dict[str, np.ndarray], int]:
+    """(ms per window, logits, bytes of weights read) of one backend on `windows`."""
+    if backend in ("eager_fp32", "eager_bf16"):
+        variant = copy.deepcopy(model)
+        variant.set_precision(named_precision(backend.removeprefix("eager_")))
+        if backend == "eager_bf16":  # what a bf16 deployment holds: every weight in bf16
+            variant.to(torch.bfloat16)
+        times, logits = time_backend(torch_runner(variant), windows, warmup)
+        return times, logits, weight_bytes(variant)
+    fp32_path = out_dir / "sim_v0.onnx"  # exported by `export_fp32` before the first ONNX backend
+    path = fp32_path
+    if backend != "onnx_fp32":
+        per_channel = backend == "onnx_int8_pc"
+        path = quantize_int8(fp32_path, out_dir / f"sim_v0.{backend.removeprefix('onnx_')}.onnx", per_channel)
+    times, logits = time_backend(onnx_runner(path, threads), windows, warmup)
+    return times, logits, file_bytes(path)
+
+
+def checked_backends(value: str | list[str] | ListConfig) -> list[str]:
+    """The backend names asked for, each known (the ONNX ones need the onnx extra).
+
+    Raises:
+        ConfigError: an unknown backend.
+    """
+    backends = backend_names(value)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"backends: unknown {unknown}; expected some of {', '.join(BACKENDS)}")
+    if any(b.startswith("onnx") for b in backends):
+        require_onnx()
+    return backends
+
+
 def bench(cfg: DictConfig) -> dict[str, Any]:
     """Time every backend of `cfg.backends` on the same windows; returns the report (see the module docstring).
 
@@ -151,14 +195,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ConfigError: an unknown backend, or neither a checkpoint nor an LLM to time.
     """
-    backends = backend_names(cfg.backends)
+    backends = checked_backends(cfg.backends)
     n_windows, warmup, threads = int(cfg.windows), int(cfg.warmup), int(cfg.threads)
     onnx_dir = cfg.onnx_dir or None
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ConfigError(f"backends: unknown {unknown}; expected some of {', '.join(BACKENDS)}")
-    if any(b.startswith("onnx") for b in backends):
-        require_onnx()
     if threads:
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
@@ -168,45 +207,18 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     windows = windows_of(dataset, n_windows, key)
     # Agreement is measured against the precision the checkpoint was trained and validated in.
     reference = model.precision
-    log.info(
-        "timing %s on %d windows of %s, %d threads; reference: eager %s",
-        what,
-        len(windows),
-        dataset.describe(),
-        threads,
-        reference.name,
-    )
+    log.info("timing %s on %d windows of %s, %d threads", what, len(windows), dataset.describe(), threads)
     _, ref = time_backend(torch_runner(model), windows, warmup)
-    results: dict[str, Any] = {}
     tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="sim-onnx-")
     out_dir = Path(str(onnx_dir)) if tmp is None else Path(tmp.name)
-    exported = False
+    results: dict[str, Any] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
     try:
+        if any(b.startswith("onnx") for b in backends):
+            export_fp32(model, windows, out_dir)
         for backend in backends:
-            if backend in ("eager_fp32", "eager_bf16"):
-                variant = copy.deepcopy(model)
-                variant.set_precision(named_precision(backend.removeprefix("eager_")))
-                if backend == "eager_bf16":  # what a bf16 deployment holds: every weight in bf16
-                    variant.to(torch.bfloat16)
-                times, logits = time_backend(torch_runner(variant), windows, warmup)
-                nbytes = weight_bytes(variant)
-                del variant
-            else:
-                fp32_path = out_dir / "sim_v0.onnx"
-                if not exported:  # once per run: a graph left in onnx_dir may be another model's
-                    batch = {
-                        key: torch.cat([w[0] for w in windows[:2]]),
-                        "telemetry": torch.cat([w[1] for w in windows[:2]]),
-                    }
-                    fp32 = copy.deepcopy(model)
-                    fp32.set_precision(named_precision("fp32"))
-                    export_model(fp32, fp32_path, example_inputs(fp32, batch))
-                    del fp32
-                    exported = True
-                path = fp32_path if backend == "onnx_fp32" else quantize_int8(fp32_path, out_dir / "sim_v0.int8.onnx")
-                times, logits = time_backend(onnx_runner(path, threads), windows, warmup)
-                nbytes = file_bytes(path)
-            agreement = compare(ref, logits)
+            times, outputs[backend], nbytes = _run_backend(backend, model, windows, warmup, out_dir, threads)
+            agreement = compare(ref, outputs[backend])
             results[backend] = {
                 "ms_median": float(np.median(times)),
                 "ms_p90": float(np.percentile(times, 90)),
@@ -219,6 +231,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if "eager_fp32" in outputs:  # every backend against eager fp32 too: what an fp32 deployment decides
+        for backend, logits in outputs.items():
+            results[backend]["label_agreement_vs_fp32"] = compare(outputs["eager_fp32"], logits)["label_agreement"]
     return {
         "model": what,
         "windows": len(windows),
@@ -235,13 +250,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['model']}: batch 1, {report['windows']} windows, {report['threads']} threads"
         + ("" if report["fast_bf16"] else " (this CPU has no native bf16: bf16 is emulated)"),
         f"{'backend':<12} {'ms median':>10} {'ms p90':>8} {'weights MB':>11}  agreement vs eager "
-        f"{report.get('reference_precision', 'fp32')} (risk/reason/action)  max |dlogit|",
+        f"{report.get('reference_precision', 'fp32')} (risk/reason/action)  max |dlogit|  vs eager fp32",
     ]
     for name, r in report["backends"].items():
-        a = r["label_agreement"]
+        a, f = r["label_agreement"], r.get("label_agreement_vs_fp32")
+        vs_fp32 = "" if f is None else f"  {f['risk']:.4f} / {f['reason']:.4f} / {f['action']:.4f}"
         lines.append(
             f"{name:<12} {r['ms_median']:>10.2f} {r['ms_p90']:>8.2f} {r['weights_mb']:>11.1f}  "
-            f"{a['risk']:.4f} / {a['reason']:.4f} / {a['action']:.4f}{'':>18}{r['max_abs_logit_diff']:.2e}"
+            f"{a['risk']:.4f} / {a['reason']:.4f} / {a['action']:.4f}{'':>18}{r['max_abs_logit_diff']:.2e}{vs_fp32}"
         )
     return "\n".join(lines)
 

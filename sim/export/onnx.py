@@ -190,8 +190,9 @@ def static_batch(path: str | Path) -> int | None:
     return int(dim.dim_value) if dim.HasField("dim_value") else None
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime dynamic quantization: int8 weights, activations quantized on the fly per batch."""
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> Path:
+    """ONNX Runtime dynamic quantization: int8 weights (one scale per tensor, or per output channel
+    with `per_channel`), activations quantized on the fly per batch."""
     require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -212,7 +213,13 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
         for stale in (dst, dst.with_name(dst.name + ".data")):
             stale.unlink(missing_ok=True)
         with quiet_exporter():
-            quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external)
+            quantize_dynamic(
+                str(plain),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                use_external_data_format=external,
+            )
     finally:
         plain.unlink(missing_ok=True)
         plain.with_name(plain.name + ".data").unlink(missing_ok=True)

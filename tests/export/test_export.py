@@ -171,10 +171,16 @@ def test_latency_benchmark_times_eager_backends(trained):
     from sim.export.latency import bench, format_table
 
     best, _, _ = trained
-    report = bench(
-        compose("bench_latency", [f"checkpoint={best}", "backends=[eager_fp32,eager_bf16]", "windows=8", "warmup=1"])
-    )
-    assert set(report["backends"]) == {"eager_fp32", "eager_bf16"} and report["windows"] == 8
+    backends = "backends=[eager_fp32,eager_bf16,onnx_fp32,onnx_int8_pc]"
+    report = bench(compose("bench_latency", [f"checkpoint={best}", backends, "windows=8", "warmup=1"]))
+    assert set(report["backends"]) == {"eager_fp32", "eager_bf16", "onnx_fp32", "onnx_int8_pc"}
+    assert report["windows"] == 8
+    # Every backend is also compared with eager fp32; the fp32 graph decides as eager fp32 does, and
+    # per-channel int8 weights take about a quarter of the fp32 bytes.
+    onnx, int8 = report["backends"]["onnx_fp32"], report["backends"]["onnx_int8_pc"]
+    assert onnx["label_agreement_vs_fp32"] == {"risk": 1.0, "reason": 1.0, "action": 1.0, "confidence": 1.0}
+    assert set(int8["label_agreement_vs_fp32"]) == {"risk", "reason", "action", "confidence"}
+    assert int8["weights_mb"] < onnx["weights_mb"] / 2
     fp32, bf16 = report["backends"]["eager_fp32"], report["backends"]["eager_bf16"]
     assert fp32["ms_median"] > 0 and bf16["ms_median"] > 0
     assert fp32["label_agreement"] == {"risk": 1.0, "reason": 1.0, "action": 1.0, "confidence": 1.0}
@@ -198,5 +204,5 @@ def test_export_and_bench_commands_name_what_is_missing(tmp_path):
     # As users type it: a one-line error and exit status 1, and the plain comma list of backends.
     res = run_cmd("-m", "sim", "bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
     assert res.returncode == 1 and res.stderr.strip() == (
-        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8"
+        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8, onnx_int8_pc"
     )
