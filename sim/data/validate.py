@@ -201,6 +201,212 @@ def _sample_id(x: Any) -> str | bool | None:
     return False
 
 
+# ---- one field of one sample: (normalized value, None) or (None, what is wrong) ----------------------
+def _check_telemetry(raw: Any) -> tuple[Any, str | None]:
+    tel = _as_tensor(raw)
+    if isinstance(tel, str):
+        return None, f"{tel}; expected {TELEMETRY_DIM} numbers {L.TELEMETRY_FIELDS}"
+    if tuple(tel.shape) != (TELEMETRY_DIM,):
+        return None, f"has shape {list(tel.shape)}; expected [{TELEMETRY_DIM}] ({', '.join(L.TELEMETRY_FIELDS)})"
+    return tel, None
+
+
+def _check_label(head: str, raw: Any) -> tuple[Any, str | None]:
+    value, n = _int_label(raw), L.NUM_CLASSES[head]
+    expected = f"expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})"
+    if value is None:
+        return None, f"is {_short(raw)}; {expected}"
+    if not 0 <= value < n:
+        return None, f"is {value}; {expected}"
+    return value, None
+
+
+def _check_weight(raw: Any) -> tuple[Any, str | None]:
+    if raw is None:
+        return 1.0, None
+    w = _float_weight(raw)
+    if w is None or not math.isfinite(w) or w < 0:
+        return None, f"is {_short(raw)}; expected a finite float >= 0 (or no weight)"
+    return w, None
+
+
+def _check_sample_id(raw: Any) -> tuple[Any, str | None]:
+    sid = _sample_id(raw)
+    if sid is False:
+        return None, f"is {_short(raw)}; expected a string"
+    return sid, None
+
+
+class _WholeBatch(Exception):
+    """A problem of a whole collated batch: every row is refused with it (`SampleValidator.check_batch`)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key, self.problem = key, problem
+
+
+def _batch_ids(ids: Any, B: int) -> list[str | None]:
+    """A collated batch's sample ids, one per row (None when the batch has none)."""
+    if ids is None:
+        return [None] * B
+    if isinstance(ids, (list, tuple)) and len(ids) == B:
+        if all(type(x) is str for x in ids):
+            return list(ids)
+        normalized = [_sample_id(x) for x in ids]
+        if all(x is not False for x in normalized):
+            return [x if isinstance(x, str) else None for x in normalized]
+    raise _WholeBatch("sample_id", f"is {_short(ids)}; expected a list of {B} strings (one per sample)")
+
+
+def _batch_rows(batch: Mapping[str, Any], B: int) -> dict[str, torch.Tensor]:
+    """Telemetry, labels and weights of a collated batch, each checked for its batch shape."""
+    out: dict[str, torch.Tensor] = {}
+    tel = _as_tensor(batch["telemetry"])
+    if isinstance(tel, str) or tuple(tel.shape) != (B, TELEMETRY_DIM):
+        got = tel if isinstance(tel, str) else f"has batch shape {list(tel.shape)}"
+        raise _WholeBatch("telemetry", f"{got}; expected [B={B}, {TELEMETRY_DIM}]")
+    out["telemetry"] = tel.float()
+    for key in LABEL_KEYS:
+        lab = _as_tensor(batch[key])
+        if isinstance(lab, str) or tuple(lab.shape) != (B,) or lab.is_floating_point():
+            got = lab if isinstance(lab, str) else f"has batch shape {list(lab.shape)} dtype {_dtype_name(lab)}"
+            raise _WholeBatch(key, f"{got}; expected [B={B}] integers")
+        out[key] = lab.long()
+    if batch.get("weight") is None:
+        out["weight"] = torch.ones(B)
+        return out
+    w = _as_tensor(batch["weight"])
+    if isinstance(w, str) or tuple(w.shape) != (B,):
+        got = w if isinstance(w, str) else f"has batch shape {list(w.shape)}"
+        raise _WholeBatch("weight", f"{got}; expected [B={B}] floats >= 0")
+    out["weight"] = w.float()
+    return out
+
+
+def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
+    pairs = zip(shape, expected, strict=False)  # lengths compared first
+    return len(shape) == len(expected) and all(s >= 1 and (e is None or s == e) for s, e in pairs)
+
+
+def all_plain(samples: Sequence[Any], video_key: str, video_shape: Sequence[int | None]) -> bool:
+    """Whether every sample is of the common, well-formed kind (tensors of the expected shape and
+    dtype, int labels, str ids), checked with type tests only. Such a batch is stacked at once and
+    checked vectorized; any other goes through `check_sample`, one by one, to say what is wrong."""
+    vk = video_key
+    first = samples[0].get(vk) if type(samples[0]) is dict else None
+    if type(first) is not torch.Tensor:
+        return False
+    shape = first.shape
+    if not _shape_matches(shape, video_shape):
+        return False
+    vdtype = first.dtype
+    if vdtype not in (_FEATURE_DTYPES if vk == "vis_feats" else _FRAME_DTYPES):
+        return False
+    try:
+        for s in samples:
+            if type(s) is not dict:
+                return False
+            v, t = s[vk], s["telemetry"]
+            if (
+                type(v) is not torch.Tensor
+                or v.dtype != vdtype
+                or v.shape != shape
+                or type(t) is not torch.Tensor
+                or t.dtype not in _FEATURE_DTYPES
+                or t.shape != _TEL_SHAPE
+                or type(s["risk_id"]) is not int
+                or type(s["reason_id"]) is not int
+                or type(s["action_id"]) is not int
+                or v.requires_grad
+                or t.requires_grad
+            ):
+                return False
+            w, sid = s.get("weight"), s.get("sample_id")
+            if (w is not None and type(w) is not float and type(w) is not int) or (
+                sid is not None and type(sid) is not str
+            ):
+                return False
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def check_values(
+    batch: dict[str, Any], rows: list[int | None], bad: list[BadSample], video_key: str, expected_video: str
+) -> Checked:
+    """NaN, inf and label ranges of a stacked batch, vectorized; adds to `bad` and marks the good rows."""
+    B = len(rows)
+    good = torch.ones(B, dtype=torch.bool)
+    ids = batch["sample_id"]
+    # One aminmax per tensor on the common path (NaN propagates into it, and it is one pass,
+    # several times cheaper than isfinite + all); rows are only located when a check fails.
+    video = batch[video_key]
+    if video.is_floating_point() and not _all_finite(video):
+        for r in (~torch.isfinite(video).reshape(B, -1).all(1)).nonzero().flatten().tolist():
+            good[r] = False
+            bad.append(
+                BadSample(
+                    rows[r],
+                    ids[r],
+                    video_key,
+                    f"has {_nonfinite_desc(video[r])}; expected finite {expected_video}",
+                )
+            )
+    tel = batch["telemetry"]
+    if not _all_finite(tel):
+        for r in (~torch.isfinite(tel).all(1)).nonzero().flatten().tolist():
+            good[r] = False
+            chans = [L.TELEMETRY_FIELDS[c] for c in (~torch.isfinite(tel[r])).nonzero().flatten().tolist()]
+            bad.append(
+                BadSample(
+                    rows[r],
+                    ids[r],
+                    "telemetry",
+                    f"has {_nonfinite_desc(tel[r])} in {', '.join(chans)}; expected {TELEMETRY_DIM} finite numbers",
+                )
+            )
+    for head in L.HEADS:
+        key, n = f"{head}_id", L.NUM_CLASSES[head]
+        lab = batch[key]
+        lo, hi = torch.aminmax(lab)
+        if int(lo) < 0 or int(hi) >= n:
+            for r in ((lab < 0) | (lab >= n)).nonzero().flatten().tolist():
+                good[r] = False
+                bad.append(
+                    BadSample(
+                        rows[r],
+                        ids[r],
+                        key,
+                        f"is {int(lab[r])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})",
+                    )
+                )
+    w = batch["weight"]
+    lo, hi = torch.aminmax(w)
+    if not (float(lo) >= 0 and float(hi) < math.inf):  # NaN fails the first test
+        for r in (~torch.isfinite(w) | (w < 0)).nonzero().flatten().tolist():
+            good[r] = False
+            bad.append(BadSample(rows[r], ids[r], "weight", f"is {float(w[r])}; expected a finite float >= 0"))
+    return Checked(batch, rows, good, bad)
+
+
+def refusal(bad: Sequence[BadSample], split: str, policy: str) -> DataError:
+    """The DataError that names the bad samples (the first few spelled out)."""
+    samples = {(b.index, b.sample_id) for b in bad}
+    where = f" of the {split} split" if split else ""
+    lines = [f"  {b.describe()}" for b in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
+    head = (
+        f"bad sample{where}: {bad[0].describe()}"
+        if len(bad) == 1
+        else f"{len(samples)} bad sample{'s' if len(samples) != 1 else ''} in a batch{where}:\n" + "\n".join(lines)
+    )
+    return DataError(
+        f"{head}\n(data.on_bad_sample={policy}) List every bad sample with "
+        "`python -m sim check_data data=...`, fix the data, or skip such samples with data.on_bad_sample=skip."
+    )
+
+
 class SampleValidator:
     """Checks samples and batches against what the model expects.
 
@@ -247,11 +453,6 @@ class SampleValidator:
             return f"has dtype {_dtype_name(t)}; expected {self.video_dtypes} {self.expected_video}"
         return None
 
-    def _shape_matches(self, shape: Sequence[int], expected: Sequence[int | None]) -> bool:
-        return len(shape) == len(expected) and all(
-            s >= 1 and (e is None or s == e) for s, e in zip(shape, expected, strict=True)
-        )
-
     def check_sample(self, sample: Any) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
         """Structural checks of one sample dict; values (NaN, inf) are checked once stacked.
 
@@ -263,8 +464,26 @@ class SampleValidator:
             return None, [
                 ("sample", f"is a {type(sample).__name__}; expected a dict with keys {', '.join(self.required)}")
             ]
-        problems: list[tuple[str, str]] = []
+        problems = self._missing_keys(sample)
+        if problems:
+            return None, problems
         out: dict[str, Any] = {}
+        checks = (
+            (self.video_key, self._check_video(sample[self.video_key])),
+            ("telemetry", _check_telemetry(sample["telemetry"])),
+            *((f"{head}_id", _check_label(head, sample[f"{head}_id"])) for head in L.HEADS),
+            ("weight", _check_weight(sample.get("weight"))),
+            ("sample_id", _check_sample_id(sample.get("sample_id"))),
+        )
+        for key, (value, problem) in checks:
+            if problem is None:
+                out[key] = value
+            else:
+                problems.append((key, problem))
+        return (None if problems else out), problems
+
+    def _missing_keys(self, sample: Mapping[str, Any]) -> list[tuple[str, str]]:
+        problems = []
         for key in self.required:
             if key not in sample:
                 other = "frames" if self.video_key == "vis_feats" else "vis_feats"
@@ -274,102 +493,21 @@ class SampleValidator:
                     else ""
                 )
                 problems.append((key, f"is missing; expected keys {', '.join(self.required)}{hint}"))
-        if problems:
-            return None, problems
-        video = _as_tensor(sample[self.video_key])
+        return problems
+
+    def _check_video(self, raw: Any) -> tuple[Any, str | None]:
+        video = _as_tensor(raw)
         if isinstance(video, str):
-            problems.append(
-                (self.video_key, f"{video}; expected a tensor {self.expected_video} of {self.video_dtypes}")
-            )
-        else:
-            why = self._video_ok(video)
-            if why:
-                problems.append((self.video_key, why))
-            elif not self._shape_matches(video.shape, self.video_shape):
-                problems.append((self.video_key, f"has shape {list(video.shape)}; expected {self.expected_video}"))
-            else:
-                out[self.video_key] = video
-        tel = _as_tensor(sample["telemetry"])
-        if isinstance(tel, str):
-            problems.append(("telemetry", f"{tel}; expected {TELEMETRY_DIM} numbers {L.TELEMETRY_FIELDS}"))
-        elif tuple(tel.shape) != (TELEMETRY_DIM,):
-            problems.append(
-                (
-                    "telemetry",
-                    f"has shape {list(tel.shape)}; expected [{TELEMETRY_DIM}] ({', '.join(L.TELEMETRY_FIELDS)})",
-                )
-            )
-        else:
-            out["telemetry"] = tel
-        for head in L.HEADS:
-            key = f"{head}_id"
-            value = _int_label(sample[key])
-            n = L.NUM_CLASSES[head]
-            if value is None:
-                problems.append(
-                    (key, f"is {_short(sample[key])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})")
-                )
-            elif not 0 <= value < n:
-                problems.append((key, f"is {value}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})"))
-            else:
-                out[key] = value
-        raw_w = sample.get("weight")
-        if raw_w is None:
-            out["weight"] = 1.0
-        else:
-            w = _float_weight(raw_w)
-            if w is None or not math.isfinite(w) or w < 0:
-                problems.append(("weight", f"is {_short(raw_w)}; expected a finite float >= 0 (or no weight)"))
-            else:
-                out["weight"] = w
-        sid = _sample_id(sample.get("sample_id"))
-        if sid is False:
-            problems.append(("sample_id", f"is {_short(sample.get('sample_id'))}; expected a string"))
-        else:
-            out["sample_id"] = sid
-        return (None if problems else out), problems
+            return None, f"{video}; expected a tensor {self.expected_video} of {self.video_dtypes}"
+        why = self._video_ok(video)
+        if why:
+            return None, why
+        if not _shape_matches(video.shape, self.video_shape):
+            return None, f"has shape {list(video.shape)}; expected {self.expected_video}"
+        return video, None
 
     def _plain(self, samples: Sequence[Any]) -> bool:
-        """Whether every sample is of the common, well-formed kind (tensors of the expected shape and
-        dtype, int labels, str ids), checked with type tests only. Such a batch is stacked at once and
-        checked vectorized; any other goes through `check_sample`, one by one, to say what is wrong."""
-        vk = self.video_key
-        first = samples[0].get(vk) if type(samples[0]) is dict else None
-        if type(first) is not torch.Tensor:
-            return False
-        shape = first.shape
-        if not self._shape_matches(shape, self.video_shape):
-            return False
-        vdtype = first.dtype
-        if vdtype not in (_FEATURE_DTYPES if vk == "vis_feats" else _FRAME_DTYPES):
-            return False
-        try:
-            for s in samples:
-                if type(s) is not dict:
-                    return False
-                v, t = s[vk], s["telemetry"]
-                if (
-                    type(v) is not torch.Tensor
-                    or v.dtype != vdtype
-                    or v.shape != shape
-                    or type(t) is not torch.Tensor
-                    or t.dtype not in _FEATURE_DTYPES
-                    or t.shape != _TEL_SHAPE
-                    or type(s["risk_id"]) is not int
-                    or type(s["reason_id"]) is not int
-                    or type(s["action_id"]) is not int
-                    or v.requires_grad
-                    or t.requires_grad
-                ):
-                    return False
-                w, sid = s.get("weight"), s.get("sample_id")
-                if (w is not None and type(w) is not float and type(w) is not int) or (
-                    sid is not None and type(sid) is not str
-                ):
-                    return False
-        except (KeyError, TypeError, AttributeError):
-            return False
-        return True
+        return all_plain(samples, self.video_key, self.video_shape)
 
     def check_samples(self, samples: Sequence[Any], indices: Sequence[int | None] | None = None) -> Checked:
         """Check a list of sample dicts, stack the readable ones, then check their values."""
@@ -453,170 +591,45 @@ class SampleValidator:
         if not isinstance(batch, Mapping):
             problem = f"a batch that is a {type(batch).__name__}; expected a dict of stacked tensors"
             return Checked(None, [], None, [BadSample(i, None, "batch", problem) for i in indices])
-        ids = batch.get("sample_id")
-        id_list: list[str | None]
-        if ids is None:
-            id_list = [None] * B
-        elif isinstance(ids, (list, tuple)) and len(ids) == B and all(type(x) is str for x in ids):
-            id_list = list(ids)
-        elif isinstance(ids, (list, tuple)) and len(ids) == B and all(_sample_id(x) is not False for x in ids):
-            id_list = [_sample_id(x) for x in ids]  # type: ignore[misc]
-        else:
-            return self._whole_batch(
-                indices, [None] * B, "sample_id", f"is {_short(ids)}; expected a list of {B} strings (one per sample)"
-            )
-        out: dict[str, Any] = {}
-        for key in self.required:
-            if key not in batch:
-                return self._whole_batch(
-                    indices, id_list, key, f"is missing from the batch; expected keys {', '.join(self.required)}"
-                )
-        video = _as_tensor(batch[self.video_key])
-        expected = (B, *self.video_shape)
-        if isinstance(video, str):
-            return self._whole_batch(
-                indices, id_list, self.video_key, f"{video}; expected a tensor {self.expected_video} per sample"
-            )
-        why = self._video_ok(video)
-        if why:
-            return self._whole_batch(indices, id_list, self.video_key, why)
-        if not self._shape_matches(video.shape, expected):
-            return self._whole_batch(
-                indices,
-                id_list,
-                self.video_key,
-                f"has batch shape {list(video.shape)}; expected [B={B}] + {self.expected_video}",
-            )
-        out[self.video_key] = self._video_dtype(video)
-        tel = _as_tensor(batch["telemetry"])
-        if isinstance(tel, str) or tuple(tel.shape) != (B, TELEMETRY_DIM):
-            got = tel if isinstance(tel, str) else f"has batch shape {list(tel.shape)}"
-            return self._whole_batch(indices, id_list, "telemetry", f"{got}; expected [B={B}, {TELEMETRY_DIM}]")
-        out["telemetry"] = tel.float()
-        for key in LABEL_KEYS:
-            lab = _as_tensor(batch[key])
-            if isinstance(lab, str) or tuple(lab.shape) != (B,) or lab.is_floating_point():
-                got = lab if isinstance(lab, str) else f"has batch shape {list(lab.shape)} dtype {_dtype_name(lab)}"
-                return self._whole_batch(indices, id_list, key, f"{got}; expected [B={B}] integers")
-            out[key] = lab.long()
-        if batch.get("weight") is None:
-            out["weight"] = torch.ones(B)
-        else:
-            w = _as_tensor(batch["weight"])
-            if isinstance(w, str) or tuple(w.shape) != (B,):
-                got = w if isinstance(w, str) else f"has batch shape {list(w.shape)}"
-                return self._whole_batch(indices, id_list, "weight", f"{got}; expected [B={B}] floats >= 0")
-            out["weight"] = w.float()
+        id_list: list[str | None] = [None] * B
+        try:
+            id_list = _batch_ids(batch.get("sample_id"), B)
+            missing = [key for key in self.required if key not in batch]
+            if missing:
+                raise _WholeBatch(missing[0], f"is missing from the batch; expected keys {', '.join(self.required)}")
+            out: dict[str, Any] = {self.video_key: self._batch_video(batch[self.video_key], B), **_batch_rows(batch, B)}
+        except _WholeBatch as whole:
+            return self._whole_batch(indices, id_list, whole.key, whole.problem)
         out["sample_id"] = id_list
         return self._check_values(out, indices, [])
+
+    def _batch_video(self, raw: Any, B: int) -> torch.Tensor:
+        video = _as_tensor(raw)
+        if isinstance(video, str):
+            raise _WholeBatch(self.video_key, f"{video}; expected a tensor {self.expected_video} per sample")
+        why = self._video_ok(video)
+        if why:
+            raise _WholeBatch(self.video_key, why)
+        if not _shape_matches(video.shape, (B, *self.video_shape)):
+            problem = f"has batch shape {list(video.shape)}; expected [B={B}] + {self.expected_video}"
+            raise _WholeBatch(self.video_key, problem)
+        return self._video_dtype(video)
 
     def _whole_batch(self, indices: list[int | None], ids: list[str | None], key: str, problem: str) -> Checked:
         return Checked(None, [], None, [BadSample(i, s, key, problem) for i, s in zip(indices, ids, strict=True)])
 
     # ---- values (NaN, inf, label ranges), vectorized -----------------------------------------------
     def _check_values(self, batch: dict[str, Any], rows: list[int | None], bad: list[BadSample]) -> Checked:
-        B = len(rows)
-        good = torch.ones(B, dtype=torch.bool)
-        ids = batch["sample_id"]
-        # One aminmax per tensor on the common path (NaN propagates into it, and it is one pass,
-        # several times cheaper than isfinite + all); rows are only located when a check fails.
-        video = batch[self.video_key]
-        if video.is_floating_point() and not _all_finite(video):
-            for r in (~torch.isfinite(video).reshape(B, -1).all(1)).nonzero().flatten().tolist():
-                good[r] = False
-                bad.append(
-                    BadSample(
-                        rows[r],
-                        ids[r],
-                        self.video_key,
-                        f"has {_nonfinite_desc(video[r])}; expected finite {self.expected_video}",
-                    )
-                )
-        tel = batch["telemetry"]
-        if not _all_finite(tel):
-            for r in (~torch.isfinite(tel).all(1)).nonzero().flatten().tolist():
-                good[r] = False
-                chans = [L.TELEMETRY_FIELDS[c] for c in (~torch.isfinite(tel[r])).nonzero().flatten().tolist()]
-                bad.append(
-                    BadSample(
-                        rows[r],
-                        ids[r],
-                        "telemetry",
-                        f"has {_nonfinite_desc(tel[r])} in {', '.join(chans)}; expected {TELEMETRY_DIM} finite numbers",
-                    )
-                )
-        for head in L.HEADS:
-            key, n = f"{head}_id", L.NUM_CLASSES[head]
-            lab = batch[key]
-            lo, hi = torch.aminmax(lab)
-            if int(lo) < 0 or int(hi) >= n:
-                for r in ((lab < 0) | (lab >= n)).nonzero().flatten().tolist():
-                    good[r] = False
-                    bad.append(
-                        BadSample(
-                            rows[r],
-                            ids[r],
-                            key,
-                            f"is {int(lab[r])}; expected an integer in 0..{n - 1} ({', '.join(L.LABELS[head])})",
-                        )
-                    )
-        w = batch["weight"]
-        lo, hi = torch.aminmax(w)
-        if not (float(lo) >= 0 and float(hi) < math.inf):  # NaN fails the first test
-            for r in (~torch.isfinite(w) | (w < 0)).nonzero().flatten().tolist():
-                good[r] = False
-                bad.append(BadSample(rows[r], ids[r], "weight", f"is {float(w[r])}; expected a finite float >= 0"))
-        return Checked(batch, rows, good, bad)
+        return check_values(batch, rows, bad, self.video_key, self.expected_video)
 
     # ---- a dataset ---------------------------------------------------------------------------------
     def check_dataset(self, dataset: Dataset, indices: Sequence[int]) -> Checked:
-        """Read the samples at `indices` (a whole batch through `__getitems__` where the dataset has
-        it) and check them. A batch read that fails or is malformed as a whole is re-read sample by
-        sample, so the message names the samples that are wrong."""
-        indices = [int(i) for i in indices]
-        whole: Checked | None = None  # a batch from __getitems__ that is malformed as a whole
-        getitems = getattr(dataset, "__getitems__", None)
-        if getitems is not None:
-            failed = object()
-            try:
-                data = getitems(indices)
-            except Exception:
-                data = failed
-            if isinstance(data, list) and len(data) == len(indices):  # __getitems__ may return samples
-                return self.check_samples(data, indices)
-            if data is not failed:
-                whole = self.check_batch(data, indices)
-                if whole.batch is not None:
-                    return whole
-        samples, rows, bad = [], [], []
-        for i in indices:
-            try:
-                samples.append(dataset[i])
-                rows.append(i)
-            except Exception as exc:
-                bad.append(BadSample(i, None, "sample", f"could not be read: {type(exc).__name__}: {exc}"))
-        if whole is not None and not samples:
-            return whole  # no sample reads alone: the batch's own problem says the most
-        checked = self.check_samples(samples, rows)
-        checked.bad = bad + checked.bad
-        return checked
+        """Read the samples at `indices` and check them (see `read_and_check`)."""
+        return read_and_check(self, dataset, indices)
 
     def refuse(self, bad: Sequence[BadSample], split: str = "") -> DataError:
         """The DataError that names the bad samples (the first few spelled out)."""
-        samples = {(b.index, b.sample_id) for b in bad}
-        where = f" of the {split} split" if split else ""
-        lines = [f"  {b.describe()}" for b in bad[:MAX_LISTED]]
-        if len(bad) > MAX_LISTED:
-            lines.append(f"  ... and {len(bad) - MAX_LISTED} more")
-        head = (
-            f"bad sample{where}: {bad[0].describe()}"
-            if len(bad) == 1
-            else f"{len(samples)} bad sample{'s' if len(samples) != 1 else ''} in a batch{where}:\n" + "\n".join(lines)
-        )
-        return DataError(
-            f"{head}\n(data.on_bad_sample={self.on_bad_sample}) List every bad sample with "
-            "`python -m sim check_data data=...`, fix the data, or skip such samples with data.on_bad_sample=skip."
-        )
+        return refusal(bad, split, self.on_bad_sample)
 
     def apply(self, checked: Checked, split: str = "") -> dict[str, Any]:
         """The batch to train on, per policy: raise on any bad sample, or drop them (listed under
@@ -778,3 +791,36 @@ def telemetry_stats(tel: np.ndarray, split: str = "train") -> tuple[torch.Tensor
         )
         tel = tel[finite]
     return torch.from_numpy(tel.mean(0)).float(), torch.from_numpy(tel.std(0)).float()
+
+
+def read_and_check(validator: SampleValidator, dataset: Dataset, indices: Sequence[int]) -> Checked:
+    """Read the samples at `indices` (a whole batch through `__getitems__` where the dataset has
+    it) and check them. A batch read that fails or is malformed as a whole is re-read sample by
+    sample, so the message names the samples that are wrong."""
+    indices = [int(i) for i in indices]
+    whole: Checked | None = None  # a batch from __getitems__ that is malformed as a whole
+    getitems = getattr(dataset, "__getitems__", None)
+    if getitems is not None:
+        failed = object()
+        try:
+            data = getitems(indices)
+        except Exception:
+            data = failed
+        if isinstance(data, list) and len(data) == len(indices):  # __getitems__ may return samples
+            return validator.check_samples(data, indices)
+        if data is not failed:
+            whole = validator.check_batch(data, indices)
+            if whole.batch is not None:
+                return whole
+    samples, rows, bad = [], [], []
+    for i in indices:
+        try:
+            samples.append(dataset[i])
+            rows.append(i)
+        except Exception as exc:
+            bad.append(BadSample(i, None, "sample", f"could not be read: {type(exc).__name__}: {exc}"))
+    if whole is not None and not samples:
+        return whole  # no sample reads alone: the batch's own problem says the most
+    checked = validator.check_samples(samples, rows)
+    checked.bad = bad + checked.bad
+    return checked

@@ -112,6 +112,21 @@ class SimInference:
     def video_key(self) -> str:
         return "vis_feats" if self.model.use_cached_vis_feats else "frames"
 
+    def _video_input(self, vis_feats: Any, frames: Any) -> Any:
+        """The video input this model reads; DataError when it was not given (naming the other one if it was)."""
+        m = self.model
+        given = vis_feats if self.video_key == "vis_feats" else frames
+        if given is None:
+            other = "frames" if self.video_key == "vis_feats" else "vis_feats"
+            extra = (
+                f" (got {other}, which this checkpoint does not read)"
+                if (frames if other == "frames" else vis_feats) is not None
+                else ""
+            )
+            want = f"vis_feats [F={m.F}, dv={m.dv}]" if self.video_key == "vis_feats" else f"frames [F={m.F}, 3, H, W]"
+            raise DataError(f"this checkpoint reads {want}{extra}")
+        return given
+
     def batch(
         self, telemetry: Any, vis_feats: Any = None, frames: Any = None, sample_id: str | list[str] | None = None
     ) -> tuple[dict[str, Any], bool]:
@@ -124,17 +139,7 @@ class SimInference:
             DataError: a missing input, or a shape, dtype or value the model cannot read.
         """
         m = self.model
-        given = vis_feats if self.video_key == "vis_feats" else frames
-        if given is None:
-            other = "frames" if self.video_key == "vis_feats" else "vis_feats"
-            extra = (
-                f" (got {other}, which this checkpoint does not read)"
-                if (frames if other == "frames" else vis_feats) is not None
-                else ""
-            )
-            want = f"vis_feats [F={m.F}, dv={m.dv}]" if self.video_key == "vis_feats" else f"frames [F={m.F}, 3, H, W]"
-            raise DataError(f"this checkpoint reads {want}{extra}")
-        video = np.asarray(given)
+        video = np.asarray(self._video_input(vis_feats, frames))
         tel = np.asarray(telemetry)
         if tel.dtype.kind not in "fiu" or tel.shape[-1:] != (8,) or tel.ndim not in (1, 2):
             raise DataError(

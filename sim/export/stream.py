@@ -408,6 +408,21 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f}"
 
 
+def stream_summary(runner: StreamRunner, drawn: int, wall: float, duration: float, rate: float) -> dict[str, Any]:
+    """The runner's counters with the wall time, the stream's duration, the rates and whether it kept up."""
+    return {
+        **runner.summary(),
+        "frames_drawn": drawn,
+        "wall_s": round(wall, 3),
+        "stream_s": round(duration, 3),
+        "stream_fps": rate,
+        "processed_fps": round(runner.frames_in / wall, 2) if wall > 0 else None,
+        "decisions_per_s": round(runner.decisions / wall, 3) if wall > 0 else None,
+        "decisions_per_stream_s": round(runner.decisions / duration, 3) if duration > 0 else None,
+        "keeps_up": bool(wall <= duration) if duration > 0 else None,
+    }
+
+
 def run_stream(
     runner: StreamRunner,
     frames: Iterable[tuple[int, float, Any]],
@@ -458,17 +473,7 @@ def run_stream(
                 writer.close()
     wall = time.perf_counter() - t0
     duration = (last_t - first_t + 1.0 / rate) if first_t is not None and last_t is not None else 0.0
-    summary = {
-        **runner.summary(),
-        "frames_drawn": writer.frames if writer is not None else 0,
-        "wall_s": round(wall, 3),
-        "stream_s": round(duration, 3),
-        "stream_fps": rate,
-        "processed_fps": round(runner.frames_in / wall, 2) if wall > 0 else None,
-        "decisions_per_s": round(runner.decisions / wall, 3) if wall > 0 else None,
-        "decisions_per_stream_s": round(runner.decisions / duration, 3) if duration > 0 else None,
-        "keeps_up": bool(wall <= duration) if duration > 0 else None,
-    }
+    summary = stream_summary(runner, writer.frames if writer is not None else 0, wall, duration, rate)
     if telemetry is not None:
         summary["telemetry_rows_skipped"] = telemetry.skipped
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -204,5 +204,6 @@ def test_export_and_bench_commands_name_what_is_missing(tmp_path):
     # As users type it: a one-line error and exit status 1, and the plain comma list of backends.
     res = run_cmd("-m", "sim", "bench_latency", "llm=tiny", "backends=eager_fp32,eager_fp64")
     assert res.returncode == 1 and res.stderr.strip() == (
-        "error: backends: unknown ['eager_fp64']; expected some of eager_fp32, eager_bf16, onnx_fp32, onnx_int8, onnx_int8_pc"
+        "error: backends: unknown ['eager_fp64']; expected some of "
+        "eager_fp32, eager_bf16, onnx_fp32, onnx_int8, onnx_int8_pc"
     )
