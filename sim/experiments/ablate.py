@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from sim.core.cli import compose
 from sim.core.errors import ConfigError
 from sim.evaluation import report
 from sim.experiments.compare import write_comparison
@@ -39,7 +38,6 @@ from sim.experiments.grid_sweeper import read_record
 log = logging.getLogger("sim.experiments.ablate")
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
 TRAIN_PY = ROOT / "train.py"
 OWN_KEYS = ("F", "K", "seeds", "out")
 GRID_KEYS = ("model.F", "model.K")
@@ -108,24 +106,6 @@ def parse_args(argv: list[str]) -> Plan:
     return Plan(_ints("F", own["F"]), _ints("K", own["K"]), seeds, out, overrides)
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The train config as `python train.py <overrides>` would compose it (a bad override fails here)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    if not (CONF_DIR / "train.yaml").is_file():
-        raise ConfigError(
-            f"{CONF_DIR / 'train.yaml'} not found: sim.experiments.ablate composes the project's conf/ directory"
-        )
-    from hydra.errors import HydraException
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return hydra_compose("train", overrides=overrides)
-        except HydraException as exc:
-            raise ConfigError(f"{' '.join(overrides)}: {exc}") from exc
-
-
 def command(plan: Plan, seeds: list[int]) -> list[str]:
     """The multirun that trains the grid: train.py with sweeps/ablate_fk.yaml and the plan's values."""
     return [
@@ -147,7 +127,7 @@ def run_ablation(plan: Plan) -> int:
     Raises:
         ConfigError: an override that does not compose (checked before anything runs).
     """
-    base = compose(plan.overrides)
+    base = compose("train", plan.overrides)
     seeds = plan.seeds if isinstance(plan.seeds, list) else [int(base.training.seed) + i for i in range(plan.seeds)]
     cmd = command(plan, seeds)
     log.info("ablation: F=%s K=%s seeds=%s into %s\n    %s", plan.Fs, plan.Ks, seeds, plan.out, " ".join(cmd[1:]))
