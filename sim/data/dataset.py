@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sim.core import labels as L
-from sim.core.config import to_dict
+from sim.core.config import select_required, to_dict
 from sim.core.errors import ConfigError, DataError
 from sim.data.validate import SampleValidator, SimDataLoader, SkipLog, ValidatedDataset
 
@@ -513,8 +513,6 @@ def open_split(data_cfg: Any, split: str, use_cached_vis_feats: bool) -> SimData
         ConfigError: a mandatory key unset, or the class cannot be imported. DataError: the split is empty.
     """
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
 
     if split not in ("train", "val"):
         raise ConfigError(f"split={split!r}: expected train or val")
@@ -523,12 +521,7 @@ def open_split(data_cfg: Any, split: str, use_cached_vis_feats: bool) -> SimData
         return data.split(split)
 
     def required(key: str) -> Any:
-        try:
-            return OmegaConf.select(data_cfg, key, throw_on_missing=True)
-        except MissingMandatoryValue:
-            raise ConfigError(
-                f"data.{key} must be set (it is ??? in the config); pass it on the command line: data.{key}=..."
-            ) from None
+        return select_required(data_cfg, key, prefix="data.")
 
     def plain(key: str) -> dict[str, Any]:
         value = data_cfg.get(key)
