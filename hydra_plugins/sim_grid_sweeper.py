@@ -9,9 +9,11 @@ the others run. Every cell's outcome goes to `<sweep dir>/jobs.jsonl`.
 # No `from __future__ import annotations`: Hydra's plugin scanner runs this module before it is in
 # sys.modules, and dataclasses resolve string annotations through sys.modules.
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from sim.core.cli import sweep_fails_cleanly
 from sim.experiments.grid_sweeper import GridSweeper
 
 
@@ -32,3 +34,8 @@ ConfigStore.instance().store(group="hydra/sweeper", name="sim_grid", node=SimGri
 
 class SimGridSweeper(GridSweeper):
     """The class Hydra instantiates for hydra/sweeper=sim_grid."""
+
+    def sweep(self, arguments: list[str]) -> Any:
+        # Failed jobs end the sweep with one `error:` line, as a failed run does.
+        with sweep_fails_cleanly():
+            return super().sweep(arguments)

@@ -89,18 +89,21 @@ def sweep_fails_cleanly() -> Iterator[None]:
         exit_with_error(error)
 
 
-def failed_trials_message(n_failed: int, n_trials: int, first: str, error: str, run_dir: str | Path | None) -> str:
+def failed_trials_message(
+    n_failed: int, n_trials: int, first: str, error: str, run_dir: str | Path | None, *, noun: str = "trial"
+) -> str:
     """What a sweep whose trials failed says: how many, the first one's error and where its traceback is.
 
     Args:
         first: names the first failed trial, e.g. "trial 0 (model.K=4)".
+        noun: what the sweep calls its runs ("trial", or "job" for a grid).
         error: its `Type: message` (`describe_error`).
         run_dir: its run directory, whose logs/stdout.log holds the traceback (if the trial got that far).
     """
     if n_failed == n_trials > 1:
-        head = f"all {n_trials} trials failed"
+        head = f"all {n_trials} {noun}s failed"
     else:
-        head = f"{n_failed} of {n_trials} trial{'s' if n_trials > 1 else ''} failed"
+        head = f"{n_failed} of {n_trials} {noun}{'s' if n_trials > 1 else ''} failed"
     log_file = Path(run_dir) / "logs" / "stdout.log" if run_dir else None
     where = f" (its log: {log_file})" if log_file is not None and log_file.is_file() else ""
     return f"{head}{'; the first,' if n_failed > 1 else ':'} {first}, with {error}{where}"

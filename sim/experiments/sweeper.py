@@ -19,7 +19,6 @@ space syntax (sim/experiments/search_space.py) and runs this loop on optuna >= 4
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import warnings
@@ -29,11 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import optuna
-from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
-from hydra.plugins.launcher import Launcher
-from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
@@ -41,6 +36,7 @@ from optuna.trial import Trial, TrialState
 
 from sim.core.cli import failed_trials_message, sim_error_in
 from sim.core.errors import ConfigError, SweepFailed
+from sim.experiments.launching import LaunchingSweeper, append_record, job_result, run_dir_of
 from sim.experiments.search_space import (
     distribution_from_config,
     grid_choices,
@@ -84,7 +80,7 @@ def _n_counted(study: optuna.Study, stale: set[int]) -> int:
     )
 
 
-class OptunaSweeperImpl(Sweeper):
+class OptunaSweeperImpl(LaunchingSweeper):
     """A resumable, failure-tolerant, pruning optuna loop (see the module doc)."""
 
     def __init__(
@@ -118,14 +114,6 @@ class OptunaSweeperImpl(Sweeper):
         self.extend_search_space: Callable[[DictConfig, Trial], None] | None = (
             instantiate({"_target_": custom_search_space, "_partial_": True}) if custom_search_space else None
         )
-        self.config: DictConfig | None = None
-        self.launcher: Launcher | None = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(
-            config=config, hydra_context=hydra_context, task_function=task_function
-        )
 
     def _search_space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
         """(distributions, fixed values) from `params`, the deprecated `search_space` and the command line."""
@@ -153,7 +141,6 @@ class OptunaSweeperImpl(Sweeper):
         return [d.name if isinstance(d, Enum) else str(d) for d in items]
 
     def sweep(self, arguments: list[str]) -> None:
-        assert self.config is not None and self.launcher is not None
         dists, fixed_params = self._search_space(arguments)
         is_grid = isinstance(self.sampler, functools.partial) and self.sampler.func is optuna.samplers.GridSampler
         if is_grid:
@@ -167,10 +154,7 @@ class OptunaSweeperImpl(Sweeper):
                 f"hydra.sweeper.pruner={type(self.pruner).__name__} with {len(directions)} objectives: "
                 "optuna prunes single-objective studies only; use hydra.sweeper.pruner=none"
             )
-
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        # SQLite cannot create the directory of its database file.
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.sweep_dir()
         study = optuna.create_study(
             study_name=self.study_name,
             storage=self.storage,
@@ -180,7 +164,15 @@ class OptunaSweeperImpl(Sweeper):
             load_if_exists=True,
         )
         self._check_study(study, directions, sweep_dir, dists, fixed_params)
+        stale = self._stale_trials(study, sweep_dir)
+        while (to_go := self.n_trials - _n_counted(study, stale)) > 0:
+            batch = [study.ask(dists) for _ in range(min(to_go, self.n_jobs))]
+            self._run_batch(study, batch, fixed_params, directions, is_grid, sweep_dir)
+        write_results(study, directions, sweep_dir)
 
+    # ---- pieces of the loop ---------------------------------------------------------------------
+    def _stale_trials(self, study: optuna.Study, sweep_dir: Path) -> set[int]:
+        """Log where the study stands; the trials found RUNNING, which do not count toward n_trials."""
         trials = study.get_trials(deepcopy=False)
         # RUNNING trials found at start belong to an interrupted sweep or to a live second process;
         # they cannot be told apart, so they do not count (their directories are left as they are).
@@ -204,34 +196,41 @@ class OptunaSweeperImpl(Sweeper):
             type(self.pruner).__name__,
             sweep_dir,
         )
+        return stale
 
-        while (to_go := self.n_trials - _n_counted(study, stale)) > 0:
-            batch = [study.ask(dists) for _ in range(min(to_go, self.n_jobs))]
-            overrides = self._configure_trials(batch, fixed_params)
-            pruning.LIVE_TRIALS.update({t.number: t for t in batch})
-            try:
-                returns = self._launch(batch, overrides)
-            finally:
-                for t in batch:
-                    pruning.LIVE_TRIALS.pop(t.number, None)
-            failures = []
-            for trial, ovr, ret in zip(batch, overrides, returns, strict=True):
-                record = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
-                if record["error"] is not None:
-                    failures.append(record)
-            if failures and len(failures) / len(returns) > self.max_failure_rate:
-                first = failures[0]
-                why = failed_trials_message(
-                    len(failures), len(returns), _trial_name(first), first["error"], first["run_dir"]
-                )
-                raise SweepFailed(
-                    f"the sweep stopped above hydra.sweeper.max_failure_rate={self.max_failure_rate}: "
-                    f"in its last batch, {why}; every trial: {sweep_dir / 'trials.jsonl'}"
-                )
+    def _run_batch(
+        self,
+        study: optuna.Study,
+        batch: list[Trial],
+        fixed_params: dict[str, str],
+        directions: list[str],
+        is_grid: bool,
+        sweep_dir: Path,
+    ) -> None:
+        """Launch one batch of asked trials, tell the study how each ended, and stop the sweep above
+        max_failure_rate."""
+        overrides = self._configure_trials(batch, fixed_params)
+        pruning.LIVE_TRIALS.update({t.number: t for t in batch})
+        try:
+            returns = self.launch_numbered(overrides, [t.number for t in batch])
+        finally:
+            for t in batch:
+                pruning.LIVE_TRIALS.pop(t.number, None)
+        failures = []
+        for trial, ovr, ret in zip(batch, overrides, returns, strict=True):
+            record = self._finish(study, trial, ovr, ret, directions, is_grid, sweep_dir)
+            if record["error"] is not None:
+                failures.append(record)
+        if failures and len(failures) / len(returns) > self.max_failure_rate:
+            first = failures[0]
+            why = failed_trials_message(
+                len(failures), len(returns), _trial_name(first), first["error"], first["run_dir"]
+            )
+            raise SweepFailed(
+                f"the sweep stopped above hydra.sweeper.max_failure_rate={self.max_failure_rate}: "
+                f"in its last batch, {why}; every trial: {sweep_dir / 'trials.jsonl'}"
+            )
 
-        self._write_results(study, directions, sweep_dir)
-
-    # ---- pieces of the loop ---------------------------------------------------------------------
     def _configure_trials(self, trials: list[Trial], fixed_params: dict[str, str]) -> list[tuple[str, ...]]:
         """Each trial's overrides: its sampled values (`study.ask(dists)`) and the fixed ones (the plugin's rules)."""
         overrides = []
@@ -274,37 +273,7 @@ class OptunaSweeperImpl(Sweeper):
                 "write into it: keep the study with its sweep directory (hydra.sweeper.storage), "
                 "or choose a new hydra.sweep.dir"
             )
-        setup = {
-            "search_space": {k: repr(v) for k, v in sorted(dists.items())},
-            "fixed": {k: str(v) for k, v in sorted(fixed_params.items())},
-        }
-        before = study.user_attrs.get("sim_sweep")
-        if before is None:
-            study.set_user_attr("sim_sweep", setup)
-        elif before != setup:
-            changed = sorted(
-                k
-                for part in ("search_space", "fixed")
-                for k in set(before.get(part, {})) | set(setup[part])
-                if before.get(part, {}).get(k) != setup[part].get(k)
-            )
-            log.warning(
-                "resuming study %r with a different sweep: %s changed since it started; earlier "
-                "trials keep their settings",
-                study.study_name,
-                ", ".join(changed),
-            )
-
-    def _launch(self, trials: list[Trial], overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
-        """Launch with hydra.job.num = trial number (one launch per trial if the numbers are not a run)."""
-        launcher = self.launcher
-        assert launcher is not None, "setup() sets the launcher"
-        numbers = [t.number for t in trials]
-        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-            return list(launcher.launch(overrides, initial_job_idx=numbers[0]))
-        return [
-            r for t, o in zip(trials, overrides, strict=True) for r in launcher.launch([o], initial_job_idx=t.number)
-        ]
+        _remember_sweep(study, dists, fixed_params)
 
     def _finish(
         self,
@@ -318,20 +287,8 @@ class OptunaSweeperImpl(Sweeper):
     ) -> dict[str, Any]:
         """Tell the study how the trial ended and record it (the record is returned, its `error` set
         for a failed trial)."""
-        values: list[float] | None = None
-        error: Exception | None = None
-        state = TrialState.COMPLETE
-        try:
-            raw = ret.return_value  # re-raises the job's exception
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except Exception as exc:  # any job failure is one failed trial, not the end of the sweep
-            error, state = sim_error_in(exc) or exc, TrialState.FAIL
-        else:
-            values, why = _objective_values(raw, len(directions))
-            if why is not None:
-                error, state, values = ValueError(why), TrialState.FAIL, None
-        run_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None
+        state, values, error = _trial_outcome(ret, len(directions))
+        run_dir = run_dir_of(ret)
         trial.set_user_attr("run_dir", run_dir)
         if error is not None:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}")
@@ -342,11 +299,10 @@ class OptunaSweeperImpl(Sweeper):
             if not (is_grid and "Study.stop" in str(exc)):
                 raise
         objective = ret.cfg.get("objective") if ret.cfg is not None else None
-        objective = OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else objective
         record = {
             "trial": trial.number,
             "state": state.name,
-            "objective": objective,
+            "objective": OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else objective,
             "values": values,
             "params": trial.params,
             "overrides": list(overrides),
@@ -359,72 +315,108 @@ class OptunaSweeperImpl(Sweeper):
             )
             record["pruned_at_epoch"] = frozen.last_step
             record["last_value"] = frozen.value
-        with open(sweep_dir / "trials.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if state == TrialState.COMPLETE:
-            log.info("trial %d: %s = %s  (%s)", trial.number, objective, values, run_dir)
-        elif state == TrialState.PRUNED:
-            log.info(
-                "trial %d pruned after epoch %s (%s = %s)  (%s)",
-                trial.number,
-                record["pruned_at_epoch"],
-                objective,
-                record["last_value"],
-                run_dir,
-            )
-        else:
-            log.warning(
-                "trial %d failed and is recorded as FAIL; the sweep goes on. %s: %s  (overrides: %s)",
-                trial.number,
-                type(error).__name__,
-                error,
-                " ".join(overrides),
-            )
+        append_record(sweep_dir / "trials.jsonl", record)
+        _log_trial(record)
         return record
 
-    def _write_results(self, study: optuna.Study, directions: list[str], sweep_dir: Path) -> None:
-        trials = study.get_trials(deepcopy=False)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        n_failed = sum(t.state == TrialState.FAIL for t in trials)
-        n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
-        if not complete:
-            every = f"every trial: {sweep_dir / 'trials.jsonl'}"
-            failed = [t for t in trials if t.state == TrialState.FAIL]
-            if not failed:
-                raise SweepFailed(f"no trial of study {study.study_name!r} completed ({n_pruned} pruned); {every}")
-            first = failed[0]
-            # A study begun by another sweeper has no recorded error or run directory.
-            why = failed_trials_message(
-                n_failed,
-                len(trials),
-                _trial_name({"trial": first.number, "params": first.params}),
-                first.user_attrs.get("error", "an unrecorded error"),
-                first.user_attrs.get("run_dir"),
-            )
-            raise SweepFailed(f"no trial of study {study.study_name!r} completed: {why}; {every}")
-        summary: dict[str, Any] = {
-            "name": "optuna",
-            "study_name": study.study_name,
-            "directions": directions,
-            "n_complete": len(complete),
-            "n_pruned": n_pruned,
-            "n_failed": n_failed,
-        }
-        if len(directions) < 2:
-            best = study.best_trial
-            summary.update(
-                best_trial=best.number,
-                best_params=best.params,
-                best_value=best.value,
-                best_run_dir=best.user_attrs.get("run_dir"),
-            )
-            log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
-        else:
-            summary["solutions"] = [
-                {"trial": t.number, "params": t.params, "values": t.values, "run_dir": t.user_attrs.get("run_dir")}
-                for t in study.best_trials
-            ]
-            log.info("Pareto front: %d trials", len(summary["solutions"]))
-            for t in study.best_trials:
-                log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
-        OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
+
+def _remember_sweep(study: optuna.Study, dists: dict[str, BaseDistribution], fixed_params: dict[str, Any]) -> None:
+    """Store the sweep's search space in the study; warn when a resume changed it."""
+    setup = {
+        "search_space": {k: repr(v) for k, v in sorted(dists.items())},
+        "fixed": {k: str(v) for k, v in sorted(fixed_params.items())},
+    }
+    before = study.user_attrs.get("sim_sweep")
+    if before is None:
+        study.set_user_attr("sim_sweep", setup)
+    elif before != setup:
+        changed = sorted(
+            k
+            for part in ("search_space", "fixed")
+            for k in set(before.get(part, {})) | set(setup[part])
+            if before.get(part, {}).get(k) != setup[part].get(k)
+        )
+        log.warning(
+            "resuming study %r with a different sweep: %s changed since it started; earlier trials keep their settings",
+            study.study_name,
+            ", ".join(changed),
+        )
+
+
+def _trial_outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, Exception | None]:
+    """(state, values, error) of a finished job: pruned, failed (with its error) or complete."""
+    raw, exc = job_result(ret)
+    if isinstance(exc, optuna.TrialPruned):
+        return TrialState.PRUNED, None, None
+    if exc is not None:  # any job failure is one failed trial, not the end of the sweep
+        return TrialState.FAIL, None, sim_error_in(exc) or exc
+    values, why = _objective_values(raw, n_objectives)
+    if why is not None:
+        return TrialState.FAIL, None, ValueError(why)
+    return TrialState.COMPLETE, values, None
+
+
+def _log_trial(record: dict[str, Any]) -> None:
+    n, objective, run_dir = record["trial"], record["objective"], record["run_dir"]
+    if record["state"] == TrialState.COMPLETE.name:
+        log.info("trial %d: %s = %s  (%s)", n, objective, record["values"], run_dir)
+    elif record["state"] == TrialState.PRUNED.name:
+        epoch, value = record["pruned_at_epoch"], record["last_value"]
+        log.info("trial %d pruned after epoch %s (%s = %s)  (%s)", n, epoch, objective, value, run_dir)
+    else:
+        log.warning(
+            "trial %d failed and is recorded as FAIL; the sweep goes on. %s  (overrides: %s)",
+            n,
+            record["error"],
+            " ".join(record["overrides"]),
+        )
+
+
+def write_results(study: optuna.Study, directions: list[str], sweep_dir: Path) -> None:
+    """optimization_results.yaml as hydra-optuna-sweeper writes it (the Pareto front for several
+    objectives); a study where no trial completed raises SweepFailed naming the first failure."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    if not complete:
+        every = f"every trial: {sweep_dir / 'trials.jsonl'}"
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        if not failed:
+            raise SweepFailed(f"no trial of study {study.study_name!r} completed ({n_pruned} pruned); {every}")
+        first = failed[0]
+        # A study begun by another sweeper has no recorded error or run directory.
+        why = failed_trials_message(
+            n_failed,
+            len(trials),
+            _trial_name({"trial": first.number, "params": first.params}),
+            first.user_attrs.get("error", "an unrecorded error"),
+            first.user_attrs.get("run_dir"),
+        )
+        raise SweepFailed(f"no trial of study {study.study_name!r} completed: {why}; {every}")
+    summary: dict[str, Any] = {
+        "name": "optuna",
+        "study_name": study.study_name,
+        "directions": directions,
+        "n_complete": len(complete),
+        "n_pruned": n_pruned,
+        "n_failed": n_failed,
+    }
+    if len(directions) < 2:
+        best = study.best_trial
+        summary.update(
+            best_trial=best.number,
+            best_params=best.params,
+            best_value=best.value,
+            best_run_dir=best.user_attrs.get("run_dir"),
+        )
+        log.info("best trial %d: value %s, params %s", best.number, best.value, best.params)
+    else:
+        summary["solutions"] = [
+            {"trial": t.number, "params": t.params, "values": t.values, "run_dir": t.user_attrs.get("run_dir")}
+            for t in study.best_trials
+        ]
+        log.info("Pareto front: %d trials", len(summary["solutions"]))
+        for t in study.best_trials:
+            log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
+    OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
