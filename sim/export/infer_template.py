@@ -36,7 +36,8 @@ import torch
 
 from sim.core.errors import DataError, SimError
 from sim.models.model import SimV0Model
-from sim.models.pretrained import is_pretrained_dir, read_pretrained
+from sim.models.pretrained import is_pretrained_dir
+from sim.models.serialization import saved_metadata
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,12 +101,9 @@ class SimInference:
         precision: str | None = None,
     ) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        if is_pretrained_dir(self.checkpoint):  # an exported model: its calibrated threshold by default
-            self.model = SimV0Model.from_pretrained(self.checkpoint, device=device, precision=precision)
-            if risk_high_threshold is None:
-                risk_high_threshold = read_pretrained(self.checkpoint)[0].get("risk_high_threshold")
-        else:
-            self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
+        self.model = SimV0Model.from_checkpoint(self.checkpoint, device=device, precision=precision)
+        if risk_high_threshold is None:  # an exported model's calibrated threshold by default
+            risk_high_threshold = saved_metadata(self.checkpoint).get("risk_high_threshold")
         self.risk_high_threshold = read_threshold(risk_high_threshold)
 
     @property

@@ -45,14 +45,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sim.core import labels as L
-from sim.core.checkpoint import load_checkpoint
 from sim.core.cli import CONF_DIR, fail_cleanly
 from sim.core.errors import CheckpointError, ConfigError, DataError
 from sim.core.precision import resolve_device
 from sim.export.infer_template import read_threshold
 from sim.export.overlay import OverlayPainter, OverlayWriter
 from sim.models.model import SimV0Model
-from sim.models.pretrained import is_pretrained_dir, read_pretrained
+from sim.models.serialization import saved_metadata
 from sim.models.vision import FrozenVisionEncoder, describe, from_spec
 
 log = logging.getLogger(__name__)
@@ -508,14 +507,10 @@ def load_runner(
 ) -> StreamRunner:
     """A StreamRunner for a checkpoint: its model in its precision, the encoder of its features, and
     the high-risk threshold (a number, or evaluate.py's metrics.json)."""
-    if is_pretrained_dir(checkpoint):  # a directory `python -m sim.export` wrote
-        meta, _ = read_pretrained(checkpoint)
-        model = SimV0Model.from_pretrained(checkpoint, device=device, precision=precision)
-        if risk_high_threshold is None:
-            risk_high_threshold = meta.get("risk_high_threshold")
-    else:
-        meta = load_checkpoint(checkpoint)["metadata"]
-        model = SimV0Model.from_checkpoint(checkpoint, device=device, precision=precision)
+    model = SimV0Model.from_checkpoint(checkpoint, device=device, precision=precision)
+    meta = saved_metadata(checkpoint)
+    if risk_high_threshold is None:  # an exported model's calibrated threshold by default
+        risk_high_threshold = meta.get("risk_high_threshold")
     encoder = stream_encoder(model, meta, vision, device)
     threshold = read_threshold(risk_high_threshold)
     log.info(

@@ -28,9 +28,8 @@ from sim.models.serialization import (
     STAT_BUFFERS,
     TRAINABLE_MODULES,
     check_state_dict,
-    from_checkpoint,
     from_metadata,
-    from_pretrained,
+    load,
     model_metadata,
     precision_code,
     precision_from_code,
@@ -304,8 +303,9 @@ class SimV0Model(nn.Module):
 
     # Rebuilding from what a checkpoint or an exported directory holds (sim.models.serialization).
     from_metadata = classmethod(from_metadata)
-    from_checkpoint = classmethod(from_checkpoint)
-    from_pretrained = classmethod(from_pretrained)
+    # One loader for a checkpoint file and an exported directory, under both names users know.
+    from_checkpoint = classmethod(load)
+    from_pretrained = classmethod(load)
 
 
 def resolve_llm(

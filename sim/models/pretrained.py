@@ -46,11 +46,11 @@ def save_pretrained(
     return out
 
 
-def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, state dict) of a directory `save_pretrained` wrote.
+def read_pretrained_config(path: str | Path) -> dict[str, Any]:
+    """The `config.json` of a directory `save_pretrained` wrote, checked to be one.
 
     Raises:
-        CheckpointError: not such a directory, or a file in it is unreadable or damaged.
+        CheckpointError: not such a directory, or its config is unreadable or foreign.
     """
     p = Path(path)
     if not is_pretrained_dir(p):
@@ -64,8 +64,19 @@ def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise CheckpointError(f"cannot read {p / CONFIG_FILE}: {exc}") from exc
     if not isinstance(config, dict) or config.get("artifact_format") != PRETRAINED_FORMAT:
         raise CheckpointError(f"{p / CONFIG_FILE} is not a SIM model config (artifact_format != {PRETRAINED_FORMAT!r})")
+    return config
+
+
+def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, state dict) of a directory `save_pretrained` wrote.
+
+    Raises:
+        CheckpointError: not such a directory, or a file in it is unreadable or damaged.
+    """
+    config = read_pretrained_config(path)
+    weights = Path(path) / WEIGHTS_FILE
     try:
-        state = load_file(str(p / WEIGHTS_FILE))
+        state = load_file(str(weights))
     except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read {p / WEIGHTS_FILE}: {exc}") from exc
+        raise CheckpointError(f"cannot read {weights}: {exc}") from exc
     return config, state

@@ -21,7 +21,7 @@ from sim.core.errors import CheckpointError
 from sim.core.precision import Precision, dtype_name, named_precision, resolve_precision
 from sim.models import vision
 from sim.models.llm import build_llm, describe
-from sim.models.pretrained import read_pretrained
+from sim.models.pretrained import read_pretrained, read_pretrained_config
 
 if TYPE_CHECKING:
     from sim.models.model import SimV0Model
@@ -175,39 +175,34 @@ def rebuild(
     return model
 
 
-def from_checkpoint(
+def saved_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint file, or the config.json of an exported directory (which adds the
+    calibrated `risk_high_threshold`)."""
+    return read_pretrained_config(path) if Path(path).is_dir() else dict(load_checkpoint(path)["metadata"])
+
+
+def load(
     cls: type[SimV0Model],
     path: str | Path,
     device: str | torch.device = "cpu",
     llm: nn.Module | None = None,
     precision: Precision | str | None = None,
 ) -> SimV0Model:
-    """A trained model from a checkpoint alone (its metadata names the LLM, dims and the precision it
-    was trained and validated in), as `SimV0Model.from_checkpoint`.
+    """A trained model from a checkpoint file, or from a directory `python -m sim.export` wrote
+    (config.json + model.safetensors): `SimV0Model.from_checkpoint` and `from_pretrained`, which take
+    either. The metadata names the LLM, the dims and the precision it was trained and validated in.
 
     Args:
         precision: None computes as the checkpoint did (what reproduces its val metrics);
             "fp32" or "bf16" overrides it (logged).
 
     Raises:
-        CheckpointError: the file is missing, truncated, corrupt, foreign or of another architecture.
+        CheckpointError: the file or directory is missing, truncated, corrupt, foreign or of another
+            architecture.
     """
-    ckpt = load_checkpoint(path)
-    return rebuild(cls, ckpt["metadata"], dict(ckpt["model_state_dict"]), llm, device, precision)
-
-
-def from_pretrained(
-    cls: type[SimV0Model],
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    llm: nn.Module | None = None,
-    precision: Precision | str | None = None,
-) -> SimV0Model:
-    """A directory `python -m sim.export` wrote (config.json + model.safetensors), loaded as
-    `from_checkpoint` loads a checkpoint: the same rebuild, the same precision rule.
-
-    Raises:
-        CheckpointError: not such a directory, or its files are damaged or of another architecture.
-    """
-    config, state = read_pretrained(path)
-    return rebuild(cls, config, state, llm, device, precision)
+    if Path(path).is_dir():
+        meta, state = read_pretrained(path)
+    else:
+        ckpt = load_checkpoint(path)
+        meta, state = ckpt["metadata"], dict(ckpt["model_state_dict"])
+    return rebuild(cls, meta, state, llm, device, precision)

@@ -351,38 +351,16 @@ def _build_torchvision(name: str | None, pretrained: bool, image_size: tuple[int
     return model, dv
 
 
-def vision_spec(
-    kind: str,
-    name_or_path: str | None = None,
-    pretrained: bool = False,
-    dtype: str = "float32",
-    arch: Mapping[str, Any] | None = None,
-    init_seed: int = 0,
-    preprocessing: Mapping[str, Any] | None = None,
-    frame_batch_size: int = 256,
-    sha256: str | None = None,
-    onnx: Mapping[str, Any] | None = None,
-    runtime: str = "torch",
-) -> dict[str, Any]:
-    """The plain-dict identity of an encoder, stored in checkpoints to rebuild it."""
-    spec = {
-        "kind": kind,
-        "name_or_path": name_or_path,
-        "pretrained": bool(pretrained),
-        "dtype": dtype,
-        "arch": dict(arch) if arch else None,
-        "init_seed": int(init_seed),
-        "preprocessing": json.loads(json.dumps(dict(preprocessing or {}))),
-        "frame_batch_size": int(frame_batch_size),
-    }
-    # Only the file kinds carry these keys, so the specs of the other kinds stay as they were.
+def _kind_keys(kind: str, sha256: str | None, onnx: Mapping[str, Any] | None, runtime: str) -> dict[str, Any]:
+    """The spec keys only some kinds carry (so the specs of the other kinds stay as they were)."""
+    keys: dict[str, Any] = {}
     if kind in FILE_KINDS:
-        spec["sha256"] = sha256
+        keys["sha256"] = sha256
     if kind == "onnx":
-        spec["onnx"] = json.loads(json.dumps(dict(onnx or {})))
+        keys["onnx"] = json.loads(json.dumps(dict(onnx or {})))
     if kind == "efficientnet_lite":
-        spec["runtime"] = str(runtime)
-    return spec
+        keys["runtime"] = str(runtime)
+    return keys
 
 
 # ---- one backbone builder per kind: (spec, arch, dtype, image_size) -> (backbone, dv) ---------------
@@ -505,19 +483,18 @@ def build_encoder(
     _check_kind_options(kind, sha256, onnx, runtime)
     # The resolved dtype, not `auto`: a checkpoint rebuilds this encoder as it computed here.
     torch_dtype = resolve_dtype(dtype, device)
-    spec = vision_spec(
-        kind,
-        name_or_path,
-        pretrained,
-        dtype_name(torch_dtype),
-        arch,
-        init_seed,
-        preprocessing,
-        frame_batch_size,
-        sha256,
-        onnx,
-        runtime,
-    )
+    # The plain-dict identity of the encoder, stored in checkpoints to rebuild it (`from_spec`).
+    spec = {
+        "kind": kind,
+        "name_or_path": name_or_path,
+        "pretrained": bool(pretrained),
+        "dtype": dtype_name(torch_dtype),
+        "arch": dict(arch) if arch else None,
+        "init_seed": int(init_seed),
+        "preprocessing": json.loads(json.dumps(dict(preprocessing or {}))),
+        "frame_batch_size": int(frame_batch_size),
+        **_kind_keys(kind, sha256, onnx, runtime),
+    }
     return _encoder_from_spec(spec, torch_dtype, device)
 
 

@@ -61,6 +61,11 @@ def test_from_pretrained_decides_as_from_checkpoint(exported):
     assert a.predict_json(batch) == b.predict_json(batch)
     # The precision override works as it does for a checkpoint.
     assert SimV0Model.from_pretrained(out, precision="fp32").precision.name == "fp32"
+    # One loader under both names: each takes a checkpoint file or an exported directory.
+    c, d = SimV0Model.from_checkpoint(out), SimV0Model.from_pretrained(best)
+    with torch.no_grad():
+        lc, ld = c(batch), d(batch)
+    assert all(torch.equal(lc[k], la[k]) and torch.equal(ld[k], la[k]) for k in la)
 
 
 def test_model_card_figures_are_evaluate_py_figures(exported, tmp_path):
