@@ -165,3 +165,29 @@ def comma_lists(argv: list[str], keys: Iterable[str]) -> list[str]:
             arg = f"{key}=[{value}]"
         out.append(arg)
     return out
+
+
+# Hydra's own flags that take the next argument as their value.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def bare_args_as_list(argv: list[str], key: str) -> list[str]:
+    """The bare arguments (no `=`, no flag) of a command line as one `key=[...]` override.
+
+    For commands that take paths as users type them, `python -m sim compare DIR DIR out=X`, before
+    Hydra reads the line (it refuses an argument that is not an override).
+    """
+    bare: list[str] = []
+    rest: list[str] = []
+    for i, arg in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        is_value = prev in _VALUE_FLAGS or (prev in ("--info", "-i") and arg in _INFO_TOPICS)
+        if "=" in arg or arg.startswith("-") or is_value:
+            rest.append(arg)
+        else:
+            bare.append(arg)
+    if not bare:
+        return rest
+    quoted = ",".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'" for a in bare)
+    return [f"{key}=[{quoted}]", *rest]

@@ -4,9 +4,9 @@
     python -m sim ablate F=4,8 K=1,2,4 seeds=2 llm=tiny training.epochs=5
     python -m sim ablate F=4,8 K=1,2 seeds=3 hydra/launcher=slurm    # the cells as Slurm jobs
 
-F is model.F (frames per sample; the synthetic data follows it), K is model.K (visual tokens).
-`seeds=N` runs training.seed = s, s+1, ..., s+N-1 from the config's training.seed s; `seeds=[1,7]`
-names them. This runs
+A Hydra main (conf/ablate.yaml, which extends conf/train.yaml). F is model.F (frames per sample; the
+synthetic data follows it), K is model.K (visual tokens). `seeds=N` runs training.seed = s, s+1, ...,
+s+N-1 from the config's training.seed s; `seeds=[1,7]` names them. This runs
 
     python train.py -m +sweeps=ablate_fk hydra.sweep.dir=DIR model.F=... model.K=... training.seed=... [overrides]
 
@@ -17,7 +17,8 @@ same command with the same `out` again keeps finished runs and resumes unfinishe
 
 Writes in `out` (through sim.experiments.compare): runs.csv, summary.csv, summary.md (mean ± std over seeds of
 risk_high_recall, action_accuracy and macro_f1 at each run's best epoch), heatmap.png (F x K) and
-curves.png. Exit status 1 if a run failed (the report is written anyway), 2 for a bad command line.
+curves.png. A bad command line, or a run that failed (the report is written anyway), ends with one
+`error:` line and exit status 1.
 """
 
 from __future__ import annotations
@@ -28,14 +29,19 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sim.core.cli import compose
-from sim.core.errors import ConfigError
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sim.core.cli import CONF_DIR, comma_lists, command_line, fail_cleanly
+from sim.core.config import select_required
+from sim.core.errors import ConfigError, SweepFailed
 from sim.evaluation import report
 from sim.experiments.compare import write_comparison
 from sim.experiments.grid_sweeper import read_record
 
-log = logging.getLogger("sim.experiments.ablate")
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PY = ROOT / "train.py"
@@ -47,66 +53,50 @@ GRID_KEYS = ("model.F", "model.K")
 class Plan:
     Fs: list[int]
     Ks: list[int]
-    seeds: list[int] | int
+    seeds: list[int]
     out: Path
     overrides: list[str]
 
 
-def _ints(key: str, text: str) -> list[int]:
-    items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
+def _ints(key: str, value: Any) -> list[int]:
+    items = value if isinstance(value, list) else [value]
     try:
-        values = [int(t) for t in items]
-    except ValueError:
-        raise ConfigError(f"{key}={text}: expected comma-separated integers, e.g. {key}=1,2,4") from None
+        values = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value}: expected comma-separated integers, e.g. {key}=1,2,4") from None
     if not values or any(v < 1 for v in values):
-        raise ConfigError(f"{key}={text}: expected positive integers, e.g. {key}=1,2,4")
+        raise ConfigError(f"{key}={value}: expected positive integers, e.g. {key}=1,2,4")
     return list(dict.fromkeys(values))
 
 
-def parse_args(argv: list[str]) -> Plan:
-    """Split the command line into the ablation's own keys and train.py overrides.
+def make_plan(cfg: DictConfig, overrides: list[str]) -> Plan:
+    """The ablation conf/ablate.yaml composed into (with `overrides`, the command line, whose train.py
+    overrides go to every cell).
 
     Raises:
         ConfigError: a missing or malformed F/K/seeds, or an override the ablation sets itself.
     """
-    own: dict[str, str] = {}
-    overrides: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in OWN_KEYS:
-            own[key] = value
-        else:
-            overrides.append(arg)
-    for key in ("F", "K"):
-        if key not in own:
-            raise ConfigError(f"missing {key}=...: e.g. python -m sim ablate F=4,8,16 K=1,2,4,8 seeds=3")
-    for arg in overrides:
+    own = {k: _plain(select_required(cfg, k)) for k in OWN_KEYS}
+    train_overrides = [a for a in overrides if a.partition("=")[0].lstrip("+~") not in OWN_KEYS]
+    for arg in train_overrides:
         key = arg.split("=", 1)[0].lstrip("+~")
         if key in (*GRID_KEYS, report.SEED_KEY):
             raise ConfigError(f"{arg}: the ablation sets {key} itself; use F=..., K=... and seeds=... instead")
-    seeds_text = own.get("seeds", "1")
-    seeds: list[int] | int
-    if seeds_text.startswith("["):
-        try:
-            seeds = list(dict.fromkeys(int(v) for v in seeds_text.strip("[]").split(",") if v.strip()))
-        except ValueError:
-            seeds = []
-        if not seeds:
-            raise ConfigError(f"seeds={seeds_text}: expected a count (seeds=3) or a list of integers (seeds=[0,7])")
+    if isinstance(own["seeds"], list):
+        seeds = _ints("seeds", own["seeds"])
+    elif isinstance(own["seeds"], int) and own["seeds"] >= 1:
+        seeds = [int(cfg.training.seed) + i for i in range(own["seeds"])]
     else:
-        counts = _ints("seeds", seeds_text)
-        if len(counts) != 1:
-            raise ConfigError(
-                f"seeds={seeds_text}: a count is one integer (seeds=3); name seeds as a list: seeds=[0,7]"
-            )
-        seeds = counts[0]
-    out = (
-        Path(own["out"]) if own.get("out") else Path("outputs/ablations") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    )
-    return Plan(_ints("F", own["F"]), _ints("K", own["K"]), seeds, out, overrides)
+        raise ConfigError(f"seeds={own['seeds']}: expected a count (seeds=3) or a list of integers (seeds=[0,7])")
+    out = Path(own["out"]) if own["out"] else Path("outputs/ablations") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Plan(_ints("F", own["F"]), _ints("K", own["K"]), seeds, out, train_overrides)
 
 
-def command(plan: Plan, seeds: list[int]) -> list[str]:
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def command(plan: Plan) -> list[str]:
     """The multirun that trains the grid: train.py with sweeps/ablate_fk.yaml and the plan's values."""
     return [
         sys.executable,
@@ -116,52 +106,43 @@ def command(plan: Plan, seeds: list[int]) -> list[str]:
         f"hydra.sweep.dir={plan.out}",
         f"{GRID_KEYS[0]}={','.join(map(str, plan.Fs))}",
         f"{GRID_KEYS[1]}={','.join(map(str, plan.Ks))}",
-        f"{report.SEED_KEY}={','.join(map(str, seeds))}",
+        f"{report.SEED_KEY}={','.join(map(str, plan.seeds))}",
         *plan.overrides,
     ]
 
 
-def run_ablation(plan: Plan) -> int:
-    """Run the grid as a Hydra multirun in a child process; returns its exit status.
+def run_ablation(plan: Plan) -> dict[str, Path]:
+    """Run the grid as a Hydra multirun in a child process, then write its report; returns the paths written.
 
     Raises:
-        ConfigError: an override that does not compose (checked before anything runs).
+        SweepFailed: the multirun ran no cell, or some runs failed (after the report is written).
     """
-    base = compose("train", plan.overrides)
-    seeds = plan.seeds if isinstance(plan.seeds, list) else [int(base.training.seed) + i for i in range(plan.seeds)]
-    cmd = command(plan, seeds)
-    log.info("ablation: F=%s K=%s seeds=%s into %s\n    %s", plan.Fs, plan.Ks, seeds, plan.out, " ".join(cmd[1:]))
+    cmd = command(plan)
+    log.info("ablation: F=%s K=%s seeds=%s into %s\n    %s", plan.Fs, plan.Ks, plan.seeds, plan.out, " ".join(cmd[1:]))
     # A child process: Hydra's multirun owns its process (logging, working directory, launcher plugins).
-    return subprocess.run(cmd, check=False).returncode
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    try:
-        plan = parse_args(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
-        print(f"error: {exc}\n\n{__doc__}", file=sys.stderr)
-        return 2
-    try:
-        status = run_ablation(plan)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    status = subprocess.run(cmd, check=False).returncode
     if not read_record(plan.out):
-        print(
-            f"error: the multirun stopped (exit status {status}) before it ran any cell; see its output above",
-            file=sys.stderr,
-        )
-        return 1
+        raise SweepFailed(f"the multirun stopped (exit status {status}) before it ran any cell; see its output above")
     paths = write_comparison([plan.out], plan.out, list(GRID_KEYS), title="F/K ablation", heatmap=GRID_KEYS)
     print(paths["summary_md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = sum(job["state"] == "FAIL" for job in read_record(plan.out))
     if failed or status != 0:
-        print(f"error: {failed} run(s) failed; see summary.md and each run's logs/stdout.log", file=sys.stderr)
-        return 1
-    return 0
+        raise SweepFailed(f"{failed} run(s) failed; see {paths['summary_md']} and each run's logs/stdout.log")
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="ablate")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        run_ablation(make_plan(cfg, command_line()))
+
+
+def cli() -> None:
+    """`python -m sim ablate F=4,8 K=1,2 ...`: the plain comma lists of F and K are lists, not sweeps."""
+    sys.argv[1:] = comma_lists(sys.argv[1:], ["F", "K"])
+    main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

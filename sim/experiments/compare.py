@@ -5,24 +5,30 @@
     python -m sim compare outputs/2025-01-01/10-00-00 outputs/2025-01-01/11-30-00 out=cmp
     python -m sim compare outputs/sweeps/search by=model.K      # group by chosen config keys
 
-Each DIR is a run directory (it holds metrics/val_metrics.jsonl) or is searched for runs below it.
-Runs are grouped by the config keys in which they differ (or by `by=key1,key2`), seeds averaged.
-Writes runs.csv, summary.csv, summary.md, curves.png (val metrics per epoch, one line per run) and,
-when the groups are two numeric keys (e.g. model.F and model.K), heatmap.png. The default `out` is
-`DIR/compare` for one DIR, else `outputs/compare/<date>_<time>`. A DIR that is a `hydra/sweeper=sim_grid`
-multirun (it holds jobs.jsonl) also lists its skipped cells and failed jobs, and its table is a grid.
+A Hydra main (conf/compare.yaml); the bare directories on the command line are its `dirs`. Each DIR is
+a run directory (it holds metrics/val_metrics.jsonl) or is searched for runs below it. Runs are
+grouped by the config keys in which they differ (or by `by=key1,key2`), seeds averaged. Writes
+runs.csv, summary.csv, summary.md, curves.png (val metrics per epoch, one line per run) and, when the
+groups are two numeric keys (e.g. model.F and model.K), heatmap.png. The default `out` is
+`DIR/compare` for one DIR, else `outputs/compare/<date>_<time>`. A DIR that is a
+`hydra/sweeper=sim_grid` multirun (it holds jobs.jsonl) also lists its skipped cells and failed jobs,
+and its table is a grid.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sim.core.errors import DataError
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sim.core.cli import CONF_DIR, bare_args_as_list, comma_lists, fail_cleanly
+from sim.core.config import select_required
+from sim.core.errors import ConfigError, DataError
 from sim.evaluation import report
 from sim.experiments.grid_sweeper import read_record
 
@@ -60,15 +66,14 @@ def write_comparison(
     the runs differ) and write the report into `out` (see sim.evaluation.report.write_report).
 
     Raises:
-        FileNotFoundError: a DIR holds no run (and records no grid cell).
-        DataError: a malformed metrics file.
+        DataError: a DIR holds no run (and records no grid cell), or a metrics file is malformed.
     """
     is_grid = any(read_record(d) for d in dirs)
     try:
         paths = report.find_runs(dirs)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         if not is_grid:
-            raise
+            raise DataError(str(exc)) from None
         paths = []  # a grid whose every job failed or was skipped still gets its table
     runs = [report.load_run(p) for p in paths]
     if keys is None:
@@ -90,46 +95,67 @@ def write_comparison(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
-    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("out", "by") and "=" in a}
-    dirs = [a for a in args if a.split("=", 1)[0] not in opts]
-    if not dirs or any(a in ("-h", "--help") for a in args):
-        print(__doc__, file=sys.stderr)
-        return 2
-    keys: list[str] | None = None
-    if opts.get("by"):
-        try:
-            runs = [report.load_run(p) for p in report.find_runs(dirs)]
-        except (FileNotFoundError, DataError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        keys = [k.strip() for k in opts["by"].split(",") if k.strip()]
-        known = set().union(*(r.config for r in runs))
-        unknown = [k for k in keys if k not in known]
-        if unknown:
-            print(
-                f"error: by={opts['by']}: {', '.join(unknown)} is not a key of the runs' config_resolved.yaml "
-                f"(e.g. {', '.join(report.varying_keys(runs)[:6]) or 'model.K'})",
-                file=sys.stderr,
-            )
-            return 2
-    if opts.get("out"):
-        out = Path(opts["out"])
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _group_keys(dirs: list[str], by: Any) -> list[str] | None:
+    """`by` as a list of config keys the runs have (None: let the runs decide).
+
+    Raises:
+        ConfigError: a key no run's config_resolved.yaml holds.
+    """
+    if by is None:
+        return None
+    keys = [str(k).strip() for k in (by if isinstance(by, list) else str(by).split(",")) if str(k).strip()]
+    try:
+        runs = [report.load_run(p) for p in report.find_runs(dirs)]
+    except FileNotFoundError as exc:
+        raise DataError(str(exc)) from None
+    known = set().union(*(r.config for r in runs))
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"by={','.join(keys)}: {', '.join(unknown)} is not a key of the runs' config_resolved.yaml "
+            f"(e.g. {', '.join(report.varying_keys(runs)[:6]) or 'model.K'})"
+        )
+    return keys
+
+
+def compare(cfg: DictConfig) -> dict[str, Path]:
+    """Write the report conf/compare.yaml describes; returns the paths written.
+
+    Raises:
+        ConfigError: no dirs, or a `by` key the runs do not have.
+        DataError: a DIR without runs, or a malformed metrics file.
+    """
+    raw = _plain(select_required(cfg, "dirs"))
+    dirs = [str(d) for d in (raw if isinstance(raw, list) else [raw])]
+    if not dirs:
+        raise ConfigError("no directory to compare: python -m sim compare DIR [DIR ...]")
+    keys = _group_keys(dirs, _plain(cfg.by))
+    if cfg.out:
+        out = Path(cfg.out)
     elif len(dirs) == 1 and not (Path(dirs[0]) / "metrics" / "val_metrics.jsonl").is_file():
         out = Path(dirs[0]) / "compare"
     else:
         out = Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        paths = write_comparison(dirs, out, keys)
-    except (FileNotFoundError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return write_comparison(dirs, out, keys, title=cfg.title)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="compare")
+def main(cfg: DictConfig) -> None:
+    with fail_cleanly():
+        paths = compare(cfg)
     print(paths["summary_md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+
+
+def cli() -> None:
+    """`python -m sim compare DIR [DIR ...] [by=a,b]`: the bare directories become `dirs`."""
+    sys.argv[1:] = comma_lists(bare_args_as_list(sys.argv[1:], "dirs"), ["by"])
+    main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

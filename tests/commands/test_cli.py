@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from sim.__main__ import COMMANDS as COMMANDS_BY_NAME
 from sim.__main__ import main as sim_main
-from sim.core.cli import comma_lists, compose
+from sim.core.cli import bare_args_as_list, comma_lists, compose
 from sim.core.errors import ConfigError
 
 # (command, arguments it needs to compose, a key of its own config); `python -m sim NAME` for the rest
@@ -28,6 +28,8 @@ COMMANDS = [
     ("bench", [], "steps"),
     ("bench_frames", [], "num_samples"),
     ("bench_validation", [], "budget"),
+    ("compare", ["outputs/a", "outputs/b"], "dirs"),
+    ("ablate", ["F=4,8", "K=1,2"], "seeds"),
 ]
 
 
@@ -87,6 +89,21 @@ def test_benchmarks_compose_the_train_groups_with_their_own_keys():
     assert compose("bench_validation").llm.name_or_path == "tiny-gpt2"
     with pytest.raises(ConfigError, match="bad arguments 'stpes=5'"):
         compose("bench", ["stpes=5"])
+
+
+def test_bare_directories_are_one_list_and_hydra_flags_keep_their_values():
+    argv = ["runs/a", "--cfg", "job", "it's/b", "out=x", "--info", "config", "-m"]
+    assert bare_args_as_list(argv, "dirs") == [
+        "dirs=['runs/a','it\\'s/b']",
+        "--cfg",
+        "job",
+        "out=x",
+        "--info",
+        "config",
+        "-m",
+    ]
+    cfg = compose("compare", bare_args_as_list(["runs/a", "it's/b", "out=x"], "dirs"))
+    assert (list(cfg.dirs), cfg.out) == (["runs/a", "it's/b"], "x")
 
 
 def test_a_plain_comma_list_of_backends_is_one_list_not_a_sweep():

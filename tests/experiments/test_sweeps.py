@@ -17,9 +17,10 @@ import pytest
 from conftest import ROOT, run_cmd
 from optuna.trial import TrialState
 
+from sim.core.cli import comma_lists, compose
 from sim.core.errors import ConfigError
 from sim.evaluation import report
-from sim.experiments import ablate, compare
+from sim.experiments import ablate
 from sim.experiments.sweeper import _objective_values
 
 # Tiny LLM, a small synthetic split and one epoch: a trial takes seconds.
@@ -353,8 +354,8 @@ def ablation_dir(tmp_path_factory):
     """A 2x2 F/K grid, one seed (the spread over seeds is tested on its own below), run by Hydra's
     basic launcher; (F=2, K=4) cannot work and is skipped."""
     out = tmp_path_factory.mktemp("ablation")
-    status = ablate.main(["F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={out}"])
-    assert status == 0
+    res = run_cmd("-m", "sim", "ablate", "F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
@@ -381,7 +382,8 @@ def test_a_failed_grid_job_is_recorded_while_the_others_run(tmp_path):
     jobs = {j["params"]["model.K"]: j for j in map(json.loads, (tmp_path / "jobs.jsonl").read_text().splitlines())}
     assert jobs[1]["state"] == "COMPLETE" and jobs[3]["state"] == "FAIL" and "K <= F" in jobs[3]["error"]
     assert_run_tree(Path(jobs[1]["run_dir"]))
-    assert compare.main([str(tmp_path), f"out={tmp_path / 'cmp'}"]) == 0
+    res = run_cmd("-m", "sim", "compare", str(tmp_path), f"out={tmp_path / 'cmp'}")
+    assert res.returncode == 0, res.stderr[-3000:]
     cells = {r["model.K"]: r for r in read_csv(tmp_path / "cmp" / "summary.csv")}
     assert (cells["1"]["runs"], cells["3"]["runs"], cells["3"]["failed"]) == ("1", "0", "1")
 
@@ -457,18 +459,17 @@ def test_ablation_rerun_keeps_finished_runs(ablation_dir):
     assert len(lasts) == 3
     before = [p.stat().st_mtime_ns for p in lasts]
     summary = (ablation_dir / "summary.csv").read_text()
-    assert ablate.main(["F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={ablation_dir}"]) == 0
+    res = run_cmd("-m", "sim", "ablate", "F=2,4", "K=1,4", "seeds=1", *SMALL, f"out={ablation_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in lasts] == before
     assert (ablation_dir / "summary.csv").read_text() == summary
 
 
 def test_compare_reads_an_ablation_into_the_same_table(ablation_dir, tmp_path):
-    assert (
-        compare.main(
-            [str(ablation_dir / "F2_K1"), str(ablation_dir / "F4_K1"), str(ablation_dir / "F4_K4"), f"out={tmp_path}"]
-        )
-        == 0
-    )
+    # Several bare directories on the command line are the `dirs` list.
+    cells = [str(ablation_dir / c) for c in ("F2_K1", "F4_K1", "F4_K4")]
+    res = run_cmd("-m", "sim", "compare", *cells, f"out={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
     mine = {(r["model.F"], r["model.K"]): r for r in read_csv(tmp_path / "summary.csv")}
     theirs = {(r["model.F"], r["model.K"]): r for r in read_csv(ablation_dir / "summary.csv") if r["runs"] != "0"}
     assert mine.keys() == theirs.keys()
@@ -481,17 +482,31 @@ def test_compare_reads_an_ablation_into_the_same_table(ablation_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["K=1,2"], "missing F="),
-        (["F=4", "K=1,x"], "K=1,x: expected comma-separated integers"),
+        (["K=1,2"], "F must be set"),
+        (["F=4", "K=1,x"], r"K=\[1, 'x'\]: expected comma-separated integers"),
         (["F=4", "K=2", "model.K=2"], "the ablation sets model.K itself"),
-        (["F=4", "K=2", "seeds=1,2"], "a count is one integer"),
+        (["F=4", "K=2", "seeds=0"], "expected a count"),
+        (["F=4,0", "K=2"], "expected positive integers"),
     ],
 )
 def test_ablation_refuses_a_bad_command_line(argv, expected):
+    argv = comma_lists(argv, ["F", "K"])  # what `python -m sim ablate` does before Hydra reads the line
     with pytest.raises(ConfigError, match=expected):
-        ablate.parse_args(argv)
+        ablate.make_plan(compose("ablate", argv), argv)
 
 
-def test_compare_refuses_a_directory_without_runs(tmp_path, capsys):
-    assert compare.main([str(tmp_path)]) == 2
-    assert "no run below it" in capsys.readouterr().err
+def test_ablation_plan_hands_train_overrides_to_every_cell():
+    argv = comma_lists(["F=4,8", "K=1,2", "seeds=2", "llm=tiny", "optim.lr=0.01", "out=x"], ["F", "K"])
+    cfg = compose("ablate", argv)
+    plan = ablate.make_plan(cfg, argv)
+    s = int(cfg.training.seed)  # seeds=N counts from the config's seed
+    assert (plan.Fs, plan.Ks, plan.seeds, str(plan.out)) == ([4, 8], [1, 2], [s, s + 1], "x")
+    assert plan.overrides == ["llm=tiny", "optim.lr=0.01"]
+    assert "model.F=4,8" in ablate.command(plan) and f"training.seed={s},{s + 1}" in ablate.command(plan)
+
+
+def test_compare_and_ablate_refuse_in_one_line(tmp_path):
+    res = run_cmd("-m", "sim", "compare", str(tmp_path))
+    assert res.returncode == 1 and "no run below it" in res.stderr
+    res = run_cmd("-m", "sim", "ablate", "K=1,2")
+    assert res.returncode == 1 and "F must be set" in res.stderr
