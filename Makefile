@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml Makefile
 train: install
 	$(BIN)/python train.py
 
+# Two workers, a test file per worker at a time (a file's shared fixtures are built once).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Linter, formatter check and type checker, as configured in pyproject.toml (also run by pre-commit and CI).
 lint: install

@@ -29,6 +29,10 @@ AMP_DTYPES = ("auto", *DTYPES)
 FLOOR_METRICS = tuple(m.name for m in METRICS if m.mode == "max")
 
 
+# optim.schedule values (sim.training.optim builds them).
+SCHEDULES = ("none", "constant", "cosine", "onecycle")
+
+
 def to_dict(node: Any) -> dict[str, Any]:
     """A config mapping (or a plain mapping, or None for an empty one) as a resolved plain dict.
 
@@ -202,8 +206,8 @@ def _check_optim(cfg: DictConfig) -> None:
     ):
         raise ConfigError(f"optim.betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     schedule = optim.get("schedule")
-    if schedule is not None and schedule not in ("none", "constant", "cosine"):
-        raise ConfigError(f"optim.schedule={schedule!r}: expected none or cosine")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 
 def check_data_config(cfg: DictConfig) -> None:

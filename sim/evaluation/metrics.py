@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -30,6 +30,7 @@ def compute_losses(
     batch: Mapping[str, Any],
     loss_weights: Mapping[str, float],
     class_weights: Mapping[str, torch.Tensor | None] | None = None,
+    learned: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """L = w_risk*CE(risk) + w_reason*CE(reason) + w_action*CE(action), per-sample weighted.
 
@@ -39,7 +40,9 @@ def compute_losses(
 
     Returns:
         {"loss", "loss_risk", "loss_reason", "loss_action", "loss_confidence", "objective"}:
-        `objective` = loss + w_confidence * loss_confidence is what the optimizer minimizes.
+        `objective` = loss + w_confidence * loss_confidence is what the optimizer minimizes; with
+        `learned` (model.loss_weighting=learned: {head: L_h} -> weighted sum) the heads' part of the
+        objective is `learned`'s, while `loss` stays the fixed-weight sum every run reports.
     """
     w = batch["weight"].to(logits["risk_logits"].device, torch.float32)
     denom = w.sum().clamp_min(1e-12)
@@ -58,8 +61,9 @@ def compute_losses(
     correct = (logits["action_logits"].argmax(-1) == batch["action_id"].to(w.device)).float()
     bce = Fn.binary_cross_entropy_with_logits(logits["confidence_logits"].float(), correct, reduction="none")
     out["loss_confidence"] = (bce * w).sum() / denom
+    heads = total if learned is None else learned({h: out[f"loss_{h}"] for h in L.HEADS})
     out["objective"] = (
-        total + float(loss_weights.get("confidence", DEFAULT_LOSS_WEIGHTS["confidence"])) * out["loss_confidence"]
+        heads + float(loss_weights.get("confidence", DEFAULT_LOSS_WEIGHTS["confidence"])) * out["loss_confidence"]
     )
     return out
 

@@ -161,7 +161,14 @@ def assign_groups(runs: Sequence[Run], keys: Sequence[str]) -> None:
         r.group = tuple(r.config.get(k) for k in keys)
 
 
+# What a run cost, from its train metrics (mean over its epochs): speed, and how much of the model trained.
+COST_METRICS: tuple[str, ...] = ("samples_per_s", "trainable_params")
+
+
 def _metric(run: Run, name: str) -> float | None:
+    if name in COST_METRICS:
+        values = [float(r[name]) for r in run.train if r.get(name) is not None]
+        return statistics.fmean(values) if values else None
     v = (run.best or {}).get(name)
     return None if v is None else float(v)
 
@@ -213,7 +220,7 @@ def summarize(
         members = groups[g]
         row: dict[str, Any] = dict(zip(keys, g, strict=True))
         row.update(runs=len(members), failed=n_failed.get(g, 0), note=notes.get(g, ""))
-        for m in metrics:
+        for m in (*metrics, *COST_METRICS):
             values = [v for r in members if (v := _metric(r, m)) is not None]
             row.update({f"{m}_{s}": v for s, v in _stats(values).items()})
             row[f"{m}_n"] = len(values)
@@ -233,12 +240,13 @@ def _fmt(v: Any) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str] = KEY_METRICS) -> str:
     """Markdown: group keys, number of runs, then mean ± std of each metric (n/a where undefined)."""
-    head = [*keys, "runs", *metrics]
+    costs = [m for m in COST_METRICS if any(row.get(f"{m}_mean") is not None for row in rows)]
+    head = [*keys, "runs", *metrics, *(c.replace("_", " ") for c in costs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [_fmt(row.get(k)) for k in keys]
         if row.get("note") and not row["runs"]:
-            cells += [row["note"]] + ["-"] * len(metrics)
+            cells += [row["note"]] + ["-"] * (len(metrics) + len(costs))
             lines.append("| " + " | ".join(cells) + " |")
             continue
         cells.append(str(row["runs"]) + (f" ({row['failed']} failed)" if row.get("failed") else ""))
@@ -251,6 +259,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics:
                 if n < row["runs"]:
                     cell += f" (n={n})"  # some runs left the metric undefined
                 cells.append(cell)
+        for c in costs:
+            mean = row.get(f"{c}_mean")
+            cells.append("n/a" if mean is None else f"{mean:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -268,7 +279,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
 
 
 def run_rows(
-    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss", *KEY_METRICS)
+    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str] = ("loss", *KEY_METRICS, *COST_METRICS)
 ) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
@@ -434,9 +445,9 @@ def write_tables(
     write_csv(
         paths["runs_csv"],
         run_rows(runs, keys),
-        ["run_dir", *keys, SEED_KEY, "epochs", "best_epoch", "loss", *KEY_METRICS],
+        ["run_dir", *keys, SEED_KEY, "epochs", "best_epoch", "loss", *KEY_METRICS, *COST_METRICS],
     )
-    stats = [f"{m}_{s}" for m in KEY_METRICS for s in ("mean", "std", "min", "max", "n")]
+    stats = [f"{m}_{s}" for m in (*KEY_METRICS, *COST_METRICS) for s in ("mean", "std", "min", "max", "n")]
     write_csv(paths["summary_csv"], rows, [*keys, "runs", "failed", "note", *stats])
     return paths
 

@@ -76,6 +76,16 @@ def write_comparison(
             raise DataError(str(exc)) from None
         paths = []  # a grid whose every job failed or was skipped still gets its table
     runs = [report.load_run(p) for p in paths]
+    # A grid's swept values as it recorded them: a swept config group (`+variant=a,b`) is no config key.
+    swept_by_dir = {
+        str(Path(job["run_dir"]).resolve()): job.get("params") or {}
+        for d in dirs
+        for job in read_record(d)
+        if job.get("run_dir")
+    }
+    for run in runs:
+        for key, value in swept_by_dir.get(str(run.path.resolve()), {}).items():
+            run.config.setdefault(key, value)
     if keys is None:
         # A grid's groups are its swept keys, whichever cells finished; seeds are averaged within a group.
         swept = dict.fromkeys(k for d in dirs for job in read_record(d) for k in job.get("params") or {})

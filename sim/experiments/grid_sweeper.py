@@ -88,14 +88,14 @@ class GridSweeper(LaunchingSweeper):
         loader = self.hydra_context.config_loader
         args = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
-        swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
         # The grid as the basic sweeper builds it: the product of the sweeps, in command-line order.
         cells = BasicSweeper.split_arguments(parsed, None)[0]
         todo: list[tuple[list[str], dict[str, Any]]] = []
         for cell in cells:
             # Composing also checks every override before anything runs, as the basic sweeper does.
             cfg = loader.load_sweep_config(self.config, list(cell))
-            values = {key: OmegaConf.select(cfg, key) for key in swept}
+            values = {key: swept_value(cfg, key) for key in swept}
             why = self._skip_reason(cfg)
             if why is None:
                 todo.append((cell, values))
@@ -127,6 +127,12 @@ class GridSweeper(LaunchingSweeper):
             log.error("job %d (%s) failed: %s", n, " ".join(cell), entry["error"])
         append_record(record, entry)
         return entry
+
+
+def swept_value(cfg: DictConfig, key: str) -> Any:
+    """A swept key's value in a cell's composed config; for a config group (`+variant=a,b`), its option."""
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    return choices[key] if key in choices else OmegaConf.select(cfg, key)
 
 
 def read_record(sweep_dir: str | Path) -> list[dict[str, Any]]:

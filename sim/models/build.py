@@ -17,6 +17,7 @@ from sim.core.config import to_dict
 from sim.core.errors import ConfigError
 from sim.core.precision import Precision, dtype_name, resolve_precision
 from sim.models.model import SimV0Model
+from sim.models.variants import ModelVariant
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,13 @@ def build_model(
         telemetry_hidden=int(cfg.model.telemetry_hidden),
         head_hidden=int(cfg.model.head_hidden),
         precision=precision,
+        variant=ModelVariant.from_options(to_dict(cfg.model)),
+        loss_weights=to_dict(cfg.model.loss_weights) if cfg.model.get("loss_weights") else None,
     ).to(device)
+    if not model.variant.is_v0():
+        log.info("model variant: %s", model.variant.describe())
+    if (cfg.get("training") or {}).get("gradient_checkpointing", False):
+        model.set_gradient_checkpointing()
     log.info(
         "device %s, precision %s (frozen weights %s, autocast %s)",
         device,

@@ -246,3 +246,28 @@ def hidden_size(llm: nn.Module) -> int:
     """
     embeddings = cast("PreTrainedModel", llm).get_input_embeddings()
     return int(cast(nn.Embedding, embeddings).embedding_dim)
+
+
+def checkpointed_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's layers that recompute their activations in the backward pass once gradient
+    checkpointing is on (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_gradient_checkpointing(llm: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (less memory,
+    about one more forward pass of compute; the same gradients).
+
+    Raises:
+        ConfigError: an LLM that does not support it.
+    """
+    if not getattr(llm, "supports_gradient_checkpointing", False) or not checkpointed_layers(llm):
+        raise ConfigError(f"training.gradient_checkpointing=true: the LLM {type(llm).__name__} does not support it")
+    # Non-reentrant: the frozen weights need no gradient, the prefix flowing through them does.
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers 5 (the old name warns)
+        cast(Any, llm).activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        cast(Any, llm).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -7,6 +7,11 @@
 
 Only vis_proj, tel_mlp, query and heads train. The LLM (and a vision encoder, for raw frames) is
 frozen, kept in eval mode, and still lets gradients flow through it to the prefix.
+
+`variant` (sim.models.variants.ModelVariant, the `model.pooling`, `model.readout`, `model.loss_weighting`
+and `model.adaptation` options) swaps the segment mean, the readout at Q, the fixed loss weights or the
+frozen LLM for the alternatives in pooling.py, readout.py, loss_weighting.py and lora.py; its default
+is v0, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,38 +27,35 @@ from sim.core import labels as L
 from sim.core.errors import ConfigError
 from sim.core.precision import Precision, dtype_name, named_precision
 from sim.models.inference import decisions, model_input
-from sim.models.llm import FAST_KERNELS, build_llm, describe, hidden_size
+from sim.models.llm import (
+    FAST_KERNELS,
+    build_llm,
+    checkpointed_layers,
+    describe,
+    enable_gradient_checkpointing,
+    hidden_size,
+)
+from sim.models.lora import inject_lora, is_lora_param, keep_lora_fp32, lora_dropouts
+from sim.models.loss_weighting import build_loss_weighting
+from sim.models.pooling import build_pooling, segment_mean_matrix
+from sim.models.readout import head_states, init_query
 from sim.models.serialization import (
-    EXTRA_STATE,
-    STAT_BUFFERS,
     TRAINABLE_MODULES,
     check_state_dict,
     from_metadata,
+    is_trainable_key,
     load,
     model_metadata,
     precision_code,
     precision_from_code,
 )
+from sim.models.variants import ModelVariant
 
 log = logging.getLogger(__name__)
 
 FROZEN_MODULES = ("llm", "vision")
 # The precision travels with the weights as the model's extra state (`get_extra_state`): a
 # `load_state_dict(checkpoint["model_state_dict"])` computes as training and validation did.
-
-
-def segment_mean_matrix(F: int, K: int) -> torch.Tensor:
-    """[K, F] matrix whose rows average K contiguous, near-equal segments of F frames.
-
-    Segment k covers frames [floor(k*F/K), floor((k+1)*F/K)); sizes differ by at most one.
-    """
-    if not 1 <= K <= F:
-        raise ConfigError(f"model.K={K} must be between 1 and model.F={F} (K visual tokens are averaged from F frames)")
-    P = torch.zeros(K, F)
-    for k in range(K):
-        lo, hi = k * F // K, (k + 1) * F // K
-        P[k, lo:hi] = 1.0 / (hi - lo)
-    return P
 
 
 def freeze(module: nn.Module | None) -> None:
@@ -76,13 +78,13 @@ class SimV0Model(nn.Module):
         use_cached_vis_feats: True reads `vis_feats [B,F,dv]`; False reads `frames [B,F,3,H,W]`
             through `vision_encoder`.
         llm: a built LLM module, or a spec dict for `sim.models.llm.build_llm` (as stored in checkpoints).
-        llm_pretrained, llm_dtype: how `llm_name_or_path` is loaded. fp32 by default: it loses
-            nothing, and `load_state_dict(checkpoint["model_state_dict"])` then casts the weights to
-            the precision the checkpoint was trained in (casting down later equals loading down).
+        llm_pretrained, llm_dtype: how `llm_name_or_path` is loaded. fp32 by default: it loses nothing, and
+            loading a checkpoint's `model_state_dict` casts the weights to the precision it was trained in.
         vision_encoder: a frozen encoder with attribute `dv` (raw frames only).
-        telemetry_hidden: width of the telemetry MLP's hidden layer.
-        head_hidden: width of each head's hidden layer (0: the heads are single linear layers).
+        telemetry_hidden, head_hidden: the hidden widths of the telemetry MLP and of each head (0: linear heads).
         telemetry_mean, telemetry_std: normalization of raw telemetry, applied inside the model.
+        variant: the model options beside v0 (`ModelVariant`, or the `model` config node's keys);
+            loss_weights: where model.loss_weighting=learned starts.
         precision: how the forward pass computes (`sim.core.precision.Precision`, or "fp32"/"bf16").
             Default: the LLM's weight dtype, with autocast in that dtype where it is not fp32 (what
             `llm_dtype="auto"` and `training.amp=auto` pick together). A checkpoint's
@@ -95,7 +97,6 @@ class SimV0Model(nn.Module):
     # For the type checker: nn.Module's __getattr__ types submodules and buffers only loosely.
     llm: Any  # a transformers PreTrainedModel carrying `sim_spec`
     vision: Any  # the frozen vision encoder (raw frames), or None
-    pool: torch.Tensor
     tel_mean: torch.Tensor
     tel_std: torch.Tensor
 
@@ -118,9 +119,12 @@ class SimV0Model(nn.Module):
         telemetry_mean: Any = None,
         telemetry_std: Any = None,
         precision: Precision | str | None = None,
+        variant: ModelVariant | Mapping[str, Any] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        P = segment_mean_matrix(int(F), int(K))
+        segment_mean_matrix(int(F), int(K))  # K <= F, checked before anything is built
+        self.variant = variant if isinstance(variant, ModelVariant) else ModelVariant.from_options(variant)
         llm = resolve_llm(llm, llm_name_or_path, llm_pretrained, llm_dtype)
         if not use_cached_vis_feats and vision_encoder is None:
             raise ConfigError("raw frames (use_cached_vis_feats=False) need a vision encoder (vision=...)")
@@ -131,37 +135,36 @@ class SimV0Model(nn.Module):
         self.llm = llm
         self.vision = vision_encoder
         self.vision_spec = dict(vision_spec) if vision_spec else None
-        self.register_buffer("pool", P, persistent=False)
-        mean = torch.zeros(8) if telemetry_mean is None else torch.as_tensor(telemetry_mean, dtype=torch.float32)
-        std = torch.ones(8) if telemetry_std is None else torch.as_tensor(telemetry_std, dtype=torch.float32)
-        self.register_buffer("tel_mean", mean.clone().reshape(8))
-        self.register_buffer("tel_std", std.clone().reshape(8))
-
-        self.vis_proj = nn.Linear(self.dv, self.d)
-        self.tel_mlp = nn.Sequential(
-            nn.Linear(8, self.telemetry_hidden), nn.GELU(), nn.Linear(self.telemetry_hidden, self.d)
-        )
-        self.query = nn.Parameter(torch.randn(self.d) * 0.02)
-        # LLMs leave their last hidden state at very different scales (SmolLM2's has outlier
-        # dimensions in the hundreds); a trainable LayerNorm gives every head the same footing.
-        self.head_norm = nn.LayerNorm(self.d)
-        self.heads = nn.ModuleDict(
-            {name: self._head(n) for name, n in L.NUM_CLASSES.items()} | {"confidence": self._head(1)}
-        )
+        self.gradient_checkpointing = False
+        self.register_buffer("tel_mean", _stats(telemetry_mean, torch.zeros(8)))
+        self.register_buffer("tel_std", _stats(telemetry_std, torch.ones(8)))
+        self._build_trainable(loss_weights or L.DEFAULT_LOSS_WEIGHTS)
         freeze(self.llm)
         freeze(self.vision)
+        if self.variant.lora is not None:
+            inject_lora(self.llm, self.variant.lora)
         self.check_frozen()
         if precision is None:
             weights = self.llm_dtype
             precision = Precision(weights, None if weights == torch.float32 else weights)
         self.set_precision(named_precision(precision))
 
-    def _head(self, n_out: int) -> nn.Module:
-        # A hidden layer lets the heads combine what the frozen LLM mixed into h (e.g. proximity
-        # and speed into risk) without asking the frozen layers to do it.
-        if self.head_hidden <= 0:
-            return nn.Linear(self.d, n_out)
-        return nn.Sequential(nn.Linear(self.d, self.head_hidden), nn.GELU(), nn.Linear(self.head_hidden, n_out))
+    def _build_trainable(self, loss_weights: Mapping[str, float]) -> None:
+        self.vis_proj = nn.Linear(self.dv, self.d)
+        self.tel_mlp = nn.Sequential(
+            nn.Linear(8, self.telemetry_hidden), nn.GELU(), nn.Linear(self.telemetry_hidden, self.d)
+        )
+        self.query = nn.Parameter(init_query(self.variant.n_queries, self.d))
+        # LLMs leave their last hidden state at very different scales (SmolLM2's has outlier
+        # dimensions in the hundreds); a trainable LayerNorm gives every head the same footing.
+        self.head_norm = nn.LayerNorm(self.d)
+        self.heads = nn.ModuleDict(
+            {name: make_head(self.d, self.head_hidden, n) for name, n in L.NUM_CLASSES.items()}
+            | {"confidence": make_head(self.d, self.head_hidden, 1)}
+        )
+        # The variants' modules come after v0's, so v0's weights draw the same random numbers as before.
+        self.temporal_pool = build_pooling(self.variant.pooling, self.F, self.K, self.dv)
+        self.loss_weighting = build_loss_weighting(self.variant.loss_weighting, loss_weights)
 
     # ---- freezing -------------------------------------------------------------------------------
     def param_report(self) -> dict[str, dict[str, int]]:
@@ -179,7 +182,14 @@ class SimV0Model(nn.Module):
             module = getattr(self, name)
             if module is not None:
                 module.eval()
+        follow_mode(self.llm, mode, self.gradient_checkpointing)
         return self
+
+    def set_gradient_checkpointing(self) -> None:
+        """`training.gradient_checkpointing`: the same results, less activation memory, one more LLM forward."""
+        enable_gradient_checkpointing(self.llm)
+        self.gradient_checkpointing = True
+        self.train(self.training)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -196,6 +206,7 @@ class SimV0Model(nn.Module):
             self.llm.to(dtype=precision.weights)
             if getattr(self.llm, "sim_spec", None):
                 self.llm.sim_spec = {**self.llm.sim_spec, "dtype": dtype_name(precision.weights)}
+            keep_lora_fp32(self.llm)
         self.precision = precision
 
     def get_extra_state(self) -> torch.Tensor:
@@ -227,13 +238,12 @@ class SimV0Model(nn.Module):
         return feats
 
     def prefix(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The LLM input X = [V_1..V_K, T, Q], shape [B, K+2, d]."""
+        """The LLM input X = [V_1..V_K, T, Q_1..Q_n], shape [B, K+1+n, d] (n = 1 query token in v0)."""
         feats = self.visual_features(batch).to(self.vis_proj.weight.dtype)
-        pooled = torch.einsum("kf,bfd->bkd", self.pool.to(feats.dtype), feats)
-        V = self.vis_proj(pooled)
+        V = self.vis_proj(self.temporal_pool(feats))
         tel = batch["telemetry"].to(self.tel_mean.dtype)
         T = self.tel_mlp((tel - self.tel_mean) / self.tel_std).unsqueeze(1)
-        Q = self.query.to(V.dtype).expand(V.shape[0], 1, -1)
+        Q = self.query.to(V.dtype).reshape(-1, self.d).expand(V.shape[0], -1, -1)
         return torch.cat([V, T.to(V.dtype), Q], dim=1)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -244,10 +254,11 @@ class SimV0Model(nn.Module):
         with self.precision.context(self.vis_proj.weight.device.type):
             x = self.prefix(batch)
             out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
-            h = self.head_norm(out.last_hidden_state[:, -1].to(self.vis_proj.weight.dtype))
-            logits = {f"{name}_logits": self.heads[name](h) for name in L.HEADS}
+            states = head_states(out.last_hidden_state, self.variant.n_queries, self.variant.query_heads)
+            h = normed_states(self.head_norm, states, self.vis_proj.weight.dtype)
+            logits = {f"{name}_logits": self.heads[name](h[name]) for name in L.HEADS}
             # The confidence head reads a detached state: learning to judge the action must not change it.
-            logits["confidence_logits"] = self.heads["confidence"](h.detach()).squeeze(-1)
+            logits["confidence_logits"] = self.heads["confidence"](h["confidence"].detach()).squeeze(-1)
         return logits
 
     @torch.no_grad()
@@ -285,8 +296,7 @@ class SimV0Model(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable modules and the telemetry statistics: what a checkpoint stores."""
-        keep = TRAINABLE_MODULES + STAT_BUFFERS + (EXTRA_STATE,)
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.split(".")[0] in keep}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if is_trainable_key(k, stats=True)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a checkpoint's `model_state_dict` (trainable modules only) or a full state dict.
@@ -306,6 +316,60 @@ class SimV0Model(nn.Module):
     # One loader for a checkpoint file and an exported directory, under both names users know.
     from_checkpoint = classmethod(load)
     from_pretrained = classmethod(load)
+
+
+# Top-level module -> its optim.lr_groups name.
+_GROUP_OF = {
+    "vis_proj": "projector",
+    "tel_mlp": "projector",
+    "temporal_pool": "projector",
+    "query": "queries",
+    "head_norm": "heads",
+    "heads": "heads",
+    "loss_weighting": "loss_weighting",
+    "llm": "lora",
+}
+
+
+def group_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters by optim.lr_groups name: projector, queries, heads, loss_weighting, lora."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(_GROUP_OF[name.split(".")[0]], []).append(p)
+    return groups
+
+
+def normed_states(norm: nn.Module, states: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{head: norm(its state)}, one LayerNorm per distinct state (v0: one state for all heads)."""
+    normed: dict[int, torch.Tensor] = {}
+    for state in states.values():
+        if id(state) not in normed:
+            normed[id(state)] = norm(state.to(dtype))
+    return {head: normed[id(state)] for head, state in states.items()}
+
+
+def make_head(d: int, hidden: int, n_out: int) -> nn.Module:
+    # A hidden layer lets the heads combine what the frozen LLM mixed into h (e.g. proximity
+    # and speed into risk) without asking the frozen layers to do it.
+    if hidden <= 0:
+        return nn.Linear(d, n_out)
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
+def _stats(values: Any, default: torch.Tensor) -> torch.Tensor:
+    return default if values is None else torch.as_tensor(values, dtype=torch.float32).clone().reshape(8)
+
+
+def follow_mode(llm: nn.Module, mode: bool, checkpointing: bool) -> None:
+    """In a frozen LLM kept in eval mode, what follows train/eval: the LoRA adapters' dropout, and (with
+    gradient checkpointing) the checkpointed layers' own flag, as their recompute runs only in training
+    (their dropouts stay in eval)."""
+    for module in lora_dropouts(llm):
+        module.train(mode)
+    if checkpointing:
+        for layer in checkpointed_layers(llm):
+            layer.training = mode
 
 
 def resolve_llm(
@@ -364,9 +428,20 @@ def check_frozen(model: nn.Module) -> dict[str, dict[str, int]]:
     """
     report = param_report(model)
     for name in FROZEN_MODULES:
-        assert report.get(name, {}).get("trainable", 0) == 0, f"{name} has trainable parameters"
+        backbone = getattr(model, name, None)
+        # A LoRA-adapted LLM trains its adapters, and nothing else of it.
+        stray = (
+            []
+            if backbone is None
+            else [
+                n
+                for n, p in backbone.named_parameters()
+                if p.requires_grad and not (name == "llm" and is_lora_param(n))
+            ]
+        )
+        assert not stray, f"{name} has trainable parameters: {stray[:3]}"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    named = sum(report.get(m, {}).get("trainable", 0) for m in TRAINABLE_MODULES)
+    named = sum(report.get(m, {}).get("trainable", 0) for m in (*TRAINABLE_MODULES, "llm"))
     assert trainable > 0, "no trainable parameters"
     assert trainable == named, f"{trainable - named} trainable parameters outside {TRAINABLE_MODULES}"
     frozen = sum(v["frozen"] for v in report.values())

@@ -21,6 +21,7 @@ from sim.core.errors import CheckpointError
 from sim.core.precision import Precision, dtype_name, named_precision, resolve_precision
 from sim.models import vision
 from sim.models.llm import build_llm, describe
+from sim.models.lora import is_lora_param
 from sim.models.pretrained import read_pretrained, read_pretrained_config
 
 if TYPE_CHECKING:
@@ -30,9 +31,20 @@ log = logging.getLogger(__name__)
 
 # What a checkpoint's model_state_dict holds: the trainable modules, the telemetry statistics, and the
 # precision code (the module's extra state).
-TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads")
+# (The variants' modules, temporal_pool and loss_weighting, hold nothing in v0; LoRA adapters live in llm.)
+TRAINABLE_MODULES = ("vis_proj", "tel_mlp", "query", "head_norm", "heads", "temporal_pool", "loss_weighting")
 STAT_BUFFERS = ("tel_mean", "tel_std")
 EXTRA_STATE = "_extra_state"
+
+
+def is_trainable_key(key: str, stats: bool = False) -> bool:
+    """True for a state-dict key a checkpoint stores: a trainable module's, a LoRA adapter's, and
+    (with `stats`) the telemetry statistics and the precision code."""
+    top = key.split(".")[0]
+    if top in TRAINABLE_MODULES or (top == "llm" and is_lora_param(key)):
+        return True
+    return stats and top in (*STAT_BUFFERS, EXTRA_STATE)
+
 
 # The precision as the state dict stores it: [weights, autocast] codes (0: no autocast).
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -73,7 +85,7 @@ def check_state_dict(
     Raises:
         CheckpointError: keys missing or unexpected (strict), or shapes of another architecture.
     """
-    expected = {k for k in own if k.split(".")[0] in TRAINABLE_MODULES + STAT_BUFFERS}
+    expected = {k for k in own if is_trainable_key(k) or k.split(".")[0] in STAT_BUFFERS}
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if strict and (missing or unexpected):
@@ -107,6 +119,7 @@ def model_metadata(model: SimV0Model) -> dict[str, Any]:
         "telemetry_mean": [float(x) for x in model.tel_mean],
         "telemetry_std": [float(x) for x in model.tel_std],
         "precision": model.precision.to_dict(),
+        "variant": model.variant.to_dict(),
     }
 
 
@@ -148,6 +161,7 @@ def from_metadata(
         telemetry_mean=meta.get("telemetry_mean"),
         telemetry_std=meta.get("telemetry_std"),
         precision=trained_in if precision is None else named_precision(precision),
+        variant=meta.get("variant"),  # absent before the variants: v0
     )
     return model.to(device)
 

@@ -13,6 +13,7 @@ the samples it had consumed and continues bit for bit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sys
@@ -33,7 +34,7 @@ from sim.evaluation.loop import evaluate_batches, to_device
 from sim.evaluation.metrics import EpochMetrics, compute_losses
 from sim.evaluation.selection import BestEpochRule
 from sim.models.build import build_model
-from sim.models.model import SimV0Model
+from sim.models.model import SimV0Model, group_parameters
 from sim.training import distributed as D
 from sim.training.callbacks import Callback, StepInfo
 from sim.training.checkpointing import Checkpointer, History, TrainingState
@@ -100,12 +101,11 @@ class Trainer:
         features_of = feature_encoder(self.data) if cached else None
         self.model = self.model_builder(cfg, dv if cached else None, self.device, features_of=features_of)
         self.model.set_telemetry_stats(*telemetry_stats(self.data.train.telemetry_array()))
+        self.loss_fn = training_loss(self.loss_fn, self.model)
         self.loss_weights = loss_weights(cfg.model)
         self.class_weights = class_weights(cfg.model.class_weights, self.data, self.device)
         self.loaders = shard_loaders(cfg, self.data, self.dist, self.seed, s.grad_accum)
-        make_optim = instantiate(cfg.optim)
-        total_steps = self.epochs * self.loaders.steps_per_epoch
-        self.optimizer, self.scheduler = make_optim(self.model.trainable_parameters(), total_steps=total_steps)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model, s.epochs * self.loaders.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast == torch.float16)
         self.step = self._build_step()
         self.train_metrics, self.val_metrics = EpochMetrics(), EpochMetrics()
@@ -224,6 +224,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": self.train_metrics.samples / max(elapsed, 1e-9),
             **metrics,
+            **model_figures(self.model),
         }
 
     def _reenter(self, epoch: int) -> tuple[int, int, float]:
@@ -302,6 +303,29 @@ class Trainer:
 
     def _no_bar(self) -> bool | None:
         return None if self.settings.progress_bar and self.dist.is_main else True
+
+
+def build_optimizer(optim: DictConfig, model: SimV0Model, total_steps: int) -> tuple[Any, Any]:
+    """The `optim` group's (optimizer, LR scheduler or None) over the model's trainable parameters,
+    grouped by part of the model for `optim.lr_groups`."""
+    make_optim = instantiate(optim)
+    return make_optim(model.trainable_parameters(), total_steps, groups=group_parameters(model))
+
+
+def training_loss(loss_fn: LossFn, model: SimV0Model) -> LossFn:
+    """The loss the step minimizes: `compute_losses` with the model's learned loss weights where it has
+    them (model.loss_weighting=learned); a loss function passed in is used as it is."""
+    if model.loss_weighting is None or loss_fn is not compute_losses:
+        return loss_fn
+    return functools.partial(compute_losses, learned=model.loss_weighting.combine)
+
+
+def model_figures(model: SimV0Model) -> dict[str, float]:
+    """What the train metrics record of the model itself: its trainable parameters and, with
+    model.loss_weighting=learned, each head's weight exp(-s_h) now."""
+    learned = model.loss_weighting
+    weights = {} if learned is None else {f"loss_weight_{h}": w for h, w in learned.weights().items()}
+    return {"trainable_params": sum(p.numel() for p in model.trainable_parameters()), **weights}
 
 
 def over_ranks(metrics: EpochMetrics, split: str, dist: D.DistEnv) -> dict[str, Any]:

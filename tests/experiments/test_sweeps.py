@@ -295,7 +295,12 @@ def test_every_sweeps_file_composes_and_builds_its_sweeper(name):
     if hasattr(sweeper, "_search_space"):
         assert sweeper._search_space([])[0], f"sweeps/{name}.yaml searches nothing"
     else:
-        assert sweeper.params and sweeper.skip_if_greater == {"model.K": "model.F"}
+        assert sweeper.params, f"sweeps/{name}.yaml sweeps nothing"
+    if name == "ablate_fk":
+        assert sweeper.skip_if_greater == {"model.K": "model.F"}
+    if name == "variants":  # every preset it names is an option of conf/variant
+        presets = sweeper.params["+variant"].split(",")
+        assert presets and all((ROOT / "conf" / "variant" / f"{p}.yaml").is_file() for p in presets)
 
 
 def test_search_space_syntax_maps_to_optuna_4_distributions():
@@ -510,3 +515,24 @@ def test_compare_and_ablate_refuse_in_one_line(tmp_path):
     assert res.returncode == 1 and "no run below it" in res.stderr
     res = run_cmd("-m", "sim", "ablate", "K=1,2")
     assert res.returncode == 1 and "F must be set" in res.stderr
+
+
+def test_the_variants_sweep_reports_a_row_per_variant_with_its_cost(tmp_path):
+    """sweeps/variants.yaml, cut down: two presets of conf/variant, one seed; compare groups by the preset."""
+    res = run_cmd(
+        "train.py", "-m", "+sweeps=variants", "+variant=v0,queries", "training.seed=0", *SMALL,
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
+    assert [j["params"]["variant"] for j in jobs] == ["v0", "queries"]
+    assert (tmp_path / "queries" / "seed0" / "checkpoints" / "best.pt").is_file()
+    res = run_cmd("-m", "sim", "compare", str(tmp_path), f"out={tmp_path / 'cmp'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["variant"]: r for r in read_csv(tmp_path / "cmp" / "summary.csv")}
+    assert rows.keys() == {"v0", "queries"}
+    # 4 query tokens instead of 1: 3 x d more trainable parameters, and the speed of each is reported.
+    extra = float(rows["queries"]["trainable_params_mean"]) - float(rows["v0"]["trainable_params_mean"])
+    assert extra == 3 * 128  # the tiny LLM's width
+    assert all(float(r["samples_per_s_mean"]) > 0 for r in rows.values())
+    assert "| variant | runs |" in (tmp_path / "cmp" / "summary.md").read_text()
