@@ -28,6 +28,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import MISSING, DictConfig
 
+from sim.training.pruners import PRUNERS
+
 
 class DistributionType(Enum):
     int = 1
@@ -151,43 +153,6 @@ class GPSamplerConfig(SamplerConfig):
     deterministic_objective: bool = False
     constraints_func: Any | None = None
     warn_independent_sampling: bool = True
-
-
-# ---- pruners: stop a trial whose val metric lags the others' at the same epoch ---------------------
-@dataclass
-class PrunerConfig:
-    _target_: str = MISSING
-
-
-@dataclass
-class NopPrunerConfig(PrunerConfig):
-    _target_: str = "optuna.pruners.NopPruner"
-
-
-@dataclass
-class MedianPrunerConfig(PrunerConfig):
-    """Prune when the trial's value at an epoch is worse than the median of earlier trials there."""
-
-    _target_: str = "optuna.pruners.MedianPruner"
-    n_startup_trials: int = 5  # trials that finish unpruned before any is compared
-    n_warmup_steps: int = 0  # the first epoch a trial may be pruned at (steps are epoch numbers, from 1)
-    interval_steps: int = 1
-    n_min_trials: int = 1
-
-
-@dataclass
-class HyperbandPrunerConfig(PrunerConfig):
-    """Successive halving in brackets; a resource is one epoch (`max_resource: auto` = the first
-    finished trial's epochs)."""
-
-    _target_: str = "optuna.pruners.HyperbandPruner"
-    min_resource: int = 1
-    max_resource: Any = "auto"
-    reduction_factor: int = 3
-    bootstrap_count: int = 0
-
-
-PRUNERS: dict[str, Any] = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig}
 
 
 # ---- the sweepers -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from sim.experiments.search_space import (
     params_from_overrides,
 )
 from sim.training import pruning
+from sim.training.pruners import make_pruner, prunes
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class OptunaSweeperImpl(LaunchingSweeper):
         self.max_failure_rate = max_failure_rate
         self.search_space = search_space
         self.params = params
-        self.pruner = pruning.make_pruner(pruner)
+        self.pruner = make_pruner(pruner)
         self.extend_search_space: Callable[[DictConfig, Trial], None] | None = (
             instantiate({"_target_": custom_search_space, "_partial_": True}) if custom_search_space else None
         )
@@ -149,7 +150,7 @@ class OptunaSweeperImpl(LaunchingSweeper):
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
             log.info("GridSampler: n_trials is at most the grid size, %d", self.n_trials)
         directions = self._directions()
-        if len(directions) > 1 and pruning.prunes(self.pruner):
+        if len(directions) > 1 and prunes(self.pruner):
             raise ConfigError(
                 f"hydra.sweeper.pruner={type(self.pruner).__name__} with {len(directions)} objectives: "
                 "optuna prunes single-objective studies only; use hydra.sweeper.pruner=none"

@@ -19,11 +19,11 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sim.core.errors import ConfigError
 from sim.training.callbacks import Callback
 from sim.training.distributed import broadcast_object
+from sim.training.pruners import make_pruner, prunes
 
 if TYPE_CHECKING:
     import optuna
@@ -37,40 +37,6 @@ SWEEPER_TARGET = "hydra_plugins.sim_optuna_sweeper.SimOptunaSweeper"
 # Trials of the batch the sweeper is running, by number: the jobs of Hydra's basic launcher run in the
 # sweeper's process and report to these (an in-memory study can be reached no other way).
 LIVE_TRIALS: dict[int, optuna.trial.Trial] = {}
-
-
-def make_pruner(spec: Any) -> optuna.pruners.BasePruner:
-    """A pruner from `hydra.sweeper.pruner`: a name (none, median, hyperband), a config with
-    `_target_`, or a pruner Hydra has already built.
-
-    Raises:
-        ConfigError: an unknown name or a config that is not a pruner.
-    """
-    import optuna
-    from hydra.utils import instantiate
-
-    from hydra_plugins.sim_optuna_sweeper import PRUNERS
-
-    if spec is None:
-        return optuna.pruners.NopPruner()
-    if isinstance(spec, str):
-        if spec.lower() not in PRUNERS:
-            raise ConfigError(
-                f"hydra.sweeper.pruner={spec}: expected one of {', '.join(PRUNERS)} "
-                "(or hydra/sweeper/pruner=NAME to set its options)"
-            )
-        spec = OmegaConf.structured(PRUNERS[spec.lower()])
-    if isinstance(spec, (dict, DictConfig)):
-        spec = instantiate(spec)
-    if not isinstance(spec, optuna.pruners.BasePruner):
-        raise ConfigError(f"hydra.sweeper.pruner: {spec!r} is not an optuna pruner")
-    return spec
-
-
-def prunes(pruner: optuna.pruners.BasePruner) -> bool:
-    import optuna
-
-    return not isinstance(pruner, optuna.pruners.NopPruner)
 
 
 class PruningCallback(Callback):

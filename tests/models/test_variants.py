@@ -222,3 +222,29 @@ def test_gradient_checkpointing_recomputes_the_layers_and_keeps_the_gradients():
     assert grads[0].keys() == grads[1].keys() and any(is_lora_param(k) for k in grads[0])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_lora_model_travels_with_its_adapters(variant_runs, tmp_path):
+    """The stream runner and an exported directory rebuild the adapted LLM, not the frozen one."""
+    from sim.export.stream import load_runner
+    from sim.models.pretrained import save_pretrained
+
+    straight, _ = variant_runs("lora", "fp32")
+    best = straight / "checkpoints" / "best.pt"
+    model = SimV0Model.from_checkpoint(best)
+    saved = {k: v for k, v in load_checkpoint(best)["model_state_dict"].items() if is_lora_param(k)}
+    assert saved and any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k), "the adapters never trained"
+    # The synthetic features have no encoder on record: the tiny CNN's 64 features stand in for it.
+    runner = load_runner(best, vision=instantiate(make_cfg(*TINY, "vision=tiny").vision, _convert_="all"))
+    out = save_pretrained(model.trainable_state_dict(), model.metadata(), tmp_path / "exported")
+    exported = SimV0Model.from_pretrained(out)
+    batch = SyntheticSimDataset(split="val", num_samples=16).__getitems__(list(range(16)))
+    with torch.no_grad():
+        ref = model(batch)
+        for other in (runner.model, exported):
+            assert all(torch.equal(other(batch)[k], ref[k]) for k in ref)
+    # Without the adapters the same heads decide otherwise: they are part of the model.
+    frozen = SimV0Model.from_metadata({**model.metadata(), "variant": ModelVariant().to_dict()})
+    frozen.load_state_dict({k: v for k, v in model.trainable_state_dict().items() if not is_lora_param(k)})
+    with torch.no_grad():
+        assert not torch.equal(frozen(batch)["action_logits"], ref["action_logits"])
