@@ -15,6 +15,7 @@ COMMANDS = {
     "frames": "sim.data.synthetic_frames",
     "cache_features": "sim.commands.cache_features",
     "check_data": "sim.commands.check_data",
+    "export": "sim.export.artifact",
     "export_onnx": "sim.export.onnx",
     "bench_latency": "sim.export.latency",
     "stream": "sim.export.stream",

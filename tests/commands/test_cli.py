@@ -23,6 +23,7 @@ COMMANDS = [
     ("check_data", [], "max_listed"),
     ("synthetic", [], "num_train"),
     ("frames", [], "num_train"),
+    ("export", [], "calibration_bins"),
     ("export_onnx", [], "parity_samples"),
     ("bench_latency", [], "backends"),
     ("bench", [], "steps"),
