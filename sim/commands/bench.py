@@ -65,6 +65,46 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds
     return best
 
 
+def llm_matmul_shapes(llm: torch.nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every matmul weight of the base transformer (Linear, and GPT-2's transposed Conv1D)."""
+    shapes = []
+    for m in llm.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Embedding) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if isinstance(m, torch.nn.Linear):
+            shapes.append((w.shape[1], w.shape[0]))
+        elif type(m).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+            shapes.append((w.shape[0], w.shape[1]))
+    return shapes
+
+
+def shape_peak(
+    shapes: Sequence[tuple[int, int]], rows: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.2
+) -> float:
+    """FLOP/s of the step's own matmuls alone: each distinct [rows, in] x [in, out] product timed as
+    `matmul_peak` times a square one, combined as the LLM's layers weigh them (total FLOPs / total time).
+    Against the square peak it tells how much of the gap the matrix shapes explain."""
+    flops = seconds_total = 0.0
+    counts: dict[tuple[int, int], int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    for (k, n), count in counts.items():
+        x = torch.randn(rows, k, device=device).to(dtype)
+        w = torch.randn(n, k, device=device).to(dtype)
+        torch.nn.functional.linear(x, w)  # warm-up
+        sync(device)
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        flops += count * 2.0 * rows * k * n
+        seconds_total += count * best
+    return flops / seconds_total if seconds_total else 0.0
+
+
 def llm_flops_per_token(llm: torch.nn.Module, tokens: int) -> float:
     """Forward FLOPs per token of the base transformer: 2 per weight of its matmuls, plus attention.
 
@@ -79,10 +119,15 @@ def llm_flops_per_token(llm: torch.nn.Module, tokens: int) -> float:
     return 2.0 * matmul_params + attention
 
 
+def prefix_tokens(model: SimV0Model) -> int:
+    """The LLM's sequence length: K visual tokens, the telemetry token and the query token(s)."""
+    return model.K + 1 + model.variant.n_queries
+
+
 def step_flops(model: SimV0Model, batch_size: int) -> float:
     """Model FLOPs of one training step: the frozen LLM's forward and its backward to the inputs
     (about one more forward: no weight gradients), plus 3x the trainable modules' forward."""
-    tokens = model.K + 2
+    tokens = prefix_tokens(model)
     llm = llm_flops_per_token(model.llm, tokens) * tokens
     trainable = 2.0 * sum(p.numel() for p in model.trainable_parameters() if p.dim() >= 2)
     return batch_size * (2 * llm + 3 * trainable)
@@ -274,6 +319,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         flops = step_flops(trainer.model, int(cfg.data.batch_size))
         achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
         peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
+        rows = int(cfg.data.batch_size) * prefix_tokens(trainer.model)
+        at_shapes = shape_peak(llm_matmul_shapes(trainer.model.llm), rows, compute_dtype, device)
         result: dict[str, Any] = {
             "config": {
                 "llm": trainer.model.metadata()["llm_name"],
@@ -290,6 +337,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             "step_gflop": flops / 1e9,
             "achieved_gflops": achieved / 1e9,
             "mfu": achieved / peak,
+            "shape_peak_gflops": at_shapes / 1e9,
+            "mfu_of_shape_peak": achieved / at_shapes if at_shapes else None,
         }
         if cfg.reference:
             ref = time_naive_reference(trainer, max(3, steps // 2), 1)
@@ -349,6 +398,14 @@ def print_table(r: dict[str, Any]) -> None:
         ("model GFLOP / step", f"{r['step_gflop']:.1f}"),
         ("achieved", f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['mfu']:.1f}% of the measured peak (MFU)"),
     ]
+    if r.get("mfu_of_shape_peak"):
+        rows.append(
+            (
+                "matmul peak, step's shapes",
+                f"{r['shape_peak_gflops']:.1f} GFLOP/s (the LLM's matmuls alone at {c['batch_size']} x tokens rows); "
+                f"achieved = {100 * r['mfu_of_shape_peak']:.1f}% of it",
+            )
+        )
     if "naive_reference" in r:
         rows.append(("naive loop samples/s", f"{r['naive_reference']['samples_per_s']:.1f}"))
         rows.append(("speed-up vs naive", f"{r['speedup_vs_naive']:.2f}x"))

@@ -163,6 +163,7 @@ def assign_groups(runs: Sequence[Run], keys: Sequence[str]) -> None:
 
 # What a run cost, from its train metrics (mean over its epochs): speed, and how much of the model trained.
 COST_METRICS: tuple[str, ...] = ("samples_per_s", "trainable_params")
+COST_HEADERS = {"samples_per_s": "train samples/s", "trainable_params": "trainable params"}
 
 
 def _metric(run: Run, name: str) -> float | None:
@@ -241,7 +242,7 @@ def _fmt(v: Any) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str] = KEY_METRICS) -> str:
     """Markdown: group keys, number of runs, then mean ± std of each metric (n/a where undefined)."""
     costs = [m for m in COST_METRICS if any(row.get(f"{m}_mean") is not None for row in rows)]
-    head = [*keys, "runs", *metrics, *(c.replace("_", " ") for c in costs)]
+    head = [*keys, "runs", *metrics, *(COST_HEADERS[c] for c in costs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [_fmt(row.get(k)) for k in keys]

@@ -62,6 +62,9 @@ def test_bench_prints_the_table_and_json(tmp_path):
     assert "train samples/s" in res.stdout and "MFU" in res.stdout and "speed-up vs naive" in res.stdout
     result = json.loads(out.read_text())
     assert result["train"]["samples_per_s"] > 0 and 0 < result["mfu"] < 1
+    # The same step against the peak of its own matmul shapes: a second, positive yardstick.
+    assert "matmul peak, step's shapes" in res.stdout
+    assert result["shape_peak_gflops"] > 0 and result["mfu_of_shape_peak"] > 0
     assert set(result["train"]["phase_ms_per_step"]) == {"data", "forward", "backward", "optimizer"}
     # The Lightning peer ran the same model and batches, and the profile names where the time went.
     assert "speed-up vs Lightning" in res.stdout

@@ -535,4 +535,5 @@ def test_the_variants_sweep_reports_a_row_per_variant_with_its_cost(tmp_path):
     extra = float(rows["queries"]["trainable_params_mean"]) - float(rows["v0"]["trainable_params_mean"])
     assert extra == 3 * 128  # the tiny LLM's width
     assert all(float(r["samples_per_s_mean"]) > 0 for r in rows.values())
-    assert "| variant | runs |" in (tmp_path / "cmp" / "summary.md").read_text()
+    summary = (tmp_path / "cmp" / "summary.md").read_text()
+    assert "| variant | runs |" in summary and "| train samples/s | trainable params |" in summary
