@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +52,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_seconds(fn: Callable[[], Any], device: torch.device, seconds: float) -> float:
+    """The fastest of repeated calls of `fn` within `seconds`, after one warm-up call."""
+    fn()
+    sync(device)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
     """Measured FLOP/s of an n x n matmul in `dtype` (the best of repeated runs within `seconds`)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # warm-up
-    sync(device)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    return 2 * n**3 / best_seconds(lambda: a @ b, device, seconds)
 
 
 def llm_matmul_shapes(llm: torch.nn.Module) -> list[tuple[int, int]]:
@@ -86,20 +93,10 @@ def shape_peak(
     `matmul_peak` times a square one, combined as the LLM's layers weigh them (total FLOPs / total time).
     Against the square peak it tells how much of the gap the matrix shapes explain."""
     flops = seconds_total = 0.0
-    counts: dict[tuple[int, int], int] = {}
-    for shape in shapes:
-        counts[shape] = counts.get(shape, 0) + 1
-    for (k, n), count in counts.items():
+    for (k, n), count in Counter(shapes).items():
         x = torch.randn(rows, k, device=device).to(dtype)
         w = torch.randn(n, k, device=device).to(dtype)
-        torch.nn.functional.linear(x, w)  # warm-up
-        sync(device)
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
+        best = best_seconds(partial(torch.nn.functional.linear, x, w), device, seconds)
         flops += count * 2.0 * rows * k * n
         seconds_total += count * best
     return flops / seconds_total if seconds_total else 0.0
