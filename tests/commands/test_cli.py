@@ -38,26 +38,38 @@ def command_line(command: str) -> list[str]:
     return [command] if command.endswith(".py") else ["-m", "sim", command]
 
 
+def run_in_process(command: str, args: list[str], monkeypatch) -> int | None:
+    """Run a command's main in this process, as its command line would (no second start of Python);
+    the exit status, or None where the command returned without exiting."""
+    try:
+        if command.endswith(".py"):
+            monkeypatch.setattr(sys, "argv", [command, *args])
+            runpy.run_path(str(ROOT / command), run_name="__main__")
+            return None
+        return sim_main([command, *args])
+    except SystemExit as exited:
+        return int(exited.code or 0)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 # runpy warns that a module it runs as __main__ was imported already (by the tests): harmless here.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:runpy")
 @pytest.mark.parametrize("command, args, key", COMMANDS, ids=[c for c, _, _ in COMMANDS])
 def test_every_command_answers_cfg_job_and_help(command, args, key, monkeypatch, capsys):
-    res = run_cmd(*command_line(command), *args, "--cfg", "job")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert key in OmegaConf.to_container(OmegaConf.create(res.stdout))
-    # --help takes the same path through Hydra; run in this process, it costs no second start of Python.
-    try:
-        with pytest.raises(SystemExit) as exited:
-            if command.endswith(".py"):
-                monkeypatch.setattr(sys, "argv", [command, *args, "--help"])
-                runpy.run_path(str(ROOT / command), run_name="__main__")
-            else:
-                sim_main([command, *args, "--help"])
-    finally:
-        GlobalHydra.instance().clear()
-    assert exited.value.code == 0
+    assert run_in_process(command, [*args, "--cfg", "job"], monkeypatch) in (None, 0)
+    assert key in OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+    assert run_in_process(command, [*args, "--help"], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "== Config ==" in out and f"\n{key}:" in out
+
+
+def test_the_commands_answer_from_a_shell_as_a_user_runs_them():
+    """The same through a new Python process: the top-level script and the dispatcher's module path."""
+    for command, args, key in (COMMANDS[0], COMMANDS[4]):
+        res = run_cmd(*command_line(command), *args, "--cfg", "job")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert key in OmegaConf.to_container(OmegaConf.create(res.stdout))
 
 
 def test_the_dispatcher_lists_every_command_and_refuses_an_unknown_one(capsys):
