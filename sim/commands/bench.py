@@ -89,8 +89,9 @@ def llm_matmul_shapes(llm: torch.nn.Module) -> list[tuple[int, int]]:
 def shape_peak(
     shapes: Sequence[tuple[int, int]], rows: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.2
 ) -> float:
-    """FLOP/s of the step's own matmuls alone: each distinct [rows, in] x [in, out] product timed as
-    `matmul_peak` times a square one, combined as the LLM's layers weigh them (total FLOPs / total time).
+    """FLOP/s of the step's own matmuls alone: each distinct [rows, in] x [in, out] product timed like
+    `matmul_peak`'s square one (`best_seconds`), combined as the LLM's layers weigh them (total FLOPs /
+    total time).
     Against the square peak it tells how much of the gap the matrix shapes explain."""
     flops = seconds_total = 0.0
     for (k, n), count in Counter(shapes).items():

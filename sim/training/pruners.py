@@ -8,11 +8,14 @@ reports each epoch from inside the run). Hydra's plugin scan imports this module
 
 # No `from __future__ import annotations`: OmegaConf reads these dataclasses' field types.
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sim.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
 
 
 @dataclass
@@ -51,7 +54,7 @@ class HyperbandPrunerConfig(PrunerConfig):
 PRUNERS: dict[str, Any] = {"none": NopPrunerConfig, "median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig}
 
 
-def make_pruner(spec: Any) -> Any:
+def make_pruner(spec: Any) -> "optuna.pruners.BasePruner":
     """An optuna pruner from `hydra.sweeper.pruner`: a name (none, median, hyperband), a config with
     `_target_`, or a pruner Hydra has already built.
 
@@ -77,7 +80,7 @@ def make_pruner(spec: Any) -> Any:
     return spec
 
 
-def prunes(pruner: Any) -> bool:
+def prunes(pruner: "optuna.pruners.BasePruner") -> bool:
     """False for optuna's NopPruner (the sweep prunes nothing)."""
     import optuna
 

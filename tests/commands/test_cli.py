@@ -66,7 +66,7 @@ def test_every_command_answers_cfg_job_and_help(command, args, key, monkeypatch,
 
 def test_the_commands_answer_from_a_shell_as_a_user_runs_them():
     """The same through a new Python process: the top-level script and the dispatcher's module path."""
-    for command, args, key in (COMMANDS[0], COMMANDS[4]):
+    for command, args, key in (c for c in COMMANDS if c[0] in ("train.py", "synthetic")):
         res = run_cmd(*command_line(command), *args, "--cfg", "job")
         assert res.returncode == 0, res.stderr[-2000:]
         assert key in OmegaConf.to_container(OmegaConf.create(res.stdout))
