@@ -40,6 +40,7 @@ from sim.data.synthetic import generate
 from sim.evaluation.loop import to_device
 from sim.evaluation.metrics import compute_losses
 from sim.models.model import SimV0Model
+from sim.models.packed import PackedLinear
 from sim.training.callbacks import Callback, StepInfo
 from sim.training.step import train_step
 from sim.training.trainer import Trainer
@@ -81,23 +82,29 @@ def llm_matmul_shapes(llm: torch.nn.Module) -> list[tuple[int, int]]:
             continue
         if isinstance(m, torch.nn.Linear):
             shapes.append((w.shape[1], w.shape[0]))
-        elif type(m).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+        elif any(c.__name__ == "Conv1D" for c in type(m).__mro__):  # transformers' GPT-2 layer: weight [in, out]
             shapes.append((w.shape[0], w.shape[1]))
     return shapes
 
 
 def shape_peak(
-    shapes: Sequence[tuple[int, int]], rows: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.2
+    shapes: Sequence[tuple[int, int]],
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seconds: float = 0.2,
+    packed: bool = False,
 ) -> float:
     """FLOP/s of the step's own matmuls alone: each distinct [rows, in] x [in, out] product timed like
     `matmul_peak`'s square one (`best_seconds`), combined as the LLM's layers weigh them (total FLOPs /
-    total time).
+    total time). `packed`: through the packed layers the LLM uses (`llm.packed_weights`).
     Against the square peak it tells how much of the gap the matrix shapes explain."""
     flops = seconds_total = 0.0
     for (k, n), count in Counter(shapes).items():
         x = torch.randn(rows, k, device=device).to(dtype)
-        w = torch.randn(n, k, device=device).to(dtype)
-        best = best_seconds(partial(torch.nn.functional.linear, x, w), device, seconds)
+        layer = (PackedLinear if packed else torch.nn.Linear)(k, n, bias=False, device=device, dtype=dtype)
+        layer.requires_grad_(False)
+        best = best_seconds(partial(layer, x), device, seconds)
         flops += count * 2.0 * rows * k * n
         seconds_total += count * best
     return flops / seconds_total if seconds_total else 0.0
@@ -318,7 +325,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
         peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
         rows = int(cfg.data.batch_size) * prefix_tokens(trainer.model)
-        at_shapes = shape_peak(llm_matmul_shapes(trainer.model.llm), rows, compute_dtype, device)
+        packed = bool(trainer.model.llm.sim_spec.get("packed_weights"))
+        at_shapes = shape_peak(llm_matmul_shapes(trainer.model.llm), rows, compute_dtype, device, packed=packed)
         result: dict[str, Any] = {
             "config": {
                 "llm": trainer.model.metadata()["llm_name"],

@@ -28,6 +28,7 @@ from torch import nn
 from sim.core.errors import ConfigError, LLMLoadError
 from sim.core.precision import dtype_name, resolve_dtype
 from sim.models.llm_cache import LLMCache
+from sim.models.packed import pack_linears
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -68,11 +69,12 @@ class LLMSpec:
     init_seed: int = 0
     attn_implementation: str | None = None
     fused_activations: bool = False
+    packed_weights: bool = False
 
 
 SPEC_KEYS = tuple(f.name for f in fields(LLMSpec))
 # What a new LLM gets unless told otherwise (conf/llm/base.yaml says the same): the faster kernels.
-FAST_KERNELS: dict[str, Any] = {"attn_implementation": "auto", "fused_activations": True}
+FAST_KERNELS: dict[str, Any] = {"attn_implementation": "auto", "fused_activations": True, "packed_weights": True}
 
 
 def llm_spec(**keys: Any) -> dict[str, Any]:
@@ -83,6 +85,7 @@ def llm_spec(**keys: Any) -> dict[str, Any]:
         arch=dict(spec["arch"]) if spec["arch"] else None,
         init_seed=int(spec["init_seed"]),
         fused_activations=bool(spec["fused_activations"]),
+        packed_weights=bool(spec["packed_weights"]),
     )
     return spec
 
@@ -157,7 +160,8 @@ def build_llm(
         name_or_path, keys: the `LLMSpec` fields. `attn_implementation`: the transformers attention kernel (`eager`,
             `sdpa`, ...), `auto` picks the faster one for SIM's short prefix on `device`
             (`resolve_attn_implementation`); `fused_activations`: composite activations computed by
-            PyTorch's fused kernels (`fuse_activations`).
+            PyTorch's fused kernels (`fuse_activations`); `packed_weights`: on CPU in bf16, the linear
+            layers' weights packed once for oneDNN (`sim.models.packed`), the same results.
         cache: where weights converted from a GGUF file are kept; default `LLMCache()`, in the
             directory the environment names (see `sim.models.llm_cache`).
 
@@ -184,6 +188,8 @@ def build_llm(
         model.set_attn_implementation(attention)
     if spec["fused_activations"]:
         fuse_activations(model)
+    if spec["packed_weights"]:
+        pack_linears(model)
     # Moved as a plain module: the wrapped `PreTrainedModel.to` has no usable type signature.
     cast(nn.Module, model).to(device=device, dtype=torch_dtype)
     model.requires_grad_(False)

@@ -1,0 +1,118 @@
+"""llm.packed_weights: the frozen LLM's linear layers with weights packed once for oneDNN compute
+exactly what the library's layers compute, forward and backward, and follow changes to their weights."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from sim.models.llm import build_llm
+from sim.models.packed import PackedLinear, pack_linears, packing_available
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="oneDNN computes no bf16 on this CPU")
+
+ARCHS = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 64, "vocab_size": 16},
+    "llama": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "vocab_size": 16,
+    },
+}
+
+
+def llm(arch: str, packed: bool, dtype: str = "bfloat16"):
+    return build_llm(
+        name_or_path=f"tiny-{arch}",
+        pretrained=False,
+        dtype=dtype,
+        arch=ARCHS[arch],
+        attn_implementation="eager",
+        fused_activations=True,
+        packed_weights=packed,
+    )
+
+
+def forward_backward(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    y = model(inputs_embeds=x).last_hidden_state
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad
+
+
+def packed_layers(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if "_packed" in m.__dict__]
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packed_layers_compute_the_same_bits_forward_and_backward(arch):
+    """GPT-2's Conv1D and Llama's nn.Linear, bf16: outputs and input gradients bit for bit."""
+    plain, packed = llm(arch, packed=False), llm(arch, packed=True)
+    x = torch.randn(8, 6, 128, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    y0, g0 = forward_backward(plain, x)
+    y1, g1 = forward_backward(packed, x)
+    assert packed_layers(packed), "the packed kernels did not run"
+    assert torch.equal(y0, y1)
+    assert torch.equal(g0, g1)
+    # The same under CPU autocast, as SimV0Model calls the LLM.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0, g0 = forward_backward(plain, x)
+        y1, g1 = forward_backward(packed, x)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packing_changes_no_parameter_names_and_fp32_runs_the_library_layer(arch):
+    plain, packed = llm(arch, packed=False, dtype="float32"), llm(arch, packed=True, dtype="float32")
+    assert plain.state_dict().keys() == packed.state_dict().keys()
+    assert packed.sim_spec["packed_weights"] and not plain.sim_spec["packed_weights"]
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1))
+    y0, g0 = forward_backward(plain, x)
+    y1, g1 = forward_backward(packed, x)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert not packed_layers(packed), "fp32 must not pack"
+
+
+@needs_packing
+def test_a_changed_or_replaced_weight_is_repacked():
+    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16).requires_grad_(False)
+    pack_linears(torch.nn.Sequential(layer))
+    assert isinstance(layer, PackedLinear)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: the version counter moves
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.load_state_dict({"weight": torch.randn(32, 64), "bias": torch.zeros(32)})
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.float().bfloat16()  # new tensors
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@needs_packing
+def test_a_trainable_weight_takes_the_library_path_and_gets_its_gradient():
+    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    pack_linears(torch.nn.Sequential(layer))
+    layer(torch.randn(4, 64, dtype=torch.bfloat16)).sum().backward()
+    assert layer.weight.grad is not None and "_packed" not in layer.__dict__
+
+
+@needs_packing
+def test_a_packed_llm_copies_and_pickles_without_its_packed_weights():
+    model = llm("gpt2", packed=True)
+    x = torch.randn(2, 6, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = model(inputs_embeds=x).last_hidden_state
+    assert packed_layers(model)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not packed_layers(clone)
+        with torch.no_grad():
+            assert torch.equal(clone(inputs_embeds=x).last_hidden_state, y)
