@@ -129,6 +129,14 @@ def prefix_tokens(model: SimV0Model) -> int:
     return model.K + 1 + model.variant.n_queries
 
 
+def matmul_flops(model: SimV0Model, batch_size: int) -> float:
+    """FLOPs of one step's linear-layer matmuls in the LLM (forward and the input's gradient), the
+    work `OP_KINDS["matmuls"]` times: `step_flops` without attention and the trainable modules."""
+    tokens = prefix_tokens(model)
+    rows = batch_size * tokens
+    return 2 * sum(2.0 * rows * k * n for k, n in llm_matmul_shapes(model.llm))
+
+
 def step_flops(model: SimV0Model, batch_size: int) -> float:
     """Model FLOPs of one training step: the frozen LLM's forward and its backward to the inputs
     (about one more forward: no weight gradients), plus 3x the trainable modules' forward."""
@@ -354,6 +362,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             result["peer"] = alternate_with_peer(trainer, cfg, int(cfg.peer), steps, warmup)
         if cfg.get("profile"):
             result["profile"] = where_time_goes(trainer, int(cfg.profile))
+            matmul_s = result["profile"]["kinds"]["matmuls"] * timing["seconds"] / steps
+            result["matmul_gflops_in_step"] = (
+                matmul_flops(trainer.model, int(cfg.data.batch_size)) / matmul_s / 1e9 if matmul_s else None
+            )
     if cfg.memory:
         result["memory"] = memory_check(overrides, int(cfg.memory), trainer.model.F, trainer.model.dv)
     return result
@@ -376,8 +388,20 @@ def alternate_with_peer(trainer: Trainer, cfg: DictConfig, rounds: int, steps: i
     }
 
 
-def where_time_goes(trainer: Trainer, top: int) -> list[dict[str, Any]]:
-    """The `top` operators by self CPU time over 5 profiled steps, with their share of the total."""
+# Operators by what they do, for the profile's summary (the rest is "other").
+OP_KINDS = {
+    "matmuls": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"),
+    "attention": ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data", "aten::baddbmm"),
+    "activations": ("aten::gelu", "aten::gelu_backward", "aten::silu", "aten::silu_backward"),
+    "norms": ("aten::native_layer_norm", "aten::native_layer_norm_backward", "aten::_fused_rms_norm"),
+    "copies": ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"),
+    "optimizer": ("aten::_fused_adamw_",),
+}
+
+
+def where_time_goes(trainer: Trainer, top: int) -> dict[str, Any]:
+    """Over 5 profiled steps: the `top` operators by self CPU time with their share of the total, and
+    the shares of each kind of work (`OP_KINDS`)."""
     from torch.profiler import ProfilerActivity, profile  # only when asked: the profiler is heavy to import
 
     time_trainer_steps(trainer, 2, 0)
@@ -386,7 +410,14 @@ def where_time_goes(trainer: Trainer, top: int) -> list[dict[str, Any]]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in rows]
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for e in events:
+        kinds[kind_of.get(e.key, "other")] += e.self_cpu_time_total / total
+    return {
+        "ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in rows],
+        "kinds": kinds,
+    }
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -422,8 +453,20 @@ def print_table(r: dict[str, Any]) -> None:
             (f"Lightning {p['lightning']}", "  ".join(f"{v:.1f}" for v in p["lightning_samples_per_s"]) + " samples/s")
         )
         rows.append(("speed-up vs Lightning", f"{p['speedup_vs_lightning']:.2f}x (medians)"))
-    for op in r.get("profile", []):
-        rows.append((f"  {op['op'][:40]}", f"{100 * op['share']:.1f}% of CPU time ({op['calls']} calls)"))
+    if "profile" in r:
+        step_ms = sum(t["phase_ms_per_step"].values())
+        for kind, share in r["profile"]["kinds"].items():
+            rows.append((f"time in {kind}", f"{100 * share:.1f}% of CPU time, about {share * step_ms:.1f} ms a step"))
+        if r.get("matmul_gflops_in_step"):
+            rows.append(
+                (
+                    "matmuls in the step",
+                    f"about {r['matmul_gflops_in_step']:.0f} GFLOP/s (the LLM's matmul FLOPs over their share of "
+                    "the step)",
+                )
+            )
+        for op in r["profile"]["ops"]:
+            rows.append((f"  {op['op'][:40]}", f"{100 * op['share']:.1f}% of CPU time ({op['calls']} calls)"))
     if "memory" in r:
         m = r["memory"]
         rows.append(

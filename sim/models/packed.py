@@ -5,8 +5,9 @@ layout the AMX / AVX512 kernels read. For a trained layer that is unavoidable, a
 every step; SIM's LLM is frozen, so `pack_linears` makes its linear layers keep two packed copies:
 the weight for the forward pass, and its transpose for the gradient of the input (the only gradient
 a frozen layer passes back; frozen weights get none). The result is bit for bit what `F.linear`
-computes from the same operands; measured on a gpt2 step at batch 64, the matmuls take about a
-quarter less time.
+computes from the same operands. On a CPU with AMX, `sim bench llm=gpt2 llm.pretrained=false data=dummy
+data.batch_size=64 profile=1` prints about a sixth less time in matmuls (84-94 ms a step against
+102-109 unpacked).
 
 The layers keep their parameters, so state dicts, `.to()`, peft's LoRA (which wraps them) and
 checkpoints see the modules they know. They pack lazily, on the first call that can use the packed

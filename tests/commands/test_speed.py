@@ -69,4 +69,7 @@ def test_bench_prints_the_table_and_json(tmp_path):
     # The Lightning peer ran the same model and batches, and the profile names where the time went.
     assert "speed-up vs Lightning" in res.stdout
     assert result["peer"]["lightning_samples_per_s"][0] > 0 and result["peer"]["speedup_vs_lightning"] > 0
-    assert len(result["profile"]) == 3 and all(0 < op["share"] <= 1 for op in result["profile"])
+    ops, kinds = result["profile"]["ops"], result["profile"]["kinds"]
+    assert len(ops) == 3 and all(0 < op["share"] <= 1 for op in ops)
+    assert kinds["matmuls"] > 0 and abs(sum(kinds.values()) - 1) < 1e-6 and "time in matmuls" in res.stdout
+    assert result["matmul_gflops_in_step"] > 0
