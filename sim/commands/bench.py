@@ -39,6 +39,7 @@ from sim.core.run import RunDir
 from sim.data.synthetic import generate
 from sim.evaluation.loop import to_device
 from sim.evaluation.metrics import compute_losses
+from sim.models.last_row import last_row_weights
 from sim.models.model import SimV0Model
 from sim.models.packed import PackedLinear
 from sim.training.callbacks import Callback, StepInfo
@@ -129,19 +130,28 @@ def prefix_tokens(model: SimV0Model) -> int:
     return model.K + 1 + model.variant.n_queries
 
 
+def skipped_flops(model: SimV0Model) -> float:
+    """Forward FLOPs per sample the LLM does not compute: the last layer's rows nobody reads
+    (`sim.models.last_row`), when the model skips them."""
+    if not model.reads_last_row_only():
+        return 0.0
+    return 2.0 * last_row_weights(model.llm) * (prefix_tokens(model) - 1)
+
+
 def matmul_flops(model: SimV0Model, batch_size: int) -> float:
     """FLOPs of one step's linear-layer matmuls in the LLM (forward and the input's gradient), the
     work `OP_KINDS["matmuls"]` times: `step_flops` without attention and the trainable modules."""
-    tokens = prefix_tokens(model)
-    rows = batch_size * tokens
-    return 2 * sum(2.0 * rows * k * n for k, n in llm_matmul_shapes(model.llm))
+    rows = batch_size * prefix_tokens(model)
+    forward = sum(2.0 * rows * k * n for k, n in llm_matmul_shapes(model.llm)) - batch_size * skipped_flops(model)
+    return 2 * forward
 
 
 def step_flops(model: SimV0Model, batch_size: int) -> float:
     """Model FLOPs of one training step: the frozen LLM's forward and its backward to the inputs
-    (about one more forward: no weight gradients), plus 3x the trainable modules' forward."""
+    (about one more forward: no weight gradients), plus 3x the trainable modules' forward. Work the
+    model skips (the last layer's unread rows) is not counted."""
     tokens = prefix_tokens(model)
-    llm = llm_flops_per_token(model.llm, tokens) * tokens
+    llm = llm_flops_per_token(model.llm, tokens) * tokens - skipped_flops(model)
     trainable = 2.0 * sum(p.numel() for p in model.trainable_parameters() if p.dim() >= 2)
     return batch_size * (2 * llm + 3 * trainable)
 

@@ -36,7 +36,8 @@ def peer_model(cfg: DictConfig, dv: int | None) -> SimV0Model:
     fp32 = copy.deepcopy(cfg)
     with open_dict(fp32):
         fp32.llm.dtype, fp32.training.amp = "float32", False
-        fp32.llm.attn_implementation, fp32.llm.fused_activations, fp32.llm.packed_weights = None, False, False
+        fp32.llm.attn_implementation, fp32.llm.fused_activations = None, False
+        fp32.llm.packed_weights, fp32.llm.skip_unread_rows = False, False
     return build_model(fp32, dv, torch.device("cpu"))
 
 

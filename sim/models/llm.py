@@ -27,6 +27,7 @@ from torch import nn
 
 from sim.core.errors import ConfigError, LLMLoadError
 from sim.core.precision import dtype_name, resolve_dtype
+from sim.models import last_row
 from sim.models.llm_cache import LLMCache
 from sim.models.packed import pack_linears
 
@@ -70,11 +71,17 @@ class LLMSpec:
     attn_implementation: str | None = None
     fused_activations: bool = False
     packed_weights: bool = False
+    skip_unread_rows: bool = False
 
 
 SPEC_KEYS = tuple(f.name for f in fields(LLMSpec))
 # What a new LLM gets unless told otherwise (conf/llm/base.yaml says the same): the faster kernels.
-FAST_KERNELS: dict[str, Any] = {"attn_implementation": "auto", "fused_activations": True, "packed_weights": True}
+FAST_KERNELS: dict[str, Any] = {
+    "attn_implementation": "auto",
+    "fused_activations": True,
+    "packed_weights": True,
+    "skip_unread_rows": True,
+}
 
 
 def llm_spec(**keys: Any) -> dict[str, Any]:
@@ -86,6 +93,7 @@ def llm_spec(**keys: Any) -> dict[str, Any]:
         init_seed=int(spec["init_seed"]),
         fused_activations=bool(spec["fused_activations"]),
         packed_weights=bool(spec["packed_weights"]),
+        skip_unread_rows=bool(spec["skip_unread_rows"]),
     )
     return spec
 
@@ -161,7 +169,8 @@ def build_llm(
             `sdpa`, ...), `auto` picks the faster one for SIM's short prefix on `device`
             (`resolve_attn_implementation`); `fused_activations`: composite activations computed by
             PyTorch's fused kernels (`fuse_activations`); `packed_weights`: on CPU in bf16, the linear
-            layers' weights packed once for oneDNN (`sim.models.packed`), the same results.
+            layers' weights packed once for oneDNN (`sim.models.packed`), the same results;
+            `skip_unread_rows`: the last layer can compute the last row only (`sim.models.last_row`).
         cache: where weights converted from a GGUF file are kept; default `LLMCache()`, in the
             directory the environment names (see `sim.models.llm_cache`).
 
@@ -190,6 +199,8 @@ def build_llm(
         fuse_activations(model)
     if spec["packed_weights"]:
         pack_linears(model)
+    if spec["skip_unread_rows"]:
+        last_row.install(model)
     # Moved as a plain module: the wrapped `PreTrainedModel.to` has no usable type signature.
     cast(nn.Module, model).to(device=device, dtype=torch_dtype)
     model.requires_grad_(False)

@@ -27,6 +27,7 @@ from sim.core import labels as L
 from sim.core.errors import ConfigError
 from sim.core.precision import Precision, dtype_name, named_precision
 from sim.models.inference import decisions, model_input
+from sim.models.last_row import last_row_only
 from sim.models.llm import (
     FAST_KERNELS,
     build_llm,
@@ -253,13 +254,21 @@ class SimV0Model(nn.Module):
         Computes in `self.precision`, whoever calls it (trainer, evaluation, predict_json, export)."""
         with self.precision.context(self.vis_proj.weight.device.type):
             x = self.prefix(batch)
-            out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
-            states = head_states(out.last_hidden_state, self.variant.n_queries, self.variant.query_heads)
+            with last_row_only(self.llm, self.reads_last_row_only()) as last_only:
+                out = self.llm(inputs_embeds=x.to(self.llm_dtype), use_cache=False)
+            # With `last_only`, the last layer computed Q's row alone: the other rows are not hidden states.
+            hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
+            states = head_states(hidden, self.variant.n_queries, self.variant.query_heads)
             h = normed_states(self.head_norm, states, self.vis_proj.weight.dtype)
             logits = {f"{name}_logits": self.heads[name](h[name]) for name in L.HEADS}
             # The confidence head reads a detached state: learning to judge the action must not change it.
             logits["confidence_logits"] = self.heads["confidence"](h["confidence"].detach()).squeeze(-1)
         return logits
+
+    def reads_last_row_only(self) -> bool:
+        """The heads read one state, the LLM's last row (v0's readout), and nothing recomputes the
+        layers (gradient checkpointing) or wraps them (LoRA): the last layer may skip the other rows."""
+        return self.variant.n_queries == 1 and not self.gradient_checkpointing and self.variant.lora is None
 
     @torch.no_grad()
     def predict_json(self, batch: Mapping[str, Any], risk_high_threshold: float | None = None) -> list[dict[str, Any]]:
