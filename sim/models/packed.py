@@ -81,6 +81,9 @@ class PackedMixin(nn.Module):
     def takes_packed_path(self, x: torch.Tensor) -> bool:
         """True when this call computes in bf16 on CPU (bf16 weights, and a bf16 input or CPU autocast
         to bf16) and the packed kernels may run; otherwise the layer's own forward runs."""
+        # Compiling or exporting first: those see the library's layer, and never trace the checks below.
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return False
         w, b = self.weight, self.bias_or_none()
         if (
             x.device.type != "cpu"
@@ -89,10 +92,7 @@ class PackedMixin(nn.Module):
             or (b is not None and (b.requires_grad or b.dtype != torch.bfloat16))
             or x.numel() == 0
             or not packing_available()
-            or torch.jit.is_tracing()
-            or torch.jit.is_scripting()
             or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling()
         ):
             return False
         if x.dtype == torch.bfloat16:

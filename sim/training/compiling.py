@@ -1,12 +1,16 @@
 """`training.compile`: true, false, or `auto`, which compiles only where the compile is repaid in the run.
 
 Measured on a 2-core CPU with native bf16 (gpt2 architecture, batch 64): compiling costs about 36 s on
-the first run and about 7 s once Inductor's cache holds the graphs, and saves 3-12% of each step
-(elementwise work fused around the frozen LLM's matmuls). `auto` therefore compiles when
+the first run and about 7 s once Inductor's cache holds the graphs. Against the library's eager
+kernels it saved 3-12% of each step (elementwise work fused around the frozen LLM's matmuls); but the
+compiled graph runs the library's matmuls, not the LLM's packed ones (`llm.packed_weights`, CPU bf16),
+and against those it loses (`sim bench ... training.compile=true`: 332 samples/s, eager 360-390 on AMX).
+`auto` therefore compiles when
 
 - the device is CUDA (where fusion pays far more) and the LLM is not a toy (>= `MIN_PARAMS`), or
-- on CPU, the run has at least `min_steps` optimizer steps (`training.compile_min_steps`) and a
-  non-toy LLM: below that the compile costs more than it saves,
+- on CPU, the LLM does not compute with packed weights, the run has at least `min_steps` optimizer
+  steps (`training.compile_min_steps`) and the LLM is not a toy: below that the compile costs more
+  than it saves,
 
 and never under the anomaly or profiler debug modes (whose hooks a compiled graph would skip), nor where
 no C++ compiler is installed (Inductor needs one on CPU). Inductor's cache lives in SIM's cache directory
@@ -27,6 +31,7 @@ from torch import nn
 
 from sim.core.errors import ConfigError
 from sim.models.llm_cache import cache_root
+from sim.models.packed import packing_available
 from sim.training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ def resolve_compile(
     min_steps: int,
     debug_mode: str | None = None,
     cpp_compiler: bool | None = None,
+    packed_weights: bool = False,
 ) -> CompileChoice:
     """Whether to torch.compile the model, and why (logged at start).
 
@@ -70,6 +76,10 @@ def resolve_compile(
         return CompileChoice(False, f"auto: off for a small LLM ({llm_params:,} parameters < {MIN_PARAMS:,})")
     if device.type == "cuda":
         return CompileChoice(True, "auto: on (CUDA, a full-size LLM)")
+    if packed_weights:
+        return CompileChoice(
+            False, "auto: off (the LLM computes with packed weights, which a compiled graph would not use)"
+        )
     if not (has_cpp_compiler() if cpp_compiler is None else cpp_compiler):
         return CompileChoice(False, "auto: off (no C++ compiler for Inductor on CPU)")
     if planned_steps < min_steps:
@@ -94,11 +104,22 @@ def choose_compile(
         planned_steps=planned_steps,
         min_steps=settings.compile_min_steps,
         debug_mode=mode,
+        packed_weights=computes_packed(llm, device),
     )
     if choice.enabled:
         use_sim_inductor_cache()
     log.info("torch.compile %s: %s", "on" if choice.enabled else "off", choice.reason)
     return choice
+
+
+def computes_packed(llm: nn.Module, device: torch.device) -> bool:
+    """The LLM's linear layers take their packed path here: packed (`llm.packed_weights`), bf16 weights, on
+    a CPU where oneDNN computes bf16."""
+    spec = getattr(llm, "sim_spec", None) or {}
+    weights = next(llm.parameters()).dtype
+    return (
+        bool(spec.get("packed_weights")) and device.type == "cpu" and weights == torch.bfloat16 and packing_available()
+    )
 
 
 def use_sim_inductor_cache() -> None:

@@ -14,7 +14,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 BIG = 2 * MIN_PARAMS
 
 
-def choose(setting="auto", device=CPU, params=BIG, steps=5000, min_steps=1000, debug=None, cpp=True):
+def choose(setting="auto", device=CPU, params=BIG, steps=5000, min_steps=1000, debug=None, cpp=True, packed=False):
     return resolve_compile(
         setting,
         device=device,
@@ -23,6 +23,7 @@ def choose(setting="auto", device=CPU, params=BIG, steps=5000, min_steps=1000, d
         min_steps=min_steps,
         debug_mode=debug,
         cpp_compiler=cpp,
+        packed_weights=packed,
     )
 
 
@@ -34,6 +35,8 @@ def choose(setting="auto", device=CPU, params=BIG, steps=5000, min_steps=1000, d
         ({"params": 400_000}, False, "small LLM"),
         ({"debug": "anomaly"}, False, "debug=anomaly"),
         ({"cpp": False}, False, "no C++ compiler"),
+        ({"packed": True}, False, "packed weights"),
+        ({"packed": True, "setting": True}, True, "training.compile=true"),
         ({"device": CUDA, "steps": 10}, True, "CUDA"),
         ({"setting": True, "params": 10}, True, "training.compile=true"),
         ({"setting": False}, False, "training.compile=false"),
@@ -43,6 +46,20 @@ def test_auto_compiles_only_where_it_pays(kwargs, enabled, why):
     choice = choose(**kwargs)
     assert choice.enabled is enabled
     assert why in choice.reason
+
+
+def test_only_a_bf16_llm_on_a_cpu_with_onednn_bf16_computes_packed():
+    from sim.models.llm import build_llm
+    from sim.models.packed import packing_available
+    from sim.training.compiling import computes_packed
+
+    arch = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 16}
+    build = lambda dtype, packed: build_llm(  # noqa: E731
+        name_or_path="tiny", pretrained=False, dtype=dtype, arch=arch, packed_weights=packed
+    )
+    assert computes_packed(build("bfloat16", True), CPU) is packing_available()
+    assert not computes_packed(build("bfloat16", False), CPU)
+    assert not computes_packed(build("float32", True), CPU)
 
 
 def test_an_unknown_setting_is_refused():
