@@ -50,6 +50,37 @@ def run_cmd(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
 # Each precision a run can compute in, forced whatever `auto` picks on this machine: tests that
 # promise exactness run in both (bf16 is emulated, and slow, only where the CPU lacks it; tiny models
 # keep that cheap).
+# Two-layer random LLMs of the two block families SIM's fast paths know: GPT-2 (Conv1D layers) and
+# Llama (nn.Linear, grouped-query attention), 64 wide.
+TINY_ARCHS = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "vocab_size": 16},
+    "llama": {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "vocab_size": 16,
+    },
+}
+
+
+def tiny_llm(arch: str, dtype: str, **keys):
+    """A `TINY_ARCHS` LLM built as SIM builds one (eager attention, fused activations), with `keys` set."""
+    from sim.models.llm import build_llm
+
+    return build_llm(
+        name_or_path=f"tiny-{arch}",
+        pretrained=False,
+        dtype=dtype,
+        arch=TINY_ARCHS[arch],
+        attn_implementation="eager",
+        fused_activations=True,
+        **keys,
+    )
+
+
 PRECISIONS = {
     "fp32": ("llm.dtype=float32", "training.amp=false"),
     "bf16": ("llm.dtype=bfloat16", "training.amp=true"),

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_ARCHS, tiny_llm
 
 from sim.models.last_row import last_row_only
 from sim.models.llm import build_llm
 from sim.models.model import SimV0Model
 from sim.models.packed import packing_available
 
-ARCHS = {
-    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "vocab_size": 16},
-    "llama": {
-        "model_type": "llama",
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "vocab_size": 16,
-    },
-}
 # bf16 through oneDNN (CPUs with native bf16): bit for bit. fp32 (MKL), or bf16 where oneDNN does
 # not compute it: a one-row matmul may round the last bit differently from the same row inside a
 # six-row one, so there the check is the precision's own tolerance.
@@ -37,16 +26,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def llm(arch: str, dtype: str, skip: bool):
-    return build_llm(
-        name_or_path=f"tiny-{arch}",
-        pretrained=False,
-        dtype=dtype,
-        arch=ARCHS[arch],
-        attn_implementation="eager",
-        fused_activations=True,
-        packed_weights=True,
-        skip_unread_rows=skip,
-    )
+    return tiny_llm(arch, dtype, packed_weights=True, skip_unread_rows=skip)
 
 
 def model(arch: str, dtype: str, skip: bool, **variant) -> SimV0Model:
@@ -86,7 +66,7 @@ def test_the_skipped_rows_change_no_logit_and_no_gradient(arch, dtype):
     assert len(ga) == len(gb) and all(same(x, y) for x, y in zip(ga, gb, strict=True))
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_the_last_layer_skips_rows_only_inside_the_models_forward(arch):
     skipping = llm(arch, "bfloat16", skip=True)
     full = llm(arch, "bfloat16", skip=False)

@@ -8,36 +8,15 @@ import pickle
 
 import pytest
 import torch
+from conftest import TINY_ARCHS, tiny_llm
 
-from sim.models.llm import build_llm
 from sim.models.packed import PackedLinear, pack_linears, packing_available
 
 needs_packing = pytest.mark.skipif(not packing_available(), reason="oneDNN computes no bf16 on this CPU")
 
-ARCHS = {
-    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 64, "vocab_size": 16},
-    "llama": {
-        "model_type": "llama",
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "vocab_size": 16,
-    },
-}
-
 
 def llm(arch: str, packed: bool, dtype: str = "bfloat16"):
-    return build_llm(
-        name_or_path=f"tiny-{arch}",
-        pretrained=False,
-        dtype=dtype,
-        arch=ARCHS[arch],
-        attn_implementation="eager",
-        fused_activations=True,
-        packed_weights=packed,
-    )
+    return tiny_llm(arch, dtype, packed_weights=packed)
 
 
 def forward_backward(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +31,11 @@ def packed_layers(model) -> list[torch.nn.Module]:
 
 
 @needs_packing
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_packed_layers_compute_the_same_bits_forward_and_backward(arch):
     """GPT-2's Conv1D and Llama's nn.Linear, bf16: outputs and input gradients bit for bit."""
     plain, packed = llm(arch, packed=False), llm(arch, packed=True)
-    x = torch.randn(8, 6, 128, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    x = torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
     y0, g0 = forward_backward(plain, x)
     y1, g1 = forward_backward(packed, x)
     assert packed_layers(packed), "the packed kernels did not run"
@@ -69,12 +48,12 @@ def test_packed_layers_compute_the_same_bits_forward_and_backward(arch):
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_packing_changes_no_parameter_names_and_fp32_runs_the_library_layer(arch):
     plain, packed = llm(arch, packed=False, dtype="float32"), llm(arch, packed=True, dtype="float32")
     assert plain.state_dict().keys() == packed.state_dict().keys()
     assert packed.sim_spec["packed_weights"] and not plain.sim_spec["packed_weights"]
-    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     y0, g0 = forward_backward(plain, x)
     y1, g1 = forward_backward(packed, x)
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
@@ -108,7 +87,7 @@ def test_a_trainable_weight_takes_the_library_path_and_gets_its_gradient():
 @needs_packing
 def test_a_packed_llm_copies_and_pickles_without_its_packed_weights():
     model = llm("gpt2", packed=True)
-    x = torch.randn(2, 6, 128, dtype=torch.bfloat16)
+    x = torch.randn(2, 6, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         y = model(inputs_embeds=x).last_hidden_state
     assert packed_layers(model)
