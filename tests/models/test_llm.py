@@ -238,3 +238,17 @@ def test_an_unknown_llm_key_is_refused_by_name():
 
     with pytest.raises(ConfigError, match=r"llm: unknown key\(s\) \['n_layers'\]"):
         build_llm(name_or_path="tiny-gpt2", pretrained=False, n_layers=2)
+
+
+def test_a_new_llm_gets_every_fast_kernel_from_the_config_and_from_code():
+    """conf/llm/base.yaml (what train.py composes) and FAST_KERNELS (what SimV0Model(llm_name_or_path=...)
+    passes) switch on the same fast paths, and a composed default LLM records them in its spec."""
+    from sim.models.llm import FAST_KERNELS
+
+    cfg = make_cfg("llm=tiny")
+    assert {key: cfg.llm[key] for key in FAST_KERNELS} == FAST_KERNELS
+    built = instantiate(cfg.llm)
+    assert all(
+        built.sim_spec[key] == ("eager" if key == "attn_implementation" else value)
+        for key, value in FAST_KERNELS.items()
+    )
