@@ -41,7 +41,7 @@ from sim.evaluation.loop import to_device
 from sim.evaluation.metrics import compute_losses
 from sim.models.last_row import last_row_weights
 from sim.models.model import SimV0Model
-from sim.models.packed import PackedLinear
+from sim.models.packed import has_packed_layers, packed_conv1d_class
 from sim.training.callbacks import Callback, StepInfo
 from sim.training.step import train_step
 from sim.training.trainer import Trainer
@@ -98,12 +98,14 @@ def shape_peak(
 ) -> float:
     """FLOP/s of the step's own matmuls alone: each distinct [rows, in] x [in, out] product timed like
     `matmul_peak`'s square one (`best_seconds`), combined as the LLM's layers weigh them (total FLOPs /
-    total time). `packed`: through the packed layers the LLM uses (`llm.packed_weights`).
+    total time). `packed`: through the packed GPT-2 layers the LLM uses (`llm.packed_weights`).
     Against the square peak it tells how much of the gap the matrix shapes explain."""
     flops = seconds_total = 0.0
     for (k, n), count in Counter(shapes).items():
         x = torch.randn(rows, k, device=device).to(dtype)
-        layer = (PackedLinear if packed else torch.nn.Linear)(k, n, bias=False, device=device, dtype=dtype)
+        layer: torch.nn.Module = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        if packed:  # as the LLM computes it: GPT-2's layer, packed (weight [in, out])
+            layer = packed_conv1d_class()(n, k).to(device, dtype)
         layer.requires_grad_(False)
         best = best_seconds(partial(layer, x), device, seconds)
         flops += count * 2.0 * rows * k * n
@@ -343,7 +345,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         achieved = flops * timing["samples_per_s"] / int(cfg.data.batch_size)
         peak = peaks["bfloat16" if compute_dtype == torch.bfloat16 else "float32"]
         rows = int(cfg.data.batch_size) * prefix_tokens(trainer.model)
-        packed = bool(trainer.model.llm.sim_spec.get("packed_weights"))
+        packed = has_packed_layers(trainer.model.llm)
         at_shapes = shape_peak(llm_matmul_shapes(trainer.model.llm), rows, compute_dtype, device, packed=packed)
         result: dict[str, Any] = {
             "config": {

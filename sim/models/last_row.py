@@ -42,7 +42,8 @@ def _keep_last_row(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] 
     owner = module.__dict__.get("_sim_owner")
     if owner is None or not owner.__dict__.get(FLAG, False):
         return None
-    return (args[0][:, -1:], *args[1:])
+    # Copied, not a strided view: the matmuls and norms that follow run a strided row measurably slower.
+    return (args[0][:, -1:].contiguous(), *args[1:])
 
 
 def install(llm: nn.Module) -> bool:

@@ -1,13 +1,17 @@
-"""The frozen LLM's matmul weights packed once for oneDNN (`llm.packed_weights`).
+"""GPT-2's frozen matmul weights packed once for oneDNN (`llm.packed_weights`).
 
 On CPU, every bf16 matmul PyTorch runs through oneDNN first reorders its weight into the blocked
 layout the AMX / AVX512 kernels read. For a trained layer that is unavoidable, as the weight changes
-every step; SIM's LLM is frozen, so `pack_linears` makes its linear layers keep two packed copies:
-the weight for the forward pass, and its transpose for the gradient of the input (the only gradient
-a frozen layer passes back; frozen weights get none). The result is bit for bit what `F.linear`
-computes from the same operands. On a CPU with AMX, `sim bench llm=gpt2 llm.pretrained=false data=dummy
-data.batch_size=64 profile=1` prints about a sixth less time in matmuls (84-94 ms a step against
-102-109 unpacked).
+every step; SIM's LLM is frozen, so `pack_linears` makes its GPT-2 layers (transformers' Conv1D) keep
+two packed copies: the weight for the forward pass, and its transpose for the gradient of the input
+(the only gradient a frozen layer passes back; frozen weights get none). The same function; at
+GPT-2's shapes the same bits too (tested on the tiny architecture, and at gpt2's widths). On a CPU
+with AMX, `sim bench llm=gpt2 llm.pretrained=false data=dummy data.batch_size=64 profile=1` prints
+about a sixth less time in matmuls (84-94 ms a step against 102-109 unpacked).
+
+Llama-style `nn.Linear` layers are left to PyTorch's own kernel: at SmolLM2's shapes oneDNN's packed
+kernel is a slower one, and rounds differently (`sim bench`, SmolLM2, batch 64: 129-131 samples/s packed
+against 143-159 unpacked).
 
 The layers keep their parameters, so state dicts, `.to()`, peft's LoRA (which wraps them) and
 checkpoints see the modules they know. They pack lazily, on the first call that can use the packed
@@ -22,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 @functools.cache
@@ -113,18 +116,6 @@ class PackedMixin(nn.Module):
         return {k: v for k, v in self.__dict__.items() if k != "_packed"}
 
 
-class PackedLinear(PackedMixin, nn.Linear):
-    """nn.Linear (weight [out, in]) with the packed path."""
-
-    def weight_as_linear(self) -> torch.Tensor:
-        return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.takes_packed_path(x):
-            return F.linear(x, self.weight, self.bias)
-        return self.packed_forward(x)
-
-
 def _conv1d_class() -> type[nn.Module]:
     from transformers.pytorch_utils import Conv1D
 
@@ -158,17 +149,17 @@ def __getattr__(name: str) -> Any:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Give every linear layer of the frozen `model` (nn.Linear, transformers' Conv1D) the packed path,
-    in place: the same modules and parameters, a subclass that packs its weight on first use.
+    """Give every GPT-2 linear layer (transformers' Conv1D) of the frozen `model` the packed path, in
+    place: the same modules and parameters, a subclass that packs its weight on first use.
     Returns the number of layers changed."""
     Conv1D = _conv1d_class()
     swapped = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = PackedLinear
-        elif type(module) is Conv1D:
+        if type(module) is Conv1D:
             module.__class__ = packed_conv1d_class()
-        else:
-            continue
-        swapped += 1
+            swapped += 1
     return swapped
+
+
+def has_packed_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedMixin) for m in model.modules())

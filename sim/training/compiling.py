@@ -31,7 +31,7 @@ from torch import nn
 
 from sim.core.errors import ConfigError
 from sim.models.llm_cache import cache_root
-from sim.models.packed import packing_available
+from sim.models.packed import has_packed_layers, packing_available
 from sim.training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,10 @@ def choose_compile(
 
 
 def computes_packed(llm: nn.Module, device: torch.device) -> bool:
-    """The LLM's linear layers take their packed path here: packed (`llm.packed_weights`), bf16 weights, on
-    a CPU where oneDNN computes bf16."""
-    spec = getattr(llm, "sim_spec", None) or {}
+    """The LLM's linear layers take their packed path here: packed layers (`llm.packed_weights`, GPT-2),
+    bf16 weights, on a CPU where oneDNN computes bf16."""
     weights = next(llm.parameters()).dtype
-    return (
-        bool(spec.get("packed_weights")) and device.type == "cpu" and weights == torch.bfloat16 and packing_available()
-    )
+    return has_packed_layers(llm) and device.type == "cpu" and weights == torch.bfloat16 and packing_available()
 
 
 def use_sim_inductor_cache() -> None:

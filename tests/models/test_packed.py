@@ -1,5 +1,6 @@
-"""llm.packed_weights: the frozen LLM's linear layers with weights packed once for oneDNN compute
-exactly what the library's layers compute, forward and backward, and follow changes to their weights."""
+"""llm.packed_weights: GPT-2's frozen linear layers with weights packed once for oneDNN compute exactly
+what the library's layers compute, forward and backward, and follow changes to their weights; Llama's
+nn.Linear layers keep PyTorch's kernel."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_ARCHS, tiny_llm
 
-from sim.models.packed import PackedLinear, pack_linears, packing_available
+from sim.models.packed import has_packed_layers, pack_linears, packed_conv1d_class, packing_available
 
 needs_packing = pytest.mark.skipif(not packing_available(), reason="oneDNN computes no bf16 on this CPU")
 
@@ -31,10 +32,9 @@ def packed_layers(model) -> list[torch.nn.Module]:
 
 
 @needs_packing
-@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
-def test_packed_layers_compute_the_same_bits_forward_and_backward(arch):
-    """GPT-2's Conv1D and Llama's nn.Linear, bf16: outputs and input gradients bit for bit."""
-    plain, packed = llm(arch, packed=False), llm(arch, packed=True)
+def test_packed_layers_compute_the_same_bits_forward_and_backward():
+    """GPT-2's Conv1D, bf16: outputs and input gradients bit for bit, plain and under CPU autocast."""
+    plain, packed = llm("gpt2", packed=False), llm("gpt2", packed=True)
     x = torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
     y0, g0 = forward_backward(plain, x)
     y1, g1 = forward_backward(packed, x)
@@ -46,6 +46,12 @@ def test_packed_layers_compute_the_same_bits_forward_and_backward(arch):
         y0, g0 = forward_backward(plain, x)
         y1, g1 = forward_backward(packed, x)
     assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+def test_llama_layers_keep_pytorchs_kernel():
+    model = llm("llama", packed=True)
+    assert not has_packed_layers(model)
+    assert model.sim_spec["packed_weights"]
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
@@ -60,28 +66,41 @@ def test_packing_changes_no_parameter_names_and_fp32_runs_the_library_layer(arch
     assert not packed_layers(packed), "fp32 must not pack"
 
 
+def gpt2_layer(trainable: bool = False) -> torch.nn.Module:
+    layer = packed_conv1d_class()(32, 64).to(torch.bfloat16)  # Conv1D(nf=32 outputs, nx=64 inputs)
+    return layer.requires_grad_(trainable)
+
+
+def library(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(layer.bias, x, layer.weight)  # what transformers' Conv1D computes
+
+
 @needs_packing
 def test_a_changed_or_replaced_weight_is_repacked():
-    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16).requires_grad_(False)
-    pack_linears(torch.nn.Sequential(layer))
-    assert isinstance(layer, PackedLinear)
+    layer = gpt2_layer()
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     layer(x)
+    assert packed_layers(torch.nn.Sequential(layer))
     with torch.no_grad():
         layer.weight.mul_(2)  # in place: the version counter moves
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    layer.load_state_dict({"weight": torch.randn(32, 64), "bias": torch.zeros(32)})
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(layer(x), library(layer, x))
+    layer.load_state_dict({"weight": torch.randn(64, 32), "bias": torch.zeros(32)})
+    assert torch.equal(layer(x), library(layer, x))
     layer.float().bfloat16()  # new tensors
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(layer(x), library(layer, x))
 
 
 @needs_packing
 def test_a_trainable_weight_takes_the_library_path_and_gets_its_gradient():
-    layer = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
-    pack_linears(torch.nn.Sequential(layer))
+    layer = gpt2_layer(trainable=True)
     layer(torch.randn(4, 64, dtype=torch.bfloat16)).sum().backward()
     assert layer.weight.grad is not None and "_packed" not in layer.__dict__
+
+
+def test_pack_linears_swaps_gpt2_layers_only():
+    model = llm("gpt2", packed=False, dtype="float32")
+    assert pack_linears(model) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 layers
+    assert has_packed_layers(model)
 
 
 @needs_packing
