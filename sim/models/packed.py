@@ -35,7 +35,7 @@ def packing_available() -> bool:
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    # `rows`: the expected number of input rows, which lets oneDNN pick its layout; results do not depend on it.
+    # `rows`: the expected number of input rows, from which oneDNN picks the layout; later calls may have other counts.
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
 
 
