@@ -81,6 +81,19 @@ def tiny_llm(arch: str, dtype: str, **keys):
     )
 
 
+def same_bf16(a, b) -> bool:
+    """Two results of oneDNN's different bf16 kernels (packed and unpacked weights, one row and many):
+    bit for bit where that was verified, AMX; elsewhere within bf16's rounding (raises if not)."""
+    import torch
+
+    from sim.models.packed import packing_available
+
+    if packing_available() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return torch.equal(a, b)
+    torch.testing.assert_close(a, b)
+    return True
+
+
 PRECISIONS = {
     "fp32": ("llm.dtype=float32", "training.amp=false"),
     "bf16": ("llm.dtype=bfloat16", "training.amp=true"),

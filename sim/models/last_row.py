@@ -8,9 +8,9 @@ output projection and on its pre-MLP norm; the block's residual additions then b
 row over the others, so the last layer's output is exact in the last row and meaningless elsewhere.
 `SimV0Model.forward` therefore switches the hooks on (`last_row_only`) only around its own LLM call and
 reads the last row only. For the architectures in `LAST_LAYER`, the row and its gradients are bit for
-bit those of the full layer in bf16 on oneDNN's kernels (CPUs with native bf16), and equal within the
-precision's rounding elsewhere (a one-row matmul may round the last bit differently from the same row
-inside a six-row one); both tested.
+bit those of the full layer in bf16 on AMX CPUs, and equal within the precision's rounding elsewhere
+(a one-row matmul may round the last bit differently from the same row inside a six-row one); both
+tested.
 """
 
 from __future__ import annotations

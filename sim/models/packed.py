@@ -4,8 +4,8 @@ On CPU, every bf16 matmul PyTorch runs through oneDNN first reorders its weight 
 layout the AMX / AVX512 kernels read. For a trained layer that is unavoidable, as the weight changes
 every step; SIM's LLM is frozen, so `pack_linears` makes its GPT-2 layers (transformers' Conv1D) keep
 two packed copies: the weight for the forward pass, and its transpose for the gradient of the input
-(the only gradient a frozen layer passes back; frozen weights get none). The same function; at
-GPT-2's shapes the same bits too (tested on the tiny architecture, and at gpt2's widths). On a CPU
+(the only gradient a frozen layer passes back; frozen weights get none). The same function; on AMX
+CPUs the same bits too (tested on the tiny architecture, and measured at gpt2's widths). On a CPU
 with AMX, `sim bench llm=gpt2 llm.pretrained=false data=dummy data.batch_size=64 profile=1` prints
 about a sixth less time in matmuls (84-94 ms a step against 102-109 unpacked).
 

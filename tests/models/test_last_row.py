@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, tiny_llm
+from conftest import TINY_ARCHS, same_bf16, tiny_llm
 
 from sim.models.last_row import last_row_only
 from sim.models.llm import build_llm
 from sim.models.model import SimV0Model
-from sim.models.packed import packing_available
 
-# bf16 through oneDNN (CPUs with native bf16): bit for bit. fp32 (MKL), or bf16 where oneDNN does
-# not compute it: a one-row matmul may round the last bit differently from the same row inside a
-# six-row one, so there the check is the precision's own tolerance.
+# bf16: bit for bit where verified (`same_bf16`). fp32 (MKL): a one-row matmul may round the last bit
+# differently from the same row inside a six-row one, so there the check is fp32's own tolerance.
 CASES = [("gpt2", "float32"), ("gpt2", "bfloat16"), ("llama", "float32"), ("llama", "bfloat16")]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype == torch.bfloat16 and packing_available():
-        return torch.equal(a, b)
+    if a.dtype == torch.bfloat16:
+        return same_bf16(a, b)
     torch.testing.assert_close(a, b)
     return True
 
