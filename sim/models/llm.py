@@ -168,8 +168,8 @@ def build_llm(
         name_or_path, keys: the `LLMSpec` fields. `attn_implementation`: the transformers attention kernel (`eager`,
             `sdpa`, ...), `auto` picks the faster one for SIM's short prefix on `device`
             (`resolve_attn_implementation`); `fused_activations`: composite activations computed by
-            PyTorch's fused kernels (`fuse_activations`); `packed_weights`: on CPU in bf16, the linear
-            layers' weights packed once for oneDNN (`sim.models.packed`), the same results;
+            PyTorch's fused kernels (`fuse_activations`); `packed_weights`: on CPU in bf16, GPT-2's
+            linear layers' weights packed once for oneDNN (`sim.models.packed`), the same function;
             `skip_unread_rows`: the last layer can compute the last row only (`sim.models.last_row`).
         cache: where weights converted from a GGUF file are kept; default `LLMCache()`, in the
             directory the environment names (see `sim.models.llm_cache`).

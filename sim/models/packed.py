@@ -58,26 +58,23 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 class PackedMixin(nn.Module):
-    """The packed path of a frozen linear layer; `weight_as_linear` gives the weight as [out, in]."""
+    """The packed path of a frozen GPT-2 layer (transformers' Conv1D: weight [in, out], y = x W + b)."""
 
     weight: torch.Tensor
 
     def bias_or_none(self) -> torch.Tensor | None:
         return getattr(self, "bias", None)
 
-    def weight_as_linear(self) -> torch.Tensor:
-        raise NotImplementedError
-
     def packed_weights(self, rows: int, transposed: bool = False) -> torch.Tensor:
-        """The packed weight ([out, in], or its transpose for the input's gradient), repacked when the
-        weight was replaced (`.to()`, a load with assign) or changed in place (`copy_`)."""
+        """The packed weight as oneDNN's linear reads it ([out, in]), or for the input's gradient
+        ([in, out], the stored layout), repacked when the weight was replaced (`.to()`, a load with
+        assign) or changed in place (`copy_`)."""
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype, transposed)
         cache: dict[bool, tuple[Any, torch.Tensor]] = self.__dict__.setdefault("_packed", {})
         hit = cache.get(transposed)
         if hit is None or hit[0] != key:
-            weight = self.weight_as_linear()
-            cache[transposed] = (key, _pack(weight.t() if transposed else weight, rows))
+            cache[transposed] = (key, _pack(w if transposed else w.t(), rows))
             hit = cache[transposed]
         return hit[1]
 
@@ -128,9 +125,6 @@ def packed_conv1d_class() -> type[nn.Module]:
     Conv1D = _conv1d_class()
 
     class PackedConv1D(PackedMixin, Conv1D):  # type: ignore[misc, valid-type]
-        def weight_as_linear(self) -> torch.Tensor:
-            return self.weight.t()
-
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.takes_packed_path(x):
                 return Conv1D.forward(self, x)
